@@ -1,0 +1,1 @@
+"""Datasets: the CDDB layout loader and the synthetic CDDB-style benchmark."""

@@ -1,0 +1,1 @@
+"""gRPC client library: batching, deadlines, retries, typed errors."""

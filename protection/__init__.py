@@ -1,0 +1,1 @@
+"""MEM: multimodal unlearnable examples (image noise + caption trigger)."""

@@ -1,0 +1,1 @@
+"""The embedded Triton server: launcher and the Python-based onnxruntime backend stand-in."""

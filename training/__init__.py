@@ -1,0 +1,1 @@
+"""Continual LoRAX training, its baselines and metrics."""
