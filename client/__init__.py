@@ -1,1 +1,45 @@
-"""gRPC client library: batching, deadlines, retries, typed errors."""
+"""gRPC client library: batching, deadlines, retries, typed errors.
+
+Thin by design: numpy, PIL (via aigis.preprocess) and tritonclient only -- never torch -- so it can run
+next to an upload service. Names of models and tensors come from aigis.contract.
+"""
+
+from .aio import AsyncAttributionClient
+from .attribution import AttributionClient
+from .batcher import AsyncMicroBatcher, BatchStats, MicroBatcher
+from .errors import (
+    ClientClosedError,
+    ClientError,
+    DeadlineExceededError,
+    InvalidInputError,
+    ManifestError,
+    ModelNotReadyError,
+    ServerError,
+    ServerUnavailableError,
+)
+from .manifest import Manifest, ServedModel
+from .protection import Protected, ProtectionClient
+from .results import Attribution
+from .retry import RetryPolicy
+
+__all__ = [
+    "AsyncAttributionClient",
+    "AsyncMicroBatcher",
+    "Attribution",
+    "AttributionClient",
+    "BatchStats",
+    "ClientClosedError",
+    "ClientError",
+    "DeadlineExceededError",
+    "InvalidInputError",
+    "Manifest",
+    "ManifestError",
+    "MicroBatcher",
+    "ModelNotReadyError",
+    "Protected",
+    "ProtectionClient",
+    "RetryPolicy",
+    "ServedModel",
+    "ServerError",
+    "ServerUnavailableError",
+]

@@ -1,1 +1,28 @@
-"""The embedded Triton server: launcher and the Python-based onnxruntime backend stand-in."""
+"""The embedded Triton server: launcher and the Python-based onnxruntime backend stand-in.
+
+`TritonServer` (aigis.serving.server) needs only the standard library; `ModelControl` and
+`wait_ready` (aigis.serving.control) import tritonclient, so they load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["TritonServer", "ServerError", "ModelControl", "ModelControlError", "ModelStatus", "wait_ready"]
+
+_WHERE = {
+    "TritonServer": "aigis.serving.server",
+    "ServerError": "aigis.serving.server",
+    "ModelControl": "aigis.serving.control",
+    "ModelControlError": "aigis.serving.control",
+    "ModelStatus": "aigis.serving.control",
+    "wait_ready": "aigis.serving.control",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'aigis.serving' has no attribute {name!r}")

@@ -1,0 +1,176 @@
+"""One gRPC connection to Triton with the policies every call shares: deadline, retries, typed errors.
+
+The attribution and protection clients (sync and asyncio) differ only in what they send; how a call
+is made, retried and how its failure is reported lives here, once per flavour.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import ClientError, ModelNotReadyError, from_triton
+from .manifest import ServedModel
+from .retry import RetryPolicy
+
+_MAX_MESSAGE = 2**31 - 1
+
+
+def channel_args(reconnect_backoff_ms: int = 100, max_reconnect_backoff_ms: int = 1000) -> list[tuple[str, Any]]:
+    """gRPC channel options: big messages (image batches) and a short reconnect backoff.
+
+    gRPC's default reconnect backoff grows to minutes; a client that retries for a few seconds while a
+    server restarts would then keep failing after the server is back. Capping it makes retries useful.
+    """
+    return [
+        ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ("grpc.max_receive_message_length", _MAX_MESSAGE),
+        ("grpc.initial_reconnect_backoff_ms", reconnect_backoff_ms),
+        ("grpc.min_reconnect_backoff_ms", reconnect_backoff_ms),
+        ("grpc.max_reconnect_backoff_ms", max_reconnect_backoff_ms),
+        ("grpc.keepalive_time_ms", 2**31 - 1),
+        ("grpc.keepalive_timeout_ms", 20000),
+    ]
+
+
+def make_input(module: Any, name: str, array: np.ndarray) -> Any:
+    """An InferInput (from tritonclient.grpc, whose InferInput the aio client shares) for a numpy array."""
+    datatype = "BYTES" if array.dtype == object else module.np_to_triton_dtype(array.dtype)
+    tensor = module.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def bytes_array(items: Sequence[bytes | str]) -> np.ndarray:
+    """A 1-D object array, the form tritonclient sends as a BYTES tensor."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = [item.encode("utf-8") if isinstance(item, str) else bytes(item) for item in items]
+    return array
+
+
+class Answer:
+    """Named outputs of one response plus the version that produced them."""
+
+    def __init__(self, result: Any, outputs: Sequence[str]) -> None:
+        self.arrays = {name: result.as_numpy(name) for name in outputs}
+        self.model_version = str(result.get_response().model_version)
+
+
+class Transport:
+    """Synchronous calls to one Triton server (thread-safe: unary calls share one channel)."""
+
+    def __init__(self, url: str, timeout_s: float, retry: RetryPolicy) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self.abort = threading.Event()  # set to cut retry waits short when the client is closed hard
+        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args())
+
+    def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
+        """Check the model is ready, then read its config (both with retries while the server is down)."""
+
+        def attempt() -> ServedModel:
+            what = f"{name} (version {version or 'latest'}) at {self.url}"
+            try:
+                ready = self._client.is_model_ready(name, version, client_timeout=self.timeout_s)
+                if not ready:
+                    raise ModelNotReadyError(f"{what}: model is not ready")
+                config = self._client.get_model_config(name, version, as_json=True, client_timeout=self.timeout_s)
+            except ClientError:
+                raise
+            except Exception as exc:
+                raise from_triton(exc, what) from None
+            return ServedModel.from_config(config, expected_inputs)
+
+        return self.retry.call(attempt, self.abort)
+
+    def infer(self, model: str, version: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Answer:
+        """One inference with the per-attempt deadline and retries on UNAVAILABLE only."""
+        tensors = [make_input(self._grpc, name, array) for name, array in inputs.items()]
+        requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
+
+        def attempt() -> Answer:
+            try:
+                result = self._client.infer(
+                    model, tensors, model_version=version, outputs=requested, client_timeout=self.timeout_s
+                )
+            except Exception as exc:
+                raise from_triton(exc, f"{model} at {self.url}") from None
+            return Answer(result, outputs)
+
+        return self.retry.call(attempt, self.abort)
+
+    def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        """The server's per-model statistics (execution and batch counts), as JSON."""
+        try:
+            return self._client.get_inference_statistics(model, version, as_json=True, client_timeout=self.timeout_s)
+        except Exception as exc:
+            raise from_triton(exc, f"statistics of {model or 'all models'} at {self.url}") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class AsyncTransport:
+    """The asyncio flavour of Transport, over tritonclient.grpc.aio (create and use inside one loop)."""
+
+    def __init__(self, url: str, timeout_s: float, retry: RetryPolicy) -> None:
+        import tritonclient.grpc as grpcclient
+        import tritonclient.grpc.aio as aioclient
+
+        self._grpc = grpcclient
+        self.url = url
+        self.timeout_s = timeout_s
+        self.retry = retry
+        self._client = aioclient.InferenceServerClient(url, channel_args=channel_args())
+
+    async def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
+        async def attempt() -> ServedModel:
+            what = f"{name} (version {version or 'latest'}) at {self.url}"
+            try:
+                ready = await self._client.is_model_ready(name, version, client_timeout=self.timeout_s)
+                if not ready:
+                    raise ModelNotReadyError(f"{what}: model is not ready")
+                config = await self._client.get_model_config(
+                    name, version, as_json=True, client_timeout=self.timeout_s
+                )
+            except ClientError:
+                raise
+            except Exception as exc:
+                raise from_triton(exc, what) from None
+            return ServedModel.from_config(config, expected_inputs)
+
+        return await self.retry.acall(attempt)
+
+    async def infer(
+        self, model: str, version: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
+    ) -> Answer:
+        tensors = [make_input(self._grpc, name, array) for name, array in inputs.items()]
+        requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
+
+        async def attempt() -> Answer:
+            try:
+                result = await self._client.infer(
+                    model, tensors, model_version=version, outputs=requested, client_timeout=self.timeout_s
+                )
+            except Exception as exc:
+                raise from_triton(exc, f"{model} at {self.url}") from None
+            return Answer(result, outputs)
+
+        return await self.retry.acall(attempt)
+
+    async def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
+        try:
+            return await self._client.get_inference_statistics(
+                model, version, as_json=True, client_timeout=self.timeout_s
+            )
+        except Exception as exc:
+            raise from_triton(exc, f"statistics of {model or 'all models'} at {self.url}") from None
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,468 @@
+"""Launch the real `tritonserver` binary shipped in the nvidia-pytriton wheel, with no container.
+
+The wheel brings the server, its shared libraries and the Python backend, but no onnxruntime backend.
+`TritonServer` therefore builds a backend directory of its own: the Python backend (library, utils and
+the stub built for the running interpreter) plus a Python-based backend named `onnxruntime`
+(`backends/onnxruntime_backend.py`), so repositories written for NVIDIA's GPU container, with
+`platform: "onnxruntime_onnx"`, load here unchanged. See docs/design.md and triton-local.md.
+
+Only the standard library is imported at module level; tritonclient is imported when waiting for
+readiness.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+ONNXRUNTIME_BACKEND_SOURCE = Path(__file__).with_name("backends") / "onnxruntime_backend.py"
+STUB_NAME = "triton_python_backend_stub"
+
+
+class ServerError(RuntimeError):
+    """The server could not start, or died; the message carries the tail of its log."""
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Where the pieces of the server live inside the installed nvidia-pytriton wheel."""
+
+    binary: Path          # pytriton/tritonserver/bin/tritonserver
+    libs_dir: Path        # site-packages/nvidia_pytriton.libs (libtritonserver, libcudart, ...)
+    python_backend: Path  # pytriton/tritonserver/backends/python (libtriton_python.so + utils)
+    stub: Path            # python_backend_stubs/<major.minor>/triton_python_backend_stub
+    cache_dir: Path       # pytriton/tritonserver/caches
+
+
+def find_triton() -> TritonDistribution:
+    """Locate the server inside the installed nvidia-pytriton wheel (without importing pytriton)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerError("nvidia-pytriton is not installed: `pip install nvidia-pytriton==0.7.0`")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    root = package / "tritonserver"
+    python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    dist = TritonDistribution(
+        binary=root / "bin" / "tritonserver",
+        libs_dir=package.parent / "nvidia_pytriton.libs",
+        python_backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / python_version / STUB_NAME,
+        cache_dir=root / "caches",
+    )
+    for path in (dist.binary, dist.libs_dir, dist.python_backend / "libtriton_python.so", dist.cache_dir):
+        if not path.exists():
+            raise ServerError(f"incomplete nvidia-pytriton install: {path} is missing")
+    if not dist.stub.exists():
+        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {python_version} ({dist.stub})")
+    return dist
+
+
+def prepare_backend_dir(dest: str | Path, dist: TritonDistribution | None = None) -> Path:
+    """Fill `dest` with `python/` (backend + stub for this Python) and `onnxruntime/model.py`.
+
+    The wheel's own backends/python has no stub, and Triton looks for the stub beside the backend
+    library, so the files are copied into a directory we own.
+    """
+    dist = dist or find_triton()
+    dest = Path(dest)
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(dist.python_backend / name, python_dir / name)
+    shutil.copy2(dist.stub, python_dir / STUB_NAME)
+    ort_dir = dest / "onnxruntime"
+    ort_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ONNXRUNTIME_BACKEND_SOURCE, ort_dir / "model.py")
+    return dest
+
+
+def server_environment(dist: TritonDistribution, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the server and its stubs.
+
+    LD_LIBRARY_PATH: the wheel's libraries (else the stub fails on libcudart and the server hangs)
+    and this interpreter's libpython (so the stub embeds the same Python). PATH: this interpreter's
+    bin first, because the stub takes its sys.path from the first `python3` on PATH.
+    """
+    env = dict(os.environ if base is None else base)
+    lib_dirs = [str(dist.libs_dir)]
+    libpython_dir = sysconfig.get_config_var("LIBDIR")
+    if libpython_dir:
+        lib_dirs.append(str(libpython_dir))
+    if env.get("LD_LIBRARY_PATH"):
+        lib_dirs.append(env["LD_LIBRARY_PATH"])
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", os.defpath)])
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (another process may still take it before we bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _client_host(host: str) -> str:
+    """Address a local client should dial for a server bound to `host`."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+# ---- process bookkeeping (Linux /proc) -------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, ppid, pgrp) of a live process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1]), int(fields[2])
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def descendants(pid: int) -> list[int]:
+    """All live descendants of `pid` (children, grandchildren, ...)."""
+    children: dict[int, list[int]] = {}
+    for other in _all_pids():
+        stat = _proc_stat(other)
+        if stat is not None:
+            children.setdefault(stat[1], []).append(other)
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes whose process group is `pgid`."""
+    members = []
+    for other in _all_pids():
+        stat = _proc_stat(other)
+        if stat is not None and stat[2] == pgid and stat[0] != "Z":
+            members.append(other)
+    return members
+
+
+def is_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] != "Z"
+
+
+def _is_triton_process(pid: int) -> bool:
+    """Guard against pid reuse before killing a remembered child."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"tritonserver" in cmdline or STUB_NAME.encode() in cmdline
+
+
+def _set_parent_death_signal() -> None:
+    """Runs in the child before exec: if our process dies, the kernel sends the server SIGTERM."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+# ---- the server --------------------------------------------------------------------------------
+
+
+class TritonServer:
+    """One `tritonserver` process on a model repository, explicit model control.
+
+    Use as a context manager (`with TritonServer(repo, models=["m"]) as server: ...`) or call
+    start() / stop(). `models=None` loads every model in the repository, `[]` loads none (load them
+    later with `aigis.serving.control.ModelControl`). Ports left as None are picked free.
+    """
+
+    def __init__(
+        self,
+        model_repository: str | Path,
+        models: Sequence[str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        metrics_port: int | None = None,
+        log_path: str | Path | None = None,
+        log_verbose: int = 0,
+        startup_timeout: float = 60.0,
+        stop_timeout: float = 20.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.models = None if models is None else list(models)
+        self.host = host
+        self._requested_ports = (grpc_port, http_port, metrics_port)
+        self.grpc_port, self.http_port, self.metrics_port = self._requested_ports
+        self._user_log_path = None if log_path is None else Path(log_path).resolve()
+        self.log_path: Path | None = self._user_log_path
+        self.log_verbose = log_verbose
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.extra_args = list(extra_args)
+        self._process: subprocess.Popen | None = None
+        self._work_dir: Path | None = None
+        self._known_children: set[int] = set()
+        self._lock = threading.Lock()
+
+    # -- endpoints ----------------------------------------------------------------------------------
+
+    @property
+    def grpc_url(self) -> str:
+        """`host:port` as tritonclient.grpc.InferenceServerClient(url=...) expects it."""
+        return f"{_client_host(self.host)}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """`host:port` as tritonclient.http.InferenceServerClient(url=...) expects it (no scheme)."""
+        return f"{_client_host(self.host)}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Full URL of the Prometheus metrics page."""
+        return f"http://{_client_host(self.host)}:{self.metrics_port}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last `lines` lines of the server log ('' when there is none yet)."""
+        return "\n".join(self._read_log(256 * 1024).splitlines()[-lines:])
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> "TritonServer":
+        """Launch the server and block until it is ready; raise ServerError (with the log tail) if not."""
+        if self.is_running():
+            return self
+        if not self.model_repository.is_dir():
+            raise ServerError(f"model repository {self.model_repository} is not a directory")
+        dist = find_triton()
+        self._work_dir = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
+        try:
+            backend_dir = prepare_backend_dir(self._work_dir / "backends", dist)
+            attempts = 1 if all(self._requested_ports) else 3   # picked ports can be taken meanwhile
+            for attempt in range(attempts):
+                self._pick_ports()
+                self._launch(dist, backend_dir)
+                try:
+                    self._wait_until_ready()
+                    return self
+                except ServerError:
+                    port_clash = "already in use" in self.log_tail(200)
+                    self._terminate()
+                    if not (port_clash and attempt + 1 < attempts):
+                        raise
+        except BaseException:
+            self._terminate()
+            self._remove_work_dir()
+            raise
+        raise AssertionError("unreachable")
+
+    def stop(self) -> int | None:
+        """SIGINT (Triton unloads models and ends its stubs), SIGKILL after `stop_timeout` seconds.
+
+        Returns the server's exit status (None if it was not started). Any stub left behind is killed.
+        """
+        status = self._terminate()
+        self._remove_work_dir()
+        return status
+
+    # -- internals ----------------------------------------------------------------------------------
+
+    def _pick_ports(self) -> None:
+        taken: set[int] = set()
+        ports = []
+        for requested in self._requested_ports:
+            port = requested
+            while port is None or port in taken:
+                port = free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
+            taken.add(port)
+            ports.append(port)
+        self.grpc_port, self.http_port, self.metrics_port = ports
+
+    def command(self, dist: TritonDistribution, backend_dir: Path) -> list[str]:
+        """The tritonserver command line."""
+        exit_timeout = max(1, int(self.stop_timeout) - 2)
+        args = [
+            str(dist.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_dir}",
+            f"--cache-directory={dist.cache_dir}",
+            "--model-control-mode=explicit",
+            f"--http-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            # Ready = able to serve. With strict readiness one model that failed a later load
+            # through the control API would mark the whole server unready.
+            "--strict-readiness=false",
+            f"--exit-timeout-secs={exit_timeout}",
+            f"--log-verbose={self.log_verbose}",
+            # Each Python-backend model owns shared-memory regions named by this prefix; a unique
+            # prefix keeps several servers on one machine from colliding.
+            f"--backend-config=python,shm-region-prefix-name=aigis_{os.getpid()}_{uuid.uuid4().hex[:8]}_",
+        ]
+        if self.models is None:
+            args.append("--load-model=*")
+        else:
+            args += [f"--load-model={name}" for name in self.models]
+        return args + self.extra_args
+
+    def _launch(self, dist: TritonDistribution, backend_dir: Path) -> None:
+        assert self._work_dir is not None
+        if self._user_log_path is None:
+            self.log_path = self._work_dir / "tritonserver.log"
+        else:
+            self._user_log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path = self._user_log_path
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                self.command(dist, backend_dir),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=server_environment(dist),
+                cwd=self._work_dir,
+                # Own process group: a terminal's Ctrl-C reaches only us (we then stop the server in
+                # order), and the whole group (server + stubs) can be killed as a last resort.
+                start_new_session=True,
+                # The parent-death signal fires when the *thread* that forked exits, so only ask for
+                # it from the main thread.
+                preexec_fn=_set_parent_death_signal if in_main_thread else None,
+            )
+
+    def _wait_until_ready(self) -> None:
+        from aigis.serving.control import wait_ready
+
+        assert self._process is not None
+        process = self._process
+
+        def check_alive() -> None:
+            if process.poll() is not None:
+                raise ServerError(self._failure_message(f"tritonserver exited with status {process.returncode}"))
+
+        try:
+            wait_ready(self.grpc_url, timeout=self.startup_timeout, models=self.models or (), check=check_alive)
+        except TimeoutError:
+            raise ServerError(
+                self._failure_message(f"tritonserver was not ready after {self.startup_timeout:.0f} s")
+            ) from None
+
+    def _failure_message(self, what: str) -> str:
+        """`what`, then one line per model that failed to load (with Triton's reason), then the log
+        tail without Triton's wide status tables."""
+        text = self._read_log(1 << 20)
+        failures: dict[str, str] = {}
+        for name, reason in re.findall(r"failed to load '([^']+)' (version \d+: [^\n]*)", text):
+            failures[name] = reason.replace("\\n", " ").split(" At: ")[0].strip().rstrip('"')[:500]
+        lines = [what] + [f"  model '{name}' failed to load: {reason}" for name, reason in failures.items()]
+        tail = [line for line in text.splitlines() if line.strip() and not line.startswith(("|", "+"))][-30:]
+        where = f" ({self.log_path})" if self._user_log_path is not None else ""
+        return "\n".join(lines + [f"--- last lines of the server log{where} ---", *tail])
+
+    def _read_log(self, limit: int) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with open(self.log_path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - limit))
+            return handle.read().decode("utf-8", errors="replace")
+
+    def _terminate(self) -> int | None:
+        with self._lock:
+            process = self._process
+            if process is None:
+                return None
+            self._known_children.update(descendants(process.pid))
+            if process.poll() is None:
+                try:
+                    process.send_signal(signal.SIGINT)
+                    process.wait(timeout=self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    self._kill_group(process.pid)
+                    process.wait()
+            # Stubs normally exit with the server; kill any that did not (they keep its group).
+            self._kill_group(process.pid)
+            for pid in self._known_children:
+                if is_alive(pid) and _is_triton_process(pid):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            self._wait_gone([process.pid, *self._known_children])
+            self._known_children.clear()
+            self._process = None
+            return process.returncode
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        if process_group_members(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    @staticmethod
+    def _wait_gone(pids: Sequence[int], timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(is_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _remove_work_dir(self) -> None:
+        if self._work_dir is not None:
+            shutil.rmtree(self._work_dir, ignore_errors=True)
+            self._work_dir = None
+            if self._user_log_path is None:
+                self.log_path = None
+
+    def __repr__(self) -> str:
+        state = f"running pid {self.pid}" if self.is_running() else "stopped"
+        return f"TritonServer({str(self.model_repository)!r}, grpc={self.grpc_url}, {state})"
