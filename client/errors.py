@@ -27,6 +27,10 @@ class ModelNotReadyError(ClientError):
     """The server is up but the requested model (or version) is not loaded and ready."""
 
 
+class ModelNotFoundError(ModelNotReadyError):
+    """The server has no model of that name (or not that version): a typo or a missing export."""
+
+
 class ServerError(ClientError):
     """The server answered with an error that is none of the above (a bug or failure server-side)."""
 

@@ -27,7 +27,11 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, source: str = "manifest") -> "Manifest":
-        """Parse and check a manifest; a wrong one must fail here, not as nonsense labels later."""
+        """Parse and check a manifest; a wrong one must fail here, not as nonsense labels later.
+
+        Only tasks, class_names, crop and version are read; other keys (training details, metrics) are
+        kept in `raw` and otherwise ignored, so richer manifests stay readable.
+        """
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -35,8 +39,10 @@ class Manifest:
         if not isinstance(data, dict):
             raise ManifestError(f"{source}: expected a JSON object")
         tasks = data.get("tasks")
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-            raise ManifestError(f"{source}: 'tasks' must be a non-empty list of names")
+        if isinstance(tasks, list):  # tolerate task entries ({"name": ..., ...}) as well as plain names
+            tasks = [t.get("name") if isinstance(t, dict) else t for t in tasks]
+        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) and t for t in tasks):
+            raise ManifestError(f"{source}: 'tasks' must be a non-empty list of names, got {data.get('tasks')!r}")
         names = data.get("class_names") or contract.class_names(tasks)
         if list(names) != contract.class_names(tasks):
             raise ManifestError(f"{source}: class_names {names} do not follow the task order {tasks}")

@@ -42,14 +42,20 @@ class RetryPolicy:
 
     def call(self, attempt: Callable[[], T], stop: threading.Event | None = None) -> T:
         """Run `attempt`, retrying retryable errors; `stop` aborts the waits when the client is closing."""
-        delays = self.delays()
+        delays, attempts, started = self.delays(), 0, time.monotonic()
         while True:
+            attempts += 1
             try:
                 return attempt()
             except Exception as exc:
-                delay = next(delays, None) if is_retryable(exc) else None
-                if delay is None:
+                if not is_retryable(exc):
                     raise
+                delay = next(delays, None)
+                if delay is None:
+                    final = gave_up(exc, attempts, started)
+                    if final is exc:
+                        raise
+                    raise final from exc
                 if stop is not None:
                     if stop.wait(delay):
                         raise ClientClosedError("client closed while waiting to retry") from exc
@@ -58,12 +64,28 @@ class RetryPolicy:
 
     async def acall(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """The asyncio form of `call` (cancellation of the task aborts the wait)."""
-        delays = self.delays()
+        delays, attempts, started = self.delays(), 0, time.monotonic()
         while True:
+            attempts += 1
             try:
                 return await attempt()
             except Exception as exc:
-                delay = next(delays, None) if is_retryable(exc) else None
-                if delay is None:
+                if not is_retryable(exc):
                     raise
+                delay = next(delays, None)
+                if delay is None:
+                    final = gave_up(exc, attempts, started)
+                    if final is exc:
+                        raise
+                    raise final from exc
                 await asyncio.sleep(delay)
+
+
+def gave_up(error: Exception, attempts: int, started: float) -> Exception:
+    """The last error, its message saying how long we tried: "unavailable" alone hides that we retried."""
+    if attempts <= 1:
+        return error
+    try:
+        return type(error)(f"{error} (gave up after {attempts} attempts over {time.monotonic() - started:.1f} s)")
+    except Exception:  # noqa: BLE001 - an error type with another constructor: keep it as it is
+        return error

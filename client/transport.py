@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ClientError, ModelNotReadyError, from_triton
+from .errors import ClientError, ModelNotFoundError, ModelNotReadyError, from_triton
 from .manifest import ServedModel
 from .retry import RetryPolicy
 
@@ -50,6 +50,31 @@ def bytes_array(items: Sequence[bytes | str]) -> np.ndarray:
     return array
 
 
+def explain_not_ready(name: str, version: str, url: str, index: dict[str, Any] | None) -> ModelNotReadyError:
+    """Say WHY a model is not ready, from the server's repository index (None if it could not be read).
+
+    "no such model" (a typo, a missing export), "no such version" and "present but not loaded" call
+    for different fixes, so the message names which one it is and what the server does have.
+    """
+    what = f"{name!r}" + (f" version {version}" if version else "")
+    if index is None:
+        return ModelNotReadyError(f"{what} at {url}: model is not ready")
+    entries = [entry for entry in index.get("models", []) if isinstance(entry, dict)]
+    ready = sorted({str(e.get("name")) for e in entries if e.get("state") == "READY"})
+    mine = [e for e in entries if e.get("name") == name]
+    if not mine:
+        return ModelNotFoundError(f"no model named {name!r} at {url} (ready models: {', '.join(ready) or 'none'})")
+    ready_versions = sorted({str(e.get("version")) for e in mine if e.get("state") == "READY" and e.get("version")})
+    if version and ready_versions:
+        return ModelNotFoundError(
+            f"{what} at {url} is not loaded (ready versions of {name!r}: {', '.join(ready_versions)})"
+        )
+    states = "; ".join(
+        f"{e.get('state') or 'not loaded'}" + (f": {e['reason']}" if e.get("reason") else "") for e in mine
+    )
+    return ModelNotReadyError(f"{what} at {url} is in the model repository but not ready ({states})")
+
+
 class Answer:
     """Named outputs of one response plus the version that produced them."""
 
@@ -79,7 +104,7 @@ class Transport:
             try:
                 ready = self._client.is_model_ready(name, version, client_timeout=self.timeout_s)
                 if not ready:
-                    raise ModelNotReadyError(f"{what}: model is not ready")
+                    raise explain_not_ready(name, version, self.url, self._index())
                 config = self._client.get_model_config(name, version, as_json=True, client_timeout=self.timeout_s)
             except ClientError:
                 raise
@@ -104,6 +129,12 @@ class Transport:
             return Answer(result, outputs)
 
         return self.retry.call(attempt, self.abort)
+
+    def _index(self) -> dict[str, Any] | None:
+        try:
+            return self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001 - only used to word an error; the caller raises anyway
+            return None
 
     def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         """The server's per-model statistics (execution and batch counts), as JSON."""
@@ -135,7 +166,7 @@ class AsyncTransport:
             try:
                 ready = await self._client.is_model_ready(name, version, client_timeout=self.timeout_s)
                 if not ready:
-                    raise ModelNotReadyError(f"{what}: model is not ready")
+                    raise explain_not_ready(name, version, self.url, await self._index())
                 config = await self._client.get_model_config(
                     name, version, as_json=True, client_timeout=self.timeout_s
                 )
@@ -163,6 +194,12 @@ class AsyncTransport:
             return Answer(result, outputs)
 
         return await self.retry.acall(attempt)
+
+    async def _index(self) -> dict[str, Any] | None:
+        try:
+            return await self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001 - only used to word an error; the caller raises anyway
+            return None
 
     async def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         try:

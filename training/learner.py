@@ -1,0 +1,124 @@
+"""Training one task: the optimisation loop, evaluation, and herding features.
+
+Every random choice of task k (adapter and head init, LoRA dropout, sample order, crops and flips)
+comes from generators seeded by (seed, k) at the start of the task, so a run resumed after task k-1
+reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from aigis.training.config import TrainConfig
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    """A 63-bit seed for task `task_index` of a run seeded with `seed` (independent streams per task)."""
+    return int(np.random.SeedSequence([seed, task_index]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def seed_task(seed: int, task_index: int) -> np.random.Generator:
+    """Seed torch's global generators for task `task_index` and return the task's numpy generator."""
+    value = task_seed(seed, task_index)
+    torch.manual_seed(value)
+    return np.random.default_rng(value)
+
+
+@dataclass
+class FitStats:
+    """What one task's training did, for the manifest and the summary."""
+
+    images: int
+    steps: int
+    seconds: float
+    final_loss: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def diversity_targets(labels: torch.Tensor, old_classes: int) -> torch.Tensor:
+    """Diversity-head labels: every old class -> 0, new class c -> c - old_classes + 1."""
+    return torch.where(labels < old_classes, torch.zeros_like(labels), labels - old_classes + 1)
+
+
+class TaskTrainer:
+    """Runs AdamW with a per-step cosine schedule over a task's training batches."""
+
+    def __init__(self, config: TrainConfig, device: str, progress: bool = True) -> None:
+        self.config = config
+        self.device = device
+        self.amp = config.use_amp(device)
+        self.progress = progress
+
+    def fit(self, model: nn.Module, batches, task_index: int, old_classes: int, description: str) -> FitStats:
+        """Train `model` on `batches` (an epoch-aware loader) for config.epochs epochs."""
+        from tqdm import tqdm
+
+        config = self.config
+        params = model.trainable_parameters()
+        optimizer = torch.optim.AdamW(params, lr=config.learning_rate(task_index), weight_decay=config.weight_decay)
+        steps = config.epochs * len(batches)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        model.train()
+        seen, loss_value, start = 0, math.nan, time.perf_counter()
+        bar = tqdm(total=batches.num_samples * config.epochs,
+                   desc=description, unit="img", disable=not self.progress, dynamic_ncols=True, leave=False)
+        try:
+            for epoch in range(config.epochs):
+                for images, labels in batches.epoch(epoch):
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+                        logits, diversity = model.forward_train(images)
+                        loss = F.cross_entropy(logits.float(), labels)
+                        if diversity is not None and config.diversity_weight > 0:
+                            loss = loss + config.diversity_weight * F.cross_entropy(
+                                diversity.float(), diversity_targets(labels, old_classes))
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch}; "
+                                                 f"lower the learning rate")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    schedule.step()
+                    seen += len(labels)
+                    loss_value = float(loss.detach())
+                    bar.update(len(labels))
+                    bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{loss_value:.3f}")
+        finally:
+            bar.close()
+        model.freeze()
+        model.eval()
+        return FitStats(images=seen, steps=steps, seconds=time.perf_counter() - start, final_loss=loss_value)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, batches, extractors: list[int], device: str, amp: bool,
+                     progress: bool = False, description: str = "features") -> list[torch.Tensor]:
+    """Features of `batches` (in order) from each extractor in `extractors`: one float32 [N, D] CPU tensor each."""
+    from tqdm import tqdm
+
+    model.eval()
+    outputs: list[list[torch.Tensor]] = [[] for _ in extractors]
+    if not extractors:
+        return []
+    with tqdm(total=batches.num_samples, desc=description, unit="img", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for images, _ in batches.epoch(0):
+            pixels = model.image_input(images.to(device, non_blocking=True))
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                for slot, k in enumerate(extractors):
+                    outputs[slot].append(model.task_features(pixels, k).float().cpu())
+            bar.update(len(images))
+    return [torch.cat(parts) for parts in outputs]

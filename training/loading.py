@@ -1,0 +1,110 @@
+"""From a CDDB-layout root to the batches the trainer reads: tasks in order, and deterministic batches.
+
+Built on `aigis.data`: `CDDB` lists and screens the files (and labels them by position in the task
+order), `ImageDataset` makes the training view (random crop + flip, seeded per (seed, epoch, item)) or
+the evaluation view (centre crop). This module only adds the batch order, which comes from
+(seed, epoch) as well, so a run resumed after task k sees exactly the batches an uninterrupted one sees.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from aigis.data.cddb import CDDB, Sample
+from aigis.data.dataset import ImageCache, ImageDataset
+
+# "auto" decodes every image once into memory when a run holds at most this many images
+# (about 2 GB of 256x256 CDDB images; the synthetic benchmark is far smaller).
+AUTO_CACHE_LIMIT = 10_000
+
+
+@dataclass
+class TaskData:
+    """One task of the run: its name, position, and usable train / val (= test) samples."""
+
+    name: str
+    index: int
+    train: list[Sample]
+    val: list[Sample]
+
+
+def load_tasks(data: CDDB) -> list[TaskData]:
+    """Every task of `data` in its order, screened now so a bad file stops the run before training."""
+    data.prepare()
+    return [TaskData(name, i, data.samples(i, "train"), data.samples(i, "val")) for i, name in enumerate(data.tasks)]
+
+
+def make_cache(setting: str | bool, tasks: Sequence[TaskData]) -> ImageCache | None:
+    """An in-memory image cache, or None: `setting` is True/False or "auto" (cache small runs only)."""
+    if setting == "auto":
+        setting = sum(len(t.train) + len(t.val) for t in tasks) <= AUTO_CACHE_LIMIT
+    return ImageCache() if setting else None
+
+
+class Batches:
+    """uint8 NHWC image batches with int64 labels over a fixed list of samples.
+
+    train=True: the training view, in an order shuffled by (seed, epoch); train=False: the evaluation
+    view in sample order (labels() lines up with what epoch() yields).
+    """
+
+    def __init__(self, data: CDDB, samples: Sequence[Sample], crop: int, batch_size: int, *, train: bool,
+                 seed: int = 0, cache: ImageCache | None = None, num_workers: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.num_workers = num_workers
+        self.dataset = ImageDataset(list(samples), crop, train=train, seed=seed, flip=True,
+                                    cache=cache if cache is not None else False, on_bad=data.bad,
+                                    max_pixels=data.max_pixels, progress=False)
+
+    @property
+    def samples(self) -> list[Sample]:
+        """The samples actually used (unreadable ones left out under on_bad="skip")."""
+        return self.dataset.samples
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.dataset)
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    def labels(self) -> np.ndarray:
+        return self.dataset.labels
+
+    def order(self, epoch: int) -> np.ndarray:
+        if not self.train:
+            return np.arange(len(self.dataset))
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches of `epoch`: (uint8 [B, crop, crop, 3], int64 [B])."""
+        self.dataset.set_epoch(epoch)
+        order = self.order(epoch)
+        chunks = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        if self.num_workers == 0:
+            for chunk in chunks:
+                yield _collate([self.dataset[i] for i in chunk])
+            return
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
+                                             collate_fn=_collate, persistent_workers=False)
+        yield from loader
+
+
+# ImageDataset hands out views of read-only cached images; _collate's torch.stack copies them, so
+# PyTorch's warning about non-writable arrays does not apply here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+
+def _collate(items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.stack([image for image, _, _ in items])
+    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    return images, labels

@@ -1,0 +1,261 @@
+"""The LoRAX model: one frozen backbone, one LoRA adapter per task, one classifier over all of them.
+
+Task k's feature extractor is the backbone with adapter k active. An image goes through every
+extractor (the paper's unmerged way: peft's set_adapter before each pass); the features are
+concatenated and a single linear "unified" classifier maps them to all classes seen so far. From
+the second task on, a DER-style diversity head on the newest extractor's features (new classes + one
+"old" output) pushes the new adapter towards features the old extractors lack.
+
+For deployment each extractor can be merged (merge_and_unload) into a plain module, and the
+classifier taken out on its own: export builds one served model per extractor plus one classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from aigis.training.config import LoraSettings
+
+ADAPTER_PREFIX = "task_"
+
+
+def adapter_name(task_index: int) -> str:
+    """peft adapter name of task `task_index` (never a bare number, which would read as a module index)."""
+    return f"{ADAPTER_PREFIX}{task_index}"
+
+
+def lora_config(settings: LoraSettings, default_targets: list[str]):
+    """peft LoraConfig from our settings; a one-element target list holding a regex is passed as a regex."""
+    from peft import LoraConfig
+
+    targets = list(settings.targets if settings.targets is not None else default_targets)
+    if not targets:
+        raise ValueError("no LoRA target modules: set lora.targets or give the backbone default_lora_targets")
+    regex_chars = set("*+?|()[]\\^$")
+    target_modules: str | list[str] = targets[0] if len(targets) == 1 and regex_chars & set(targets[0]) else targets
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=target_modules, bias="none")
+
+
+class UnifiedClassifier(nn.Module):
+    """Linear layer over the concatenation of every extractor's features: (f_0, ..., f_{T-1}) -> logits."""
+
+    def __init__(self, feature_dim: int, num_extractors: int, num_classes: int) -> None:
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.num_extractors = num_extractors
+        self.linear = nn.Linear(feature_dim * num_extractors, num_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, *features: Tensor) -> Tensor:
+        if len(features) != self.num_extractors:
+            raise ValueError(f"classifier expects {self.num_extractors} feature tensors, got {len(features)}")
+        return self.linear(torch.cat(features, dim=1))
+
+    def expanded(self, extra_extractors: int, extra_classes: int) -> "UnifiedClassifier":
+        """A larger classifier that starts as this one: old weights copied, old classes ignore new features.
+
+        New rows (new classes) get PyTorch's default init; the old rows' weights on the new features
+        start at zero, so the old decision function is unchanged when the new task begins.
+        """
+        grown = UnifiedClassifier(self.feature_dim, self.num_extractors + extra_extractors,
+                                  self.num_classes + extra_classes).to(self.linear.weight.device)
+        old_in, old_out = self.linear.in_features, self.linear.out_features
+        with torch.no_grad():
+            grown.linear.weight[:old_out].zero_()
+            grown.linear.weight[:old_out, :old_in] = self.linear.weight
+            grown.linear.bias[:old_out] = self.linear.bias
+        return grown
+
+
+class FeatureExtractor(nn.Module):
+    """uint8 NHWC images -> float32 features: the model's ImageInput, then one backbone."""
+
+    def __init__(self, image_input: nn.Module, backbone: nn.Module) -> None:
+        super().__init__()
+        self.image_input = image_input
+        self.backbone = backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(self.image_input(images)).float()
+
+
+class LoRAXModel(nn.Module):
+    """Frozen backbone + per-task LoRA adapters + unified classifier (+ diversity head while training)."""
+
+    def __init__(self, backbone: nn.Module, lora: LoraSettings, manifest: dict | None = None) -> None:
+        super().__init__()
+        from aigis.models import ImageInput
+
+        self.image_input = ImageInput(backbone.mean, backbone.std)
+        self.backbone_name: str = backbone.name
+        self.feature_dim: int = backbone.feature_dim
+        self.lora = lora
+        self._peft_config = lora_config(lora, list(getattr(backbone, "default_lora_targets", [])))
+        for parameter in backbone.parameters():
+            parameter.requires_grad_(False)
+        self.extractors: nn.Module = backbone     # becomes a peft PeftModel with the first task
+        self.classifier: UnifiedClassifier | None = None
+        self.diversity_head: nn.Linear | None = None
+        self.num_tasks = 0
+        self.trainable_task: int | None = None    # the adapter that learns; None = all frozen
+        self.manifest: dict = manifest or {}
+
+    # ---- growing ---------------------------------------------------------------------------------
+    def add_task(self, new_classes: int = 2) -> int:
+        """Add an adapter, grow the classifier by `new_classes`, reset the diversity head. Returns the task index."""
+        from peft import get_peft_model
+
+        task = self.num_tasks
+        name = adapter_name(task)
+        if task == 0:
+            self.extractors = get_peft_model(self.extractors, copy.deepcopy(self._peft_config), adapter_name=name)
+            device = self.image_input_device()
+            self.classifier = UnifiedClassifier(self.feature_dim, 1, new_classes).to(device)
+        else:
+            self.extractors.add_adapter(name, copy.deepcopy(self._peft_config))
+            self.classifier = self.classifier.expanded(1, new_classes)
+        self.extractors.to(self.image_input_device())
+        self.num_tasks = task + 1
+        self.diversity_head = (nn.Linear(self.feature_dim, new_classes + 1).to(self.image_input_device())
+                               if task > 0 else None)
+        self.trainable_task = task
+        self.extractors.set_adapter(name)
+        return task
+
+    def freeze(self) -> None:
+        """End of training: no adapter learns any more; the diversity head is kept for the checkpoint only."""
+        self.trainable_task = None
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates in the current task: the active adapter and both heads."""
+        if self.trainable_task is None:
+            return []
+        params = list(self.adapter_parameters(self.trainable_task).values())
+        params += list(self.classifier.parameters())
+        if self.diversity_head is not None:
+            params += list(self.diversity_head.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    # ---- running ---------------------------------------------------------------------------------
+    def image_input_device(self) -> torch.device:
+        for tensor in self.image_input.buffers():
+            return tensor.device
+        return next(self.extractors.parameters()).device
+
+    def task_features(self, pixels: Tensor, task: int) -> Tensor:
+        """Features of already-normalised `pixels` from extractor `task` (adapter `task` active)."""
+        learning = task == self.trainable_task and torch.is_grad_enabled()
+        self.extractors.set_adapter(adapter_name(task), inference_mode=not learning)
+        with torch.set_grad_enabled(learning):
+            return self.extractors(pixels).float()
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """Every extractor's features of uint8 NHWC `images`, in task order."""
+        pixels = self.image_input(images)
+        return [self.task_features(pixels, k) for k in range(self.num_tasks)]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """uint8 NHWC images -> logits over all classes seen (T unmerged passes, one per adapter)."""
+        self._check_ready()
+        return self.classifier(*self.features(images))
+
+    def forward_train(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits and, from task 2 on, the diversity head's logits on the newest extractor's features."""
+        self._check_ready()
+        features = self.features(images)
+        diversity = self.diversity_head(features[-1]) if self.diversity_head is not None else None
+        return self.classifier(*features), diversity
+
+    def train(self, mode: bool = True) -> "LoRAXModel":
+        """Training mode reaches only the LoRA dropout: the frozen backbone (its BatchNorm statistics and
+        dropout included) always runs as in evaluation, so old extractors stay exactly what they were."""
+        super().train(False)
+        self.training = mode
+        if mode:
+            for module_name, module in self.extractors.named_modules():
+                if module_name.endswith(f"lora_dropout.{adapter_name(self.trainable_task)}"):
+                    module.train(True)
+        return self
+
+    # ---- deployment views ------------------------------------------------------------------------
+    def merged_extractor(self, task: int) -> FeatureExtractor:
+        """A standalone uint8 NHWC -> float32 [N, D] module with adapter `task` merged into the weights."""
+        self._check_task(task)
+        extractors = copy.deepcopy(self.extractors)
+        extractors.set_adapter(adapter_name(task), inference_mode=True)
+        merged = extractors.merge_and_unload(adapter_names=[adapter_name(task)])
+        extractor = FeatureExtractor(copy.deepcopy(self.image_input), merged).eval()
+        for parameter in extractor.parameters():
+            parameter.requires_grad_(False)
+        return extractor
+
+    def classifier_module(self) -> UnifiedClassifier:
+        """A standalone copy of the unified classifier: (features_0, ..., features_{T-1}) -> logits."""
+        self._check_ready()
+        classifier = copy.deepcopy(self.classifier).eval()
+        for parameter in classifier.parameters():
+            parameter.requires_grad_(False)
+        return classifier
+
+    # ---- state for checkpoints -------------------------------------------------------------------
+    def adapter_parameters(self, task: int) -> dict[str, nn.Parameter]:
+        """Adapter `task`'s parameters, keyed by their path in the backbone without the adapter name."""
+        self._check_task(task)
+        name = adapter_name(task)
+        found = {}
+        for path, parameter in self.extractors.named_parameters():
+            parts = path.split(".")
+            if name in parts:
+                key = ".".join(p for p in parts if p != name)
+                found[key.removeprefix("base_model.model.")] = parameter
+        if not found:
+            raise RuntimeError(f"adapter {name} has no parameters: do the LoRA targets match any module?")
+        return found
+
+    def adapter_state_dict(self, task: int) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous().clone() for k, v in self.adapter_parameters(task).items()}
+
+    def load_adapter_state_dict(self, task: int, state: dict[str, Tensor]) -> None:
+        own = self.adapter_parameters(task)
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(f"adapter {task} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
+        with torch.no_grad():
+            for key, parameter in own.items():
+                if parameter.shape != state[key].shape:
+                    raise ValueError(f"adapter {task}, {key}: shape {list(state[key].shape)} != {list(parameter.shape)}")
+                parameter.copy_(state[key])
+
+    def heads_state_dict(self) -> dict[str, Tensor]:
+        self._check_ready()
+        state = {f"classifier.{k}": v for k, v in self.classifier.linear.state_dict().items()}
+        if self.diversity_head is not None:
+            state.update({f"diversity.{k}": v for k, v in self.diversity_head.state_dict().items()})
+        return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+    def load_heads_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._check_ready()
+        self.classifier.linear.load_state_dict({k.removeprefix("classifier."): v for k, v in state.items()
+                                                if k.startswith("classifier.")})
+        diversity = {k.removeprefix("diversity."): v for k, v in state.items() if k.startswith("diversity.")}
+        if diversity and self.diversity_head is not None:
+            self.diversity_head.load_state_dict(diversity)
+
+    def _check_ready(self) -> None:
+        if self.num_tasks == 0 or self.classifier is None:
+            raise RuntimeError("the model has no task yet: call add_task() (or load a run) first")
+
+    def _check_task(self, task: int) -> None:
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} does not exist; the model has {self.num_tasks} task(s)")
