@@ -15,6 +15,7 @@ _STAGES = [
     "aigis.serving.cli",
     "aigis.client.cli",
     "aigis.protection.cli",
+    "aigis.protection.evaluate_cli",
     "aigis.demo",
 ]
 
