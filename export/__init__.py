@@ -1,1 +1,23 @@
-"""Export to ONNX and the versioned Triton model repository."""
+"""Export: merged extractors and the unified classifier as ONNX, in a versioned Triton model repository.
+
+    from aigis.export import export_run, load_version
+    report = export_run("runs/demo/run", "model_repository")      # ensemble version = number of tasks
+    load_version(control, "model_repository", report.version)      # serve it, no restart
+"""
+
+from __future__ import annotations
+
+__all__ = ["ExportReport", "RepositoryError", "TargetOptions", "export_run", "list_models", "load_version",
+           "served_version", "validate", "versions"]
+
+
+def __getattr__(name: str):
+    if name == "TargetOptions":
+        from aigis.export.configs import TargetOptions
+
+        return TargetOptions
+    if name in __all__:
+        from aigis.export import repository
+
+        return getattr(repository, name)
+    raise AttributeError(f"module 'aigis.export' has no attribute {name!r}")

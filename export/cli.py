@@ -1,9 +1,106 @@
-"""Subcommands of the export stage."""
+"""Subcommands of the export stage: `aigis export` and the ops commands `aigis models list|validate|rollout`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's subcommands (filled in by the stage)."""
+    export = sub.add_parser("export", help="publish a trained run as a new version of the Triton ensemble")
+    export.add_argument("--run", required=True, help="training run directory (aigis train --out)")
+    export.add_argument("--repo", required=True, help="Triton model repository to add the version to")
+    export.add_argument("--tasks", type=int, default=None, help="export the model after this many tasks (default all)")
+    export.add_argument("--data", default=None, help="data root: check the ONNX models on its held-out images too")
+    export.add_argument("--gpu", action="store_true", help="GPU instances (Triton's native onnxruntime backend)")
+    export.add_argument("--tensorrt-fp16", action="store_true", help="with --gpu: TensorRT execution accelerator, FP16")
+    export.add_argument("--tensorrt-plan", action="store_true",
+                        help="also build tensorrt_plan engines (needs the tensorrt package and a GPU)")
+    export.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every model (default 64)")
+    export.add_argument("--quiet", action="store_true")
+    export.set_defaults(func=run_export)
+
+    models = sub.add_parser("models", help="ops on a model repository: list, validate, roll out a version")
+    actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="models, versions and the tasks of each ensemble version")
+    listing.add_argument("--repo", required=True)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=run_list)
+    check = actions.add_parser("validate", help="every ensemble step resolves; names, dtypes, shapes agree")
+    check.add_argument("--repo", required=True)
+    check.set_defaults(func=run_validate)
+    rollout = actions.add_parser("rollout", help="serve another ensemble version on a running server (no restart)")
+    rollout.add_argument("--repo", required=True)
+    rollout.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC endpoint")
+    rollout.add_argument("--version", type=int, required=True, help="ensemble version to serve (back or forward)")
+    rollout.set_defaults(func=run_rollout)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from aigis.export.configs import TargetOptions
+    from aigis.export.onnx_export import ExportCheckError
+    from aigis.export.repository import RepositoryError, export_run
+    from aigis.training.checkpoint import RunError
+
+    try:
+        options = TargetOptions(gpu=args.gpu, tensorrt_fp16=args.tensorrt_fp16, max_batch_size=args.max_batch)
+        report = export_run(args.run, args.repo, args.tasks, data_root=args.data, options=options,
+                            progress=not args.quiet)
+        if args.tensorrt_plan:
+            from aigis.export.tensorrt_plan import build_plans
+
+            for line in build_plans(args.repo, report.tasks):
+                print(line)
+    except (RepositoryError, ExportCheckError, RunError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"aigis export: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from aigis.export.repository import RepositoryError, list_models
+
+    try:
+        rows = list_models(args.repo)
+    except RepositoryError as exc:
+        print(f"aigis models list: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['model']:<32} versions {row['versions'] or '-'} (latest {row['latest']})")
+        for version, tasks in (row.get("tasks") or {}).items():
+            print(f"    version {version}: {len(tasks)} tasks: {', '.join(tasks)}")
+    return 0
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from aigis.export.repository import validate
+
+    problems = validate(args.repo)
+    if problems:
+        print(f"{args.repo}: {len(problems)} problem(s)")
+        for problem in problems:
+            print(f"  {problem}")
+        return 1
+    print(f"{args.repo}: valid")
+    return 0
+
+
+def run_rollout(args: argparse.Namespace) -> int:
+    from aigis.export.repository import RepositoryError, load_version, served_version
+    from aigis.serving.control import ModelControl, ModelControlError
+
+    try:
+        with ModelControl(args.url) as control:
+            before = served_version(control)
+            loaded = load_version(control, args.repo, args.version)
+            after = served_version(control)
+    except (RepositoryError, ModelControlError) as exc:
+        print(f"aigis models rollout: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.url}: ensemble version {before} -> {after} (loaded {', '.join(loaded)})")
+    return 0

@@ -1,0 +1,166 @@
+"""Triton model configurations of the attribution models, built as dicts in Triton's JSON form.
+
+The same dict is written as the version's config.pbtxt, read back by `aigis models validate`, and sent as
+the Load API's config override when an ops command serves a given version (Triton keeps one config per
+model, while our classifier and ensembles change their inputs and steps from version to version).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aigis import contract
+
+CONFIG_FILE = "config.pbtxt"
+DECODE_BACKEND = "python"
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Where and how the ONNX models run: CPU (default), GPU, GPU + TensorRT accelerator in FP16."""
+
+    gpu: bool = False
+    tensorrt_fp16: bool = False
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 2000
+    instances: int = 1
+
+    def validate(self) -> None:
+        if self.tensorrt_fp16 and not self.gpu:
+            raise ValueError("--tensorrt-fp16 needs --gpu: TensorRT runs on GPU instances only")
+        if not 1 <= self.max_batch_size <= 4096:
+            raise ValueError(f"max batch size must be within 1..4096, got {self.max_batch_size}")
+        if self.instances < 1:
+            raise ValueError(f"instances must be at least 1, got {self.instances}")
+
+
+def tensor(name: str, data_type: str, dims: list[int]) -> dict[str, Any]:
+    return {"name": name, "data_type": data_type, "dims": [int(d) for d in dims]}
+
+
+def _onnx_model(name: str, version: int, inputs: list[dict], outputs: list[dict], options: TargetOptions) -> dict:
+    config: dict[str, Any] = {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "version_policy": {"specific": {"versions": [version]}},
+        "max_batch_size": options.max_batch_size,
+        "input": inputs,
+        "output": outputs,
+        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
+        "instance_group": [{"kind": "KIND_GPU" if options.gpu else "KIND_CPU", "count": options.instances}],
+    }
+    if options.tensorrt_fp16:
+        config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
+            {"name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}}]}}
+    return config
+
+
+def extractor_config(task: str, crop: int, feature_dim: int, options: TargetOptions) -> dict:
+    """lorax_extractor_<task>: uint8 IMAGES [crop, crop, 3] -> FEATURES [D]; only ever version 1."""
+    return _onnx_model(contract.extractor_model(task), 1,
+                       [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])],
+                       [tensor(contract.FEATURES, "TYPE_FP32", [feature_dim])], options)
+
+
+def classifier_config(version: int, num_tasks: int, feature_dim: int, options: TargetOptions) -> dict:
+    classes = 2 * num_tasks
+    return _onnx_model(contract.CLASSIFIER_MODEL, version,
+                       [tensor(contract.features_input(t), "TYPE_FP32", [feature_dim]) for t in range(num_tasks)],
+                       [tensor(contract.LOGITS, "TYPE_FP32", [classes]), tensor(contract.PROBS, "TYPE_FP32", [classes])],
+                       options)
+
+
+def decode_config(version: int, crop: int, options: TargetOptions) -> dict:
+    """lorax_decode: encoded JPEG/PNG bytes -> the evaluation view, exactly as the client computes it."""
+    return {
+        "name": contract.DECODE_MODEL,
+        "backend": DECODE_BACKEND,
+        "version_policy": {"specific": {"versions": [version]}},
+        "max_batch_size": options.max_batch_size,
+        "input": [tensor(contract.IMAGE_BYTES, "TYPE_STRING", [1])],
+        "output": [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])],
+        "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
+        "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
+        "parameters": {"crop": {"string_value": str(crop)}},
+    }
+
+
+def _step(model: str, version: int, inputs: dict[str, str], outputs: dict[str, str]) -> dict:
+    return {"model_name": model, "model_version": version, "input_map": inputs, "output_map": outputs}
+
+
+def ensemble_config(version: int, tasks: list[str], crop: int, manifest: dict, options: TargetOptions,
+                    from_bytes: bool = False) -> dict:
+    """lorax (uint8 images) or lorax_bytes (encoded files): every extractor in parallel, then the classifier.
+
+    Steps pin exact versions, so ensemble version v always means the model after task v. The manifest
+    the client reads travels as a config parameter.
+    """
+    classes = 2 * len(tasks)
+    steps = []
+    source = contract.IMAGES
+    if from_bytes:
+        source = "decoded_images"
+        steps.append(_step(contract.DECODE_MODEL, version, {contract.IMAGE_BYTES: contract.IMAGE_BYTES},
+                           {contract.IMAGES: source}))
+    for t, task in enumerate(tasks):
+        steps.append(_step(contract.extractor_model(task), 1, {contract.IMAGES: source},
+                           {contract.FEATURES: f"features_{t}"}))
+    steps.append(_step(contract.CLASSIFIER_MODEL, version,
+                       {contract.features_input(t): f"features_{t}" for t in range(len(tasks))},
+                       {contract.LOGITS: contract.LOGITS, contract.PROBS: contract.PROBS}))
+    image_input = (tensor(contract.IMAGE_BYTES, "TYPE_STRING", [1]) if from_bytes
+                   else tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3]))
+    return {
+        "name": contract.BYTES_ENSEMBLE_MODEL if from_bytes else contract.ENSEMBLE_MODEL,
+        "platform": "ensemble",
+        "version_policy": {"specific": {"versions": [version]}},
+        "max_batch_size": options.max_batch_size,
+        "input": [image_input],
+        "output": [tensor(contract.PROBS, "TYPE_FP32", [classes]), tensor(contract.LOGITS, "TYPE_FP32", [classes])],
+        "ensemble_scheduling": {"step": steps},
+        "parameters": {contract.MANIFEST_PARAMETER: {"string_value": json.dumps(manifest, sort_keys=True)}},
+    }
+
+
+# ---- reading and writing ---------------------------------------------------------------------------
+
+def to_pbtxt(config: dict) -> str:
+    """Triton's text format, checked against its protobuf schema (a wrong field fails here, not in the server)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = json_format.ParseDict(config, model_config_pb2.ModelConfig())
+    return text_format.MessageToString(message)
+
+
+def read_config(path: str | Path) -> dict:
+    """config.pbtxt -> dict in Triton's JSON form (numbers as ints), as sent in a Load override."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    message = text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    config = json_format.MessageToDict(message, preserving_proto_field_name=True)
+    return _ints(config)
+
+
+_INT_FIELDS = {"dims", "max_batch_size", "versions", "model_version", "count", "max_queue_delay_microseconds"}
+
+
+def _ints(value: Any, key: str = "") -> Any:
+    """protobuf's JSON form writes int64 as strings; turn the numeric fields back into ints (strings stay)."""
+    if isinstance(value, dict):
+        return {k: _ints(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v, key) for v in value]
+    if key in _INT_FIELDS and isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def manifest_of(config: dict) -> dict | None:
+    text = (config.get("parameters") or {}).get(contract.MANIFEST_PARAMETER, {}).get("string_value")
+    return json.loads(text) if text else None

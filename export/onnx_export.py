@@ -1,0 +1,118 @@
+"""PyTorch -> ONNX for the served pieces, and the check that the ONNX model computes what PyTorch does.
+
+An extractor is the backbone with one adapter merged in, preceded by the uint8 -> normalised-float
+input step, so the graph takes the client's uint8 NHWC images directly. The classifier takes the T
+feature tensors and returns logits and their softmax.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from aigis import contract
+
+OPSET = 17
+# A published model may differ from PyTorch by at most ATOL + RTOL * max|PyTorch output| (float32
+# reassociation in onnxruntime's fused kernels stays orders of magnitude below this).
+ATOL = 1e-4
+RTOL = 1e-3
+
+
+class ExportCheckError(RuntimeError):
+    """An exported model disagrees with PyTorch beyond the tolerance: it is not published."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """How far one exported model is from PyTorch on one kind of input."""
+
+    model: str
+    inputs: str            # "random" or "real images"
+    count: int
+    max_abs_diff: float
+    scale: float           # max |PyTorch output|
+
+    @property
+    def tolerance(self) -> float:
+        return ATOL + RTOL * self.scale
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+    def __str__(self) -> str:
+        return (f"{self.model}: max |onnx - torch| = {self.max_abs_diff:.2e} on {self.count} {self.inputs} "
+                f"(tolerance {self.tolerance:.1e})")
+
+
+class _ClassifierGraph(nn.Module):
+    """(FEATURES_0, ..., FEATURES_{T-1}) -> (LOGITS, PROBS)."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, *features: Tensor) -> tuple[Tensor, Tensor]:
+        logits = self.classifier(*features)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def _to_onnx_bytes(module: nn.Module, example: tuple[Tensor, ...], input_names: list[str],
+                   output_names: list[str]) -> bytes:
+    buffer = io.BytesIO()
+    dynamic = {name: {0: "N"} for name in input_names + output_names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # tracer chatter about constants; the numerical check below decides
+        torch.onnx.export(module.eval(), example, buffer, input_names=input_names, output_names=output_names,
+                          dynamic_axes=dynamic, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    return buffer.getvalue()
+
+
+def extractor_onnx(extractor: nn.Module, crop: int) -> bytes:
+    """uint8 IMAGES [N, crop, crop, 3] -> float32 FEATURES [N, D]."""
+    example = torch.randint(0, 256, (2, crop, crop, 3), dtype=torch.uint8)
+    return _to_onnx_bytes(extractor, (example,), [contract.IMAGES], [contract.FEATURES])
+
+
+def classifier_onnx(classifier: nn.Module, num_tasks: int, feature_dim: int) -> bytes:
+    example = tuple(torch.randn(2, feature_dim) for _ in range(num_tasks))
+    names = [contract.features_input(t) for t in range(num_tasks)]
+    return _to_onnx_bytes(_ClassifierGraph(classifier), example, names, [contract.LOGITS, contract.PROBS])
+
+
+def session(model: bytes | str | Path):
+    """A CPU onnxruntime session (one intra-op thread pool sized by onnxruntime)."""
+    import onnxruntime as ort
+
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+
+
+def check_extractor(name: str, onnx_model: bytes, extractor: nn.Module, images: np.ndarray, inputs: str) -> Check:
+    """Compare FEATURES of the ONNX extractor and the PyTorch one on uint8 NHWC `images`."""
+    with torch.no_grad():
+        expected = extractor(torch.from_numpy(np.ascontiguousarray(images))).numpy()
+    got = session(onnx_model).run([contract.FEATURES], {contract.IMAGES: images})[0]
+    return Check(name, inputs, len(images), float(np.abs(got - expected).max()), float(np.abs(expected).max()))
+
+
+def check_classifier(name: str, onnx_model: bytes, classifier: nn.Module, features: list[np.ndarray],
+                     inputs: str) -> Check:
+    with torch.no_grad():
+        expected = classifier(*[torch.from_numpy(f) for f in features]).numpy()
+    feeds = {contract.features_input(t): f for t, f in enumerate(features)}
+    got = session(onnx_model).run([contract.LOGITS], feeds)[0]
+    return Check(name, inputs, len(features[0]), float(np.abs(got - expected).max()), float(np.abs(expected).max()))
+
+
+def require(checks: list[Check]) -> None:
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        raise ExportCheckError("refusing to publish: " + "; ".join(str(c) for c in bad))

@@ -1,0 +1,213 @@
+"""Export to the versioned Triton repository, validation, and the end-to-end path through the real server.
+
+A tiny random-init model (vit_micro, 32 px) is trained on a tiny synthetic benchmark, exported, served by
+the real tritonserver and called over gRPC with the client library; then a third task is trained,
+exported as version 3, rolled out with no restart, and rolled back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigis import contract
+from aigis.cli import main as aigis_main
+from aigis.data.cddb import CDDB
+from aigis.data.synth import SynthConfig, generate
+from aigis.export import export_run, load_version, served_version, validate, versions
+from aigis.export.configs import read_config, to_pbtxt
+from aigis.export.repository import RepositoryError
+from aigis.training.config import TrainConfig
+from aigis.training.run import ContinualRun, load_run
+
+TASKS = ["tconv", "nearest", "bilinear"]
+TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
+            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """A synthetic root, a run trained on two tasks, and a repository holding its version 2."""
+    base = tmp_path_factory.mktemp("export")
+    root = base / "data"
+    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    run = base / "run"
+    config = TrainConfig.from_dict(TINY)
+    ContinualRun(config, CDDB(root, TASKS[:2], progress=False), run, progress=False).run()
+    repo = base / "repo"
+    report = export_run(run, repo, data_root=root, progress=False)
+    return {"root": root, "run": run, "repo": repo, "report": report, "config": config, "base": base}
+
+
+def val_images(root: Path, tasks: list[str], crop: int) -> tuple[np.ndarray, list[Path]]:
+    from aigis import preprocess
+
+    data = CDDB(root, tasks, progress=False)
+    paths = [s.path for t in range(len(tasks)) for s in data.samples(t, "val")]
+    return np.stack([preprocess.eval_view_from_file(p, crop) for p in paths]), paths
+
+
+def test_export_writes_checked_versioned_models(workspace):
+    repo, report = workspace["repo"], workspace["report"]
+    assert report.version == 2 and report.tasks == TASKS[:2]
+    assert {c.inputs for c in report.checks} == {"random", "real images"}
+    assert all(c.ok and c.max_abs_diff < 1e-3 for c in report.checks)
+    assert versions(repo, contract.ENSEMBLE_MODEL) == [2]
+    assert versions(repo, contract.extractor_model("tconv")) == [1]
+    manifest = json.loads(read_config(repo / "lorax" / "2" / "config.pbtxt")["parameters"]
+                          [contract.MANIFEST_PARAMETER]["string_value"])
+    assert manifest["tasks"] == TASKS[:2] and manifest["class_names"] == contract.class_names(TASKS[:2])
+    assert manifest["crop"] == 32 and manifest["version"] == "2" and len(manifest["source_sha256"]) == 64
+    assert validate(repo) == []
+
+
+def test_onnx_models_compute_what_pytorch_computes(workspace):
+    import onnxruntime as ort
+
+    model = load_run(workspace["run"])
+    images, _ = val_images(workspace["root"], TASKS[:2], 32)
+    features = []
+    for k, task in enumerate(TASKS[:2]):
+        session = ort.InferenceSession(str(workspace["repo"] / contract.extractor_model(task) / "1" / "model.onnx"))
+        got = session.run(None, {contract.IMAGES: images})[0]
+        with torch.no_grad():
+            unmerged = model.task_features(model.image_input(torch.from_numpy(images)), k).numpy()
+        assert np.abs(got - unmerged).max() < 1e-4 * max(1.0, np.abs(unmerged).max())
+        features.append(got)
+    classifier = ort.InferenceSession(str(workspace["repo"] / contract.CLASSIFIER_MODEL / "2" / "model.onnx"))
+    probs = classifier.run([contract.PROBS], {contract.features_input(k): f for k, f in enumerate(features)})[0]
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(images)), 1).numpy()
+    assert np.abs(probs - expected).max() < 1e-4
+
+
+def test_versions_are_never_rewritten(workspace, tmp_path):
+    repo = workspace["repo"]
+    before = {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
+    again = export_run(workspace["run"], repo, progress=False)
+    assert again.already_published and again.written == []
+    assert {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()} == before
+
+    # Another run (other seed -> other adapters) into the same repository is refused, naming the model.
+    other = tmp_path / "other"
+    ContinualRun(TrainConfig.from_dict({**TINY, "seed": 11}), CDDB(workspace["root"], TASKS[:2], progress=False),
+                 other, progress=False).run()
+    with pytest.raises(RepositoryError, match="version 2 exists"):
+        export_run(other, repo, progress=False)
+    with pytest.raises(RepositoryError, match="another adapter for task 'tconv'"):
+        export_run(other, repo, num_tasks=1, progress=False)
+    assert versions(repo, contract.ENSEMBLE_MODEL) == [2]
+    assert not any(p.name.startswith(".staging") for p in repo.rglob("*"))
+
+
+def test_validate_names_every_problem(workspace, tmp_path):
+    broken = tmp_path / "repo"
+    shutil.copytree(workspace["repo"], broken)
+    assert validate(broken) == []
+    shutil.rmtree(broken / contract.extractor_model("nearest"))
+    config = read_config(broken / contract.CLASSIFIER_MODEL / "2" / "config.pbtxt")
+    config["input"][0]["data_type"] = "TYPE_FP16"
+    (broken / contract.CLASSIFIER_MODEL / "2" / "config.pbtxt").write_text(to_pbtxt(config))
+    (broken / contract.ENSEMBLE_MODEL / ".staging-3-abc").mkdir()
+    problems = "\n".join(validate(broken))
+    assert "lorax_extractor_nearest version 1 does not exist" in problems
+    assert "FEATURES_0 is TYPE_FP16 in the config, TYPE_FP32 in model.onnx" in problems
+    assert ".staging-3-abc: a half-written version" in problems
+    assert aigis_main(["models", "validate", "--repo", str(broken)]) == 1
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.slow
+def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
+    from aigis.client import AttributionClient
+    from aigis.serving.control import ModelControl
+    from aigis.serving.server import TritonServer
+
+    root, run, repo = workspace["root"], workspace["run"], workspace["repo"]
+    images, paths = val_images(root, TASKS, 32)
+    two = load_run(run)
+    with torch.no_grad():
+        local_two = two(torch.from_numpy(images)).argmax(1).numpy()
+
+    with TritonServer(repo, models=[]) as server, ModelControl(server.grpc_url) as control:
+        load_version(control, repo, 2)
+        assert served_version(control) == 2
+        with AttributionClient(server.grpc_url) as client:
+            answers = client.attribute(images)
+            assert client.manifest.tasks == tuple(TASKS[:2])
+        names = contract.class_names(TASKS[:2])
+        assert [names.index(a.label) for a in answers] == local_two.tolist()
+        assert {a.model_version for a in answers} == {"2"}
+        with AttributionClient(server.grpc_url, model=contract.BYTES_ENSEMBLE_MODEL) as thin:
+            from_bytes = thin.attribute([png_bytes(image) for image in images[:6]])
+        assert [a.label for a in from_bytes] == [a.label for a in answers[:6]]
+        assert np.allclose([a.fake_score for a in from_bytes], [a.fake_score for a in answers[:6]], atol=1e-6)
+
+        # A third task: train on, export version 3 (one new extractor, new classifier and ensembles).
+        ContinualRun(workspace["config"], CDDB(root, TASKS, progress=False), run, resume=True, progress=False).run()
+        assert aigis_main(["export", "--run", str(run), "--repo", str(repo), "--quiet"]) == 0
+        assert versions(repo, contract.ENSEMBLE_MODEL) == [2, 3]
+        assert versions(repo, contract.CLASSIFIER_MODEL) == [2, 3]
+        assert versions(repo, contract.extractor_model("tconv")) == [1]
+        assert validate(repo) == []
+        pid = server.pid
+
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "3"]) == 0
+        assert "version 2 -> 3" in capsys.readouterr().out
+        three = load_run(run)
+        with torch.no_grad():
+            local_three = three(torch.from_numpy(images)).argmax(1).numpy()
+        with AttributionClient(server.grpc_url) as client:
+            assert client.manifest.tasks == tuple(TASKS)
+            answers = client.attribute(images)
+        assert [contract.class_names(TASKS).index(a.label) for a in answers] == local_three.tolist()
+        assert {a.model_version for a in answers} == {"3"}
+
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "2"]) == 0
+        with AttributionClient(server.grpc_url) as client:
+            assert client.manifest.tasks == tuple(TASKS[:2])
+            assert [names.index(a.label) for a in client.attribute(images)] == local_two.tolist()
+        assert server.pid == pid and server.is_running()      # the same process throughout: no restart
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "9"]) == 2
+        assert "no ensemble version 9" in capsys.readouterr().err
+
+
+def test_cli_lists_versions_and_refuses_bad_runs(workspace, tmp_path, capsys):
+    assert aigis_main(["models", "list", "--repo", str(workspace["repo"]), "--json"]) == 0
+    rows = {row["model"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows[contract.ENSEMBLE_MODEL]["tasks"]["2"] == TASKS[:2]
+    assert aigis_main(["export", "--run", str(tmp_path / "nothing"), "--repo", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    assert aigis_main(["export", "--run", str(workspace["run"]), "--repo", str(tmp_path / "r"),
+                       "--tensorrt-fp16", "--quiet"]) == 2
+    assert "--tensorrt-fp16 needs --gpu" in capsys.readouterr().err
+
+
+def test_gpu_configs_and_tensorrt_plans(workspace, tmp_path):
+    from aigis.export.configs import TargetOptions, extractor_config
+    from aigis.export.tensorrt_plan import build_plans, tensorrt_available
+
+    config = extractor_config("tconv", 32, 16, TargetOptions(gpu=True, tensorrt_fp16=True))
+    text = to_pbtxt(config)
+    assert "KIND_GPU" in text and 'name: "tensorrt"' in text and "FP16" in text
+    reason = tensorrt_available()
+    if reason is not None:
+        with pytest.raises(RuntimeError, match="cannot build tensorrt_plan"):
+            build_plans(workspace["repo"], TASKS[:1])
+        pytest.skip(f"tensorrt_plan engines not built: {reason}")
+    repo = tmp_path / "repo"
+    shutil.copytree(workspace["repo"], repo)
+    lines = build_plans(repo, TASKS[:2])
+    assert len(lines) == 2 and (repo / (contract.extractor_model("tconv") + "_trt") / "1" / "model.plan").is_file()
