@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--tensorrt-plan", action="store_true",
                         help="also build tensorrt_plan engines (needs the tensorrt package and a GPU)")
     export.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every model (default 64)")
+    export.add_argument("--rtol", type=float, default=None,
+                        help="refuse to publish a model whose ONNX output differs from PyTorch by more than "
+                             "RTOL * (0.1 + max|output|) (default 1e-3)")
     export.add_argument("--quiet", action="store_true")
     export.set_defaults(func=run_export)
 
@@ -46,7 +49,7 @@ def run_export(args: argparse.Namespace) -> int:
     try:
         options = TargetOptions(gpu=args.gpu, tensorrt_fp16=args.tensorrt_fp16, max_batch_size=args.max_batch)
         report = export_run(args.run, args.repo, args.tasks, data_root=args.data, options=options,
-                            progress=not args.quiet)
+                            progress=not args.quiet, rtol=args.rtol)
         if args.tensorrt_plan:
             from aigis.export.tensorrt_plan import build_plans
 
@@ -71,7 +74,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for row in rows:
-        print(f"{row['model']:<32} versions {row['versions'] or '-'} (latest {row['latest']})")
+        print(f"{row['model']:<32} versions {row['versions'] or '-'} (latest {row['latest']}, served {row['served']})")
         for version, tasks in (row.get("tasks") or {}).items():
             print(f"    version {version}: {len(tasks)} tasks: {', '.join(tasks)}")
     return 0

@@ -5,12 +5,17 @@
     <repo>/lorax_classifier/<v>/model.onnx           classifier over the v extractors of tasks 1..v
     <repo>/lorax/<v>/                                ensemble version v = the model after task v
     <repo>/lorax_decode/<v>/model.py, lorax_bytes/<v>/   the same for encoded-bytes clients
-    <repo>/<model>/<v>/config.pbtxt                  the full config of version v
-    <repo>/<model>/config.pbtxt                      the newest version's config (a plain start serves it)
+    <repo>/<model>/<v>/config.pbtxt                  the full config of version v (never rewritten)
+    <repo>/<model>/config.pbtxt                      the SERVED version's config: the one pointer that moves
 
 Every version directory is written under a dot-prefixed staging name (Triton skips hidden entries),
-then renamed into place in one step, so a reader sees a version whole or not at all. Serving a given
-version loads each model with that version's stored config as the Load API override: no restart.
+then renamed into place in one step, so a reader sees a version whole or not at all.
+
+Triton keeps one config per model, and our classifier and ensembles change inputs and steps from version
+to version, so the model-level config.pbtxt says which version is served. Export sets it only for a
+model's first version: publishing never changes what a running server answers with. A rollout
+(load_version) points every model of the wanted ensemble version at it, atomically per file, then asks
+the server to load them: no restart, and a restarted server comes back on the same version.
 """
 
 from __future__ import annotations
@@ -73,9 +78,31 @@ def publish_version(repo: Path, model: str, version: int, config: dict, write: C
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if version == max(versions(repo, model)):
+    if not (model_dir / CONFIG_FILE).exists():
         _write_atomic(model_dir / CONFIG_FILE, to_pbtxt(config))
     return final
+
+
+def point_to(repo: str | Path, model: str, version: int) -> bool:
+    """Make version `version` the one a (re)load of `model` serves; returns whether the pointer moved."""
+    source = Path(repo) / model / str(version) / CONFIG_FILE
+    target = Path(repo) / model / CONFIG_FILE
+    if not source.is_file():
+        raise RepositoryError(f"{model} version {version} does not exist in {repo}")
+    text = source.read_text()
+    if target.is_file() and target.read_text() == text:
+        return False
+    _write_atomic(target, text)
+    return True
+
+
+def pointed_version(repo: str | Path, model: str) -> int | None:
+    """The version the model-level config serves (None when it names none)."""
+    path = Path(repo) / model / CONFIG_FILE
+    if not path.is_file():
+        return None
+    found = _policy_versions(read_config(path))
+    return found[0] if found else None
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -161,10 +188,40 @@ def real_images(run_dir: Path, model_manifest: dict, crop: int, data_root: str |
     return np.stack([preprocess.eval_view_from_file(p, crop) for p in paths]) if paths else None
 
 
+# The models of one ensemble version, in the order they are published: the ensembles last, so a
+# published ensemble never names a step that is not there yet.
+VERSIONED_MODELS = (contract.CLASSIFIER_MODEL, contract.DECODE_MODEL, contract.ENSEMBLE_MODEL,
+                    contract.BYTES_ENSEMBLE_MODEL)
+
+
+def _recorded_source(repo: Path, model: str, version: int) -> dict:
+    """What a published version says it was made from (source.json; an ensemble's manifest as a fallback)."""
+    vdir = repo / model / str(version)
+    if (vdir / SOURCE_FILE).is_file():
+        return json.loads((vdir / SOURCE_FILE).read_text())
+    if (vdir / CONFIG_FILE).is_file():
+        return manifest_of(read_config(vdir / CONFIG_FILE)) or {}
+    return {}
+
+
+def _version_state(repo: Path, model: str, version: int, source: str, tasks: list[str]) -> str:
+    """'missing', 'same' (this run's model after these tasks) or 'other' for one model's version."""
+    if version not in versions(repo, model):
+        return "missing"
+    recorded = _recorded_source(repo, model, version)
+    return "same" if recorded.get("source_sha256") == source and recorded.get("tasks") == tasks else "other"
+
+
 def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = None, *,
                data_root: str | Path | None = None, options: TargetOptions | None = None,
-               progress: bool = True) -> ExportReport:
-    """Publish the run's model after `num_tasks` tasks (default: all finished) as ensemble version num_tasks."""
+               progress: bool = True, rtol: float | None = None) -> ExportReport:
+    """Publish the run's model after `num_tasks` tasks (default: all finished) as ensemble version num_tasks.
+
+    Every ONNX model is compared with PyTorch on random and (when the data is at hand) real images and is
+    not published beyond `rtol` (default onnx_export.RTOL) of its output scale. Exporting a version that
+    is already published from the same run is a no-op; a version published from another run is refused;
+    a version left incomplete by an interrupted export is finished.
+    """
     import numpy as np
     import torch
 
@@ -174,6 +231,9 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
 
     options = options or TargetOptions()
     options.validate()
+    rtol = onnx_export.RTOL if rtol is None else float(rtol)
+    if not rtol >= 0:
+        raise ValueError(f"rtol must be 0 or more, got {rtol}")
     run_dir, repo = Path(run_dir), Path(repo)
     say = print if progress else (lambda *a, **k: None)
     model = load_run(run_dir, num_tasks)
@@ -185,15 +245,20 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
     served = served_manifest(manifest, version, source)
     report = ExportReport(version=version, tasks=tasks)
 
-    existing = versions(repo, contract.ENSEMBLE_MODEL)
-    if version in existing:
-        old = manifest_of(version_config(repo, contract.ENSEMBLE_MODEL, version)) or {}
-        if old.get("source_sha256") == source and old.get("tasks") == tasks:
-            report.already_published = True
-            return report
-        raise RepositoryError(f"{repo}: ensemble version {version} exists and holds another model "
-                              f"(tasks {old.get('tasks')}, source {str(old.get('source_sha256'))[:12]}...); "
-                              f"versions are never rewritten: export into a new repository")
+    states = {name: _version_state(repo, name, version, source, tasks) for name in VERSIONED_MODELS}
+    foreign = [name for name, state in states.items() if state == "other"]
+    if foreign:
+        old = _recorded_source(repo, foreign[0], version)
+        raise RepositoryError(f"{repo}: version {version} exists and holds another model "
+                              f"({', '.join(foreign)}: tasks {old.get('tasks')}, source "
+                              f"{str(old.get('source_sha256'))[:12]}...; this run: tasks {tasks}, source "
+                              f"{source[:12]}...); versions are never rewritten: export into a new repository")
+    if all(state == "same" for state in states.values()):
+        report.already_published = True
+        return report
+    if any(state == "same" for state in states.values()):
+        say(f"  version {version} is incomplete (an export was interrupted): finishing it")
+    version_source = {"source_sha256": source, "tasks": tasks, "run": str(run_dir.resolve())}
 
     rng = np.random.default_rng(0)
     random_images = rng.integers(0, 256, size=(8, crop, crop, 3), dtype=np.uint8)
@@ -203,27 +268,35 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         say("  no data root at hand: checking on random images only (give --data to check on real images)")
 
     # Extractors: one per task, written once. An existing one must hold the same adapter.
+    need_classifier = states[contract.CLASSIFIER_MODEL] == "missing"
     features: dict[str, list] = {name: [] for name, _ in image_sets}
     pending: list[tuple[str, int, bytes, dict, dict]] = []
     for k, task in enumerate(tasks):
         name = contract.extractor_model(task)
         entry = manifest["task_entries"][k]
         adapter_sha = _sha256_files([run_dir / entry["files"]["adapter.safetensors"]])
+        exists = 1 in versions(repo, name)
+        if exists:
+            recorded = json.loads((repo / name / "1" / SOURCE_FILE).read_text()) \
+                if (repo / name / "1" / SOURCE_FILE).is_file() else {}
+            if recorded.get("adapter_sha256") != adapter_sha or recorded.get("backbone_sha256") != manifest["backbone"]["sha256"]:
+                raise RepositoryError(f"{repo / name} holds another adapter for task {task!r} "
+                                      f"(adapter {str(recorded.get('adapter_sha256', '?'))[:12]}... there, "
+                                      f"{adapter_sha[:12]}... in {run_dir}); export into a new repository")
+            report.reused.append(name)
+            if not need_classifier:
+                continue
         extractor = model.merged_extractor(k)
         for set_name, images in image_sets:
             with torch.no_grad():
                 features[set_name].append(extractor(torch.from_numpy(images)).numpy())
-        if 1 in versions(repo, name):
-            recorded = json.loads((repo / name / "1" / SOURCE_FILE).read_text())
-            if recorded.get("adapter_sha256") != adapter_sha or recorded.get("backbone_sha256") != manifest["backbone"]["sha256"]:
-                raise RepositoryError(f"{repo / name} holds another adapter for task {task!r} "
-                                      f"(adapter {recorded.get('adapter_sha256', '?')[:12]}... here, "
-                                      f"{adapter_sha[:12]}... in {run_dir}); export into a new repository")
-            report.reused.append(name)
+        if exists:
             continue
         say(f"  exporting {name} ...", flush=True)
-        graph = onnx_export.extractor_onnx(extractor, crop)
-        checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name) for set_name, images in image_sets]
+        # Export a copy (export may fix input-size-dependent constants); check against the untouched one.
+        graph = onnx_export.extractor_onnx(model.merged_extractor(k), crop)
+        checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name, rtol)
+                  for set_name, images in image_sets]
         onnx_export.require(checks)
         report.checks += checks
         source_info = {"task": task, "task_index": k, "adapter_sha256": adapter_sha,
@@ -231,30 +304,36 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
                        "run": str(run_dir.resolve())}
         pending.append((name, 1, graph, extractor_config(task, crop, model.feature_dim, options), source_info))
 
-    classifier = model.classifier_module()
-    graph = onnx_export.classifier_onnx(classifier, len(tasks), model.feature_dim)
-    checks = [onnx_export.check_classifier(contract.CLASSIFIER_MODEL, graph, classifier, features[set_name], set_name)
-              for set_name, _ in image_sets]
-    onnx_export.require(checks)
-    report.checks += checks
+    classifier_graph = b""
+    if need_classifier:
+        classifier = model.classifier_module()
+        classifier_graph = onnx_export.classifier_onnx(classifier, len(tasks), model.feature_dim)
+        checks = [onnx_export.check_classifier(contract.CLASSIFIER_MODEL, classifier_graph, classifier,
+                                               features[set_name], set_name, rtol)
+                  for set_name, _ in image_sets]
+        onnx_export.require(checks)
+        report.checks += checks
 
-    # Everything is checked: publish. Extractors first, the ensembles last, so a version never
-    # names a model that is not there yet.
+    # Everything is checked: publish, extractors first and the ensembles last.
     for name, v, onnx_bytes, config, source_info in pending:
         publish_version(repo, name, v, config, _writer({"model.onnx": onnx_bytes,
                                                         SOURCE_FILE: json.dumps(source_info, indent=2).encode()}))
         report.written.append(name)
-    publish_version(repo, contract.CLASSIFIER_MODEL, version,
-                    classifier_config(version, len(tasks), model.feature_dim, options),
-                    _writer({"model.onnx": graph}))
-    publish_version(repo, contract.DECODE_MODEL, version, decode_config(version, crop, options),
-                    _writer({"model.py": DECODE_SHIM.encode()}))
-    publish_version(repo, contract.ENSEMBLE_MODEL, version, ensemble_config(version, tasks, crop, served, options),
-                    _writer({}))
-    publish_version(repo, contract.BYTES_ENSEMBLE_MODEL, version,
-                    ensemble_config(version, tasks, crop, served, options, from_bytes=True), _writer({}))
-    report.written += [contract.CLASSIFIER_MODEL, contract.DECODE_MODEL, contract.ENSEMBLE_MODEL,
-                       contract.BYTES_ENSEMBLE_MODEL]
+    source_file = {SOURCE_FILE: json.dumps(version_source, indent=2).encode()}
+    contents = {
+        contract.CLASSIFIER_MODEL: (classifier_config(version, len(tasks), model.feature_dim, options),
+                                    {"model.onnx": classifier_graph}),
+        contract.DECODE_MODEL: (decode_config(version, crop, options), {"model.py": DECODE_SHIM.encode()}),
+        contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options), {}),
+        contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True), {}),
+    }
+    for name in VERSIONED_MODELS:
+        if states[name] == "same":
+            report.reused.append(name)
+            continue
+        config, files = contents[name]
+        publish_version(repo, name, version, config, _writer({**files, **source_file}))
+        report.written.append(name)
     return report
 
 
@@ -274,46 +353,32 @@ def ensemble_dependencies(config: dict) -> list[tuple[str, int]]:
 def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: bool = True) -> list[str]:
     """Serve ensemble version `version` on a running server (ModelControl), with no restart.
 
-    Each step's model is loaded with the stored config of the version the step pins, then the ensembles.
-    Returns the models loaded, in order.
+    Every model the version's steps pin is pointed at the pinned version and (re)loaded, composing
+    models first, the ensembles last. Models already serving the right version are left alone.
+    Returns the models it (re)loaded, in order.
     """
     repo = Path(repo)
     if version not in versions(repo, contract.ENSEMBLE_MODEL):
         raise RepositoryError(f"{repo}: no ensemble version {version}; versions: "
                               f"{versions(repo, contract.ENSEMBLE_MODEL) or 'none'}")
     ensembles = [contract.ENSEMBLE_MODEL] + ([contract.BYTES_ENSEMBLE_MODEL] if bytes_ensemble else [])
+    order: list[tuple[str, int]] = []
+    for ensemble in ensembles:
+        for step in ensemble_dependencies(version_config(repo, ensemble, version)):
+            if step not in order:
+                order.append(step)
+    order += [(ensemble, version) for ensemble in ensembles]
     loaded: list[str] = []
-    for ensemble in ensembles:
-        config = version_config(repo, ensemble, version)
-        for model, model_version in ensemble_dependencies(config):
-            if model in loaded:
-                continue
-            step_config = version_config(repo, model, model_version)
-            current = _served_config(control, model)
-            if current is None or _policy_versions(current) != [model_version] or \
-                    _comparable(current) != _comparable(step_config):
-                control.load(model, config=step_config)
+    for model, model_version in order:
+        moved = point_to(repo, model, model_version)
+        if moved or not control.is_ready(model, str(model_version)):
+            control.load(model)
             loaded.append(model)
-    for ensemble in ensembles:
-        control.load(ensemble, config=version_config(repo, ensemble, version))
-        loaded.append(ensemble)
     return loaded
-
-
-def _served_config(control: Any, model: str) -> dict | None:
-    if not control.is_ready(model):
-        return None
-    return control.config(model)
 
 
 def _policy_versions(config: dict) -> list[int]:
     return [int(v) for v in ((config.get("version_policy") or {}).get("specific") or {}).get("versions", [])]
-
-
-def _comparable(config: dict) -> tuple:
-    """The parts of a config that decide what a loaded model computes (the server adds defaults to the rest)."""
-    return (json.dumps([(i["name"], [int(d) for d in i.get("dims", [])]) for i in config.get("input", [])]),
-            json.dumps([(o["name"], [int(d) for d in o.get("dims", [])]) for o in config.get("output", [])]))
 
 
 def served_version(control: Any) -> int | None:
@@ -334,7 +399,8 @@ def list_models(repo: str | Path) -> list[dict]:
     rows = []
     for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
         found = versions(repo, folder.name)
-        row: dict[str, Any] = {"model": folder.name, "versions": found, "latest": found[-1] if found else None}
+        row: dict[str, Any] = {"model": folder.name, "versions": found, "latest": found[-1] if found else None,
+                               "served": pointed_version(repo, folder.name)}
         tasks = {}
         for v in found:
             config_path = folder / str(v) / CONFIG_FILE
@@ -383,9 +449,29 @@ def validate(repo: str | Path) -> list[str]:
                 problems += _compare_config_with_onnx(f"{folder.name}/{v}", config, onnx_io[(folder.name, v)])
             elif config.get("backend") == "python" and not (vdir / "model.py").is_file():
                 problems.append(f"{folder.name}/{v}: model.py is missing")
+        pointer = folder / CONFIG_FILE
+        found = versions(repo, folder.name)
+        if found and not pointer.is_file():
+            problems.append(f"{folder.name}: no {CONFIG_FILE} naming the served version")
+        elif found and not any((folder / str(v) / CONFIG_FILE).is_file() and
+                               (folder / str(v) / CONFIG_FILE).read_text() == pointer.read_text() for v in found):
+            problems.append(f"{folder.name}/{CONFIG_FILE} matches no version's config (edited by hand?); "
+                            f"`aigis models rollout` rewrites it")
     for (name, v), config in configs.items():
         if config.get("platform") == "ensemble":
             problems += _check_ensemble(f"{name}/{v}", config, configs)
+    problems += _check_versions_complete(repo)
+    return problems
+
+
+def _check_versions_complete(repo: Path) -> list[str]:
+    """Ensemble version v comes with the classifier, decode and bytes-ensemble versions v."""
+    problems = []
+    for v in sorted({v for name in VERSIONED_MODELS for v in versions(repo, name)}):
+        missing = [f"{name}/{v}" for name in VERSIONED_MODELS if v not in versions(repo, name)]
+        if missing:
+            problems.append(f"version {v} is incomplete: {', '.join(missing)} missing (an export was interrupted: "
+                            f"run aigis export again with the same run to finish it)")
     return problems
 
 

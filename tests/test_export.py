@@ -23,7 +23,7 @@ from aigis.data.cddb import CDDB
 from aigis.data.synth import SynthConfig, generate
 from aigis.export import export_run, load_version, served_version, validate, versions
 from aigis.export.configs import read_config, to_pbtxt
-from aigis.export.repository import RepositoryError
+from aigis.export.repository import RepositoryError, pointed_version
 from aigis.training.config import TrainConfig
 from aigis.training.run import ContinualRun, load_run
 
@@ -162,6 +162,10 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
         assert versions(repo, contract.CLASSIFIER_MODEL) == [2, 3]
         assert versions(repo, contract.extractor_model("tconv")) == [1]
         assert validate(repo) == []
+        # Publishing never changes what is served: the pointers still name version 2.
+        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 2 == pointed_version(repo, contract.CLASSIFIER_MODEL)
+        with AttributionClient(server.grpc_url) as client:
+            assert client.manifest.tasks == tuple(TASKS[:2])
         pid = server.pid
 
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "3"]) == 0
@@ -180,6 +184,8 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
             assert client.manifest.tasks == tuple(TASKS[:2])
             assert [names.index(a.label) for a in client.attribute(images)] == local_two.tolist()
         assert server.pid == pid and server.is_running()      # the same process throughout: no restart
+        assert pointed_version(repo, contract.CLASSIFIER_MODEL) == 2
+        assert pointed_version(repo, contract.extractor_model("bilinear")) == 1
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "9"]) == 2
         assert "no ensemble version 9" in capsys.readouterr().err
 
@@ -211,3 +217,33 @@ def test_gpu_configs_and_tensorrt_plans(workspace, tmp_path):
     shutil.copytree(workspace["repo"], repo)
     lines = build_plans(repo, TASKS[:2])
     assert len(lines) == 2 and (repo / (contract.extractor_model("tconv") + "_trt") / "1" / "model.plan").is_file()
+
+
+def test_an_interrupted_export_is_finished_and_validate_reports_it(workspace, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(workspace["repo"], repo)
+    # As if the export died after publishing the classifier and the decode step, before the ensembles.
+    for name in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
+        shutil.rmtree(repo / name / "2")
+    assert any("version 2 is incomplete: lorax/2, lorax_bytes/2 missing" in p for p in validate(repo))
+    classifier_before = (repo / contract.CLASSIFIER_MODEL / "2" / "model.onnx").stat().st_mtime_ns
+
+    report = export_run(workspace["run"], repo, progress=False)
+    assert not report.already_published
+    assert report.written == [contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL]
+    assert contract.CLASSIFIER_MODEL in report.reused and contract.extractor_model("tconv") in report.reused
+    assert (repo / contract.CLASSIFIER_MODEL / "2" / "model.onnx").stat().st_mtime_ns == classifier_before
+    assert validate(repo) == []
+    assert export_run(workspace["run"], repo, progress=False).already_published
+
+
+def test_export_refuses_to_publish_beyond_the_tolerance(workspace, tmp_path, capsys):
+    from aigis.export.onnx_export import ExportCheckError
+
+    repo = tmp_path / "repo"
+    with pytest.raises(ExportCheckError, match=r"refusing to publish: lorax_extractor_tconv: max \|onnx - torch\|"):
+        export_run(workspace["run"], repo, num_tasks=1, rtol=1e-9, progress=False)
+    assert not any(p.is_file() or p.name.isdigit() for p in repo.rglob("*"))     # nothing published, no leftovers
+    assert aigis_main(["export", "--run", str(workspace["run"]), "--repo", str(repo), "--tasks", "1",
+                       "--rtol", "1e-9", "--quiet"]) == 2
+    assert "refusing to publish" in capsys.readouterr().err

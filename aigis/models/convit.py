@@ -150,6 +150,13 @@ class ConViT(Backbone):
             if isinstance(module, GPSA):
                 module.local_init()
 
+    def fix_input_size(self, size: int) -> None:
+        """Resample the position embeddings once for `size`-px inputs (see VisionTransformer.fix_input_size)."""
+        grid = (size // self.patch_embed.patch_size,) * 2
+        with torch.no_grad():
+            self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed, self.grid, grid), requires_grad=False)
+        self.grid = grid
+
     def forward(self, x: Tensor) -> Tensor:
         x, grid = self.patch_embed(x)
         x = x + resize_pos_embed(self.pos_embed, self.grid, grid)

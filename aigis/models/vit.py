@@ -141,6 +141,15 @@ class VisionTransformer(Backbone):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    def fix_input_size(self, size: int) -> None:
+        """Resample the position embeddings once for `size`-px inputs (export: the crop is fixed, and the
+        bicubic-antialias resize then needs no ONNX operator). Only for a frozen copy: it changes weights."""
+        grid = (size // self.patch_embed.patch_size,) * 2
+        with torch.no_grad():
+            patches = resize_pos_embed(self.pos_embed[:, 1:], self.grid, grid)
+            self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], patches], dim=1), requires_grad=False)
+        self.grid = grid
+
     def forward(self, x: Tensor) -> Tensor:
         x, grid = self.patch_embed(x)
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]

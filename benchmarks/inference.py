@@ -1,0 +1,200 @@
+"""Attribution throughput, three ways, side by side in one run (issue 3):
+
+  (a) the paper's way: PyTorch + peft, adapters unmerged, one backbone pass per adapter (set_adapter);
+  (b) in-process onnxruntime on the merged extractors + the classifier (what the server runs);
+  (c) the real Triton server over gRPC through the client library (aigis.client.AttributionClient).
+
+Each is measured at batch 1 and batch 32 with `--in-flight` concurrent callers ((a) takes one caller: a
+peft model switches adapters in place, so it cannot serve concurrent requests), `--repeats` times
+interleaved; the medians are reported. Then the cost per image against the number of tasks (1, 3, 5, 7)
+for (a) and (b).
+
+    python benchmarks/inference.py                       # uses runs/demo (run `make demo` first)
+    python benchmarks/inference.py --run R --data D      # any LoRAX run and its data root
+
+Writes benchmarks/results/inference.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def throughput(call, batch: np.ndarray, in_flight: int, seconds: float) -> float:
+    """Images per second of `call(batch)` from `in_flight` threads calling back to back for `seconds`."""
+    call(batch)                                   # warm-up
+    stop = time.perf_counter() + seconds
+    done = [0] * in_flight
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop:
+            call(batch)
+            done[i] += len(batch)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(in_flight)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - start)
+
+
+class OrtPipeline:
+    """(b): the merged extractors and the classifier as onnxruntime sessions, extractors in parallel."""
+
+    def __init__(self, repo: Path, tasks: list[str], version: int) -> None:
+        import onnxruntime as ort
+
+        from aigis import contract
+
+        self.contract = contract
+        self.extractors = [ort.InferenceSession(str(repo / contract.extractor_model(t) / "1" / "model.onnx"),
+                                                providers=["CPUExecutionProvider"]) for t in tasks]
+        self.classifier = ort.InferenceSession(str(repo / contract.CLASSIFIER_MODEL / str(version) / "model.onnx"),
+                                               providers=["CPUExecutionProvider"])
+        self.pool = ThreadPoolExecutor(max_workers=len(tasks))
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        c = self.contract
+        features = list(self.pool.map(lambda s: s.run([c.FEATURES], {c.IMAGES: images})[0], self.extractors))
+        return self.classifier.run([c.PROBS], {c.features_input(k): f for k, f in enumerate(features)})[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/demo/run")
+    parser.add_argument("--data", default="runs/demo/data")
+    parser.add_argument("--repo", default="runs/bench/model_repository", help="written here if missing")
+    parser.add_argument("--in-flight", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--task-counts", default="1,3,5,7")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from aigis import contract, preprocess
+    from aigis.client import AttributionClient
+    from aigis.data.cddb import CDDB
+    from aigis.export import export_run, load_version, versions
+    from aigis.serving.control import ModelControl
+    from aigis.serving.server import TritonServer
+    from aigis.training.run import load_run
+
+    run, repo = Path(args.run), Path(args.repo)
+    if not (run / "manifest.json").is_file():
+        print(f"no training run at {run}: run `make demo` first or pass --run", file=sys.stderr)
+        return 2
+    full = load_run(run)
+    tasks = list(full.manifest["tasks"])
+    crop = int(full.manifest["crop"])
+    counts = [k for k in (int(x) for x in args.task_counts.split(",")) if 1 <= k <= len(tasks)]
+    for k in sorted(set(counts + [len(tasks)])):
+        if k not in versions(repo, contract.ENSEMBLE_MODEL):
+            print(export_run(run, repo, num_tasks=k, data_root=args.data, progress=False).summary().splitlines()[0])
+
+    data = CDDB(args.data, tasks, progress=False)
+    paths = [s.path for t in range(len(tasks)) for s in data.samples(t, "val")][:64]
+    pool = np.stack([preprocess.eval_view_from_file(p, crop) for p in paths])
+    batches = {1: pool[:1], 32: pool[:32]}
+    print(f"machine: {machine()}; {len(tasks)} tasks, {full.manifest['backbone']['name']}, crop {crop}; "
+          f"torch threads {torch.get_num_threads()}")
+
+    def pytorch_call(model):
+        def call(images: np.ndarray) -> None:
+            with torch.no_grad():
+                model(torch.from_numpy(images))
+        return call
+
+    results: dict = {"machine": machine(), "tasks": len(tasks), "backbone": full.manifest["backbone"]["name"],
+                     "crop": crop, "in_flight": args.in_flight, "seconds_per_measurement": args.seconds,
+                     "repeats": args.repeats, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
+    samples: dict[str, list[float]] = {}
+    ort_full = OrtPipeline(repo, tasks, len(tasks))
+    with TritonServer(repo, models=[], log_path=repo.parent / "tritonserver.log") as server:
+        with ModelControl(server.grpc_url) as control:
+            load_version(control, repo, len(tasks), bytes_ensemble=False)
+        with AttributionClient(server.grpc_url, max_batch_size=32, max_in_flight=args.in_flight,
+                               timeout_s=60) as client:
+            ways = {
+                "a_pytorch_peft_unmerged": (pytorch_call(full), 1),
+                "b_onnxruntime_merged": (ort_full, args.in_flight),
+                "c_triton_grpc_client": (client.attribute, args.in_flight),
+            }
+            for repeat in range(args.repeats):
+                for name, (call, in_flight) in ways.items():
+                    for batch_size, batch in batches.items():
+                        key = f"{name}@batch{batch_size}"
+                        value = throughput(call, batch, in_flight, args.seconds)
+                        samples.setdefault(key, []).append(value)
+                        print(f"  [{repeat + 1}/{args.repeats}] {key:<40} {value:8.1f} images/s", flush=True)
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    results["images_per_second"] = medians
+    results["samples"] = samples
+    results["ratios"] = {
+        "c_over_b_batch32": medians["c_triton_grpc_client@batch32"] / medians["b_onnxruntime_merged@batch32"],
+        "c_over_a_batch32": medians["c_triton_grpc_client@batch32"] / medians["a_pytorch_peft_unmerged@batch32"],
+        "c_over_a_batch1": medians["c_triton_grpc_client@batch1"] / medians["a_pytorch_peft_unmerged@batch1"],
+    }
+
+    # Cost per image against the number of tasks, batch 32, one caller: T backbone passes per image.
+    scaling = {}
+    for k in counts:
+        model_k = load_run(run, num_tasks=k)
+        ort_k = OrtPipeline(repo, tasks[:k], k)
+        a = statistics.median(throughput(pytorch_call(model_k), batches[32], 1, args.seconds / 2)
+                              for _ in range(args.repeats))
+        b = statistics.median(throughput(ort_k, batches[32], 1, args.seconds / 2) for _ in range(args.repeats))
+        scaling[k] = {"a_ms_per_image": 1000 / a, "b_ms_per_image": 1000 / b}
+        print(f"  {k} task(s): (a) {1000 / a:.2f} ms/image, (b) {1000 / b:.2f} ms/image", flush=True)
+    results["cost_vs_tasks"] = scaling
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "inference.json").write_text(json.dumps(results, indent=2))
+    lines = [f"Machine: {results['machine']}. {len(tasks)} tasks ({results['backbone']}, {crop}x{crop}), "
+             f"{args.in_flight} requests in flight for (b) and (c), one caller for (a); median of {args.repeats} "
+             f"runs of {args.seconds:.0f} s each, interleaved.", "",
+             "| way | batch 1 (images/s) | batch 32 (images/s) |", "|---|---|---|"]
+    for name, label in (("a_pytorch_peft_unmerged", "(a) PyTorch + peft, unmerged"),
+                        ("b_onnxruntime_merged", "(b) onnxruntime in-process, merged"),
+                        ("c_triton_grpc_client", "(c) Triton over gRPC, client library")):
+        lines.append(f"| {label} | {medians[f'{name}@batch1']:.1f} | {medians[f'{name}@batch32']:.1f} |")
+    r = results["ratios"]
+    lines += ["", f"(c)/(b) at batch 32: {r['c_over_b_batch32']:.2f} (target >= 0.8); "
+                  f"(c)/(a) at batch 32: {r['c_over_a_batch32']:.2f}, at batch 1: {r['c_over_a_batch1']:.2f} "
+                  f"(target >= 3)", "",
+              "| tasks | (a) ms/image | (b) ms/image |", "|---|---|---|"]
+    lines += [f"| {k} | {v['a_ms_per_image']:.2f} | {v['b_ms_per_image']:.2f} |" for k, v in scaling.items()]
+    (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
