@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import ClientError, ModelNotFoundError, ModelNotReadyError, from_triton
+from .errors import ClientClosedError, ClientError, ModelNotFoundError, ModelNotReadyError, from_triton
 from .manifest import ServedModel
 from .retry import RetryPolicy
 
@@ -94,7 +94,14 @@ class Transport:
         self.timeout_s = timeout_s
         self.retry = retry
         self.abort = threading.Event()  # set to cut retry waits short when the client is closed hard
+        self._closed = False
         self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args())
+
+    def _failure(self, exc: Exception, what: str) -> ClientError:
+        """The typed error for a failed call; after close() the closed channel's error means just that."""
+        if self._closed:
+            return ClientClosedError(f"{what}: the client is closed")
+        return from_triton(exc, what)
 
     def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
         """Check the model is ready, then read its config (both with retries while the server is down)."""
@@ -109,7 +116,7 @@ class Transport:
             except ClientError:
                 raise
             except Exception as exc:
-                raise from_triton(exc, what) from None
+                raise self._failure(exc, what) from None
             return ServedModel.from_config(config, expected_inputs)
 
         return self.retry.call(attempt, self.abort)
@@ -125,7 +132,7 @@ class Transport:
                     model, tensors, model_version=version, outputs=requested, client_timeout=self.timeout_s
                 )
             except Exception as exc:
-                raise from_triton(exc, f"{model} at {self.url}") from None
+                raise self._failure(exc, f"{model} at {self.url}") from None
             return Answer(result, outputs)
 
         return self.retry.call(attempt, self.abort)
@@ -141,9 +148,10 @@ class Transport:
         try:
             return self._client.get_inference_statistics(model, version, as_json=True, client_timeout=self.timeout_s)
         except Exception as exc:
-            raise from_triton(exc, f"statistics of {model or 'all models'} at {self.url}") from None
+            raise self._failure(exc, f"statistics of {model or 'all models'} at {self.url}") from None
 
     def close(self) -> None:
+        self._closed = True
         self._client.close()
 
 

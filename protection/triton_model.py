@@ -1,0 +1,129 @@
+"""The served `mem_protect` model: protect-on-upload with a frozen surrogate from a protection job.
+
+Triton's Python backend loads this class from the version folder's model.py (a two-line shim written by
+aigis.protection.served). Each version folder holds its own copy of the surrogate artefact
+(`surrogate/`) and the MEM settings it protects with (`settings.json`), so a version is self-contained
+and rolling back restores exactly the protection it gave.
+
+Batch-aware: every request is a batch of image-caption pairs; the requests of one execute() call whose
+images share a size are protected together in one MEM pass (trigger search + PGD against the frozen
+surrogate), and the answers are split back. A bad request gets its own error; the others are served.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from aigis import contract
+
+try:  # only importable inside the Triton Python backend stub
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - imported outside a stub, e.g. for documentation
+    pb_utils = None
+
+SURROGATE_DIR = "surrogate"
+SETTINGS_FILE = "settings.json"
+
+
+class _BadRequest(Exception):
+    """One request's inputs are wrong; becomes that request's error response."""
+
+
+class TritonPythonModel:
+    """MEM protection of each request's image-caption pairs against the version's frozen surrogate."""
+
+    def initialize(self, args: dict) -> None:
+        import torch
+
+        from aigis.protection.mem import MEMSettings, load_surrogate
+
+        version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        self.version = str(args["model_version"])
+        kind = args.get("model_instance_kind", "CPU")
+        if kind == "GPU" and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
+        else:
+            self.device = torch.device("cpu")
+        settings = json.loads((version_dir / SETTINGS_FILE).read_text())
+        self.settings = MEMSettings(**settings["mem"])
+        self.steps = settings.get("steps")
+        self.max_caption_chars = int(settings.get("max_caption_chars", 1000))
+        self.model, self.tokenizer, self.meta = load_surrogate(version_dir / SURROGATE_DIR)
+        self.model.to(self.device).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    def execute(self, requests: list) -> list:
+        from aigis.protection.mem import protect_batch
+
+        parsed: list[tuple[np.ndarray, list[str]] | Exception] = []
+        for request in requests:
+            try:
+                parsed.append(self._read(request))
+            except _BadRequest as exc:
+                parsed.append(exc)
+
+        # Group the good requests by image size: one MEM pass per group.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, item in enumerate(parsed):
+            if not isinstance(item, Exception):
+                groups.setdefault(item[0].shape[1:], []).append(i)
+        answers: dict[int, tuple[np.ndarray, list[str]] | Exception] = {
+            i: item for i, item in enumerate(parsed) if isinstance(item, Exception)}
+        for members in groups.values():
+            images = np.concatenate([parsed[i][0] for i in members])
+            captions = [c for i in members for c in parsed[i][1]]
+            try:
+                protected, triggered, _ = protect_batch(self.model, self.tokenizer, images, captions, self.settings,
+                                                        steps=self.steps, device=self.device)
+            except Exception as exc:  # a failure of the group fails its requests, not the model
+                for i in members:
+                    answers[i] = exc
+                continue
+            start = 0
+            for i in members:
+                count = parsed[i][0].shape[0]
+                answers[i] = (protected[start:start + count], triggered[start:start + count])
+                start += count
+
+        responses = []
+        for i in range(len(requests)):
+            answer = answers[i]
+            if isinstance(answer, Exception):
+                code = pb_utils.TritonError.INVALID_ARG if isinstance(answer, _BadRequest) else pb_utils.TritonError.INTERNAL
+                responses.append(pb_utils.InferenceResponse(output_tensors=[],
+                                                            error=pb_utils.TritonError(str(answer), code)))
+                continue
+            images, captions = answer
+            caption_shape = parsed[i][2] if len(parsed[i]) > 2 else (len(captions),)
+            texts = np.array([c.encode("utf-8") for c in captions], dtype=np.object_).reshape(caption_shape)
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor(contract.PROTECTED_IMAGES, np.ascontiguousarray(images, dtype=np.uint8)),
+                pb_utils.Tensor(contract.PROTECTED_CAPTIONS, texts),
+            ]))
+        return responses
+
+    def _read(self, request) -> tuple[np.ndarray, list[str], tuple[int, ...]]:
+        images = pb_utils.get_input_tensor_by_name(request, contract.PROTECT_IMAGES).as_numpy()
+        raw = pb_utils.get_input_tensor_by_name(request, contract.PROTECT_CAPTIONS).as_numpy()
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise _BadRequest(f"{contract.PROTECT_IMAGES}: expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+        captions = []
+        for i, value in enumerate(raw.reshape(-1)):
+            try:
+                text = value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
+            except UnicodeDecodeError as exc:
+                raise _BadRequest(f"{contract.PROTECT_CAPTIONS}[{i}]: not UTF-8 ({exc})") from exc
+            if len(text) > self.max_caption_chars:
+                raise _BadRequest(f"{contract.PROTECT_CAPTIONS}[{i}]: {len(text)} characters, "
+                                  f"more than {self.max_caption_chars}")
+            captions.append(text)
+        if len(captions) != images.shape[0]:
+            raise _BadRequest(f"{len(captions)} captions for {images.shape[0]} images")
+        return images, captions, tuple(raw.shape)
+
+    def finalize(self) -> None:
+        self.model = None

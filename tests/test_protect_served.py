@@ -1,0 +1,95 @@
+"""The served `mem_protect` model: published from a surrogate artefact, answered over real gRPC.
+
+The surrogate is a tiny random CLIP saved with save_surrogate (the artefact a protection job writes);
+the server is the real tritonserver with the Python backend; the caller is aigis.client.ProtectionClient.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aigis import contract
+from aigis.protection.captions import load_images, read_pairs, synth_captioned
+from aigis.protection.clip import build_clip
+from aigis.protection.mem import MEMSettings, load_surrogate, save_surrogate
+from aigis.protection.served import existing_versions, publish_protect_model
+from aigis.protection.tokenizer import Tokenizer
+
+SETTINGS = MEMSettings(trigger_length=3, candidates=4, pgd_steps=2, batch_size=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pairs_and_surrogate(tmp_path_factory):
+    base = tmp_path_factory.mktemp("served")
+    root = synth_captioned(base / "captions", n_train=24, n_test=8, size=32, seed=0)
+    pairs = read_pairs(root, "train.jsonl")
+    tokenizer = Tokenizer.train([p.caption for p in pairs], vocab_size=600)
+    model = build_clip("rn_tiny", vocab_size=tokenizer.vocab_size)
+    surrogate = base / "surrogate" / "1"
+    save_surrogate(surrogate, model, tokenizer, SETTINGS)
+    images = load_images(pairs[:6], 32, progress=False)
+    return {"base": base, "pairs": pairs[:6], "images": images, "surrogate": surrogate}
+
+
+def test_publishing_writes_a_self_contained_version_once(pairs_and_surrogate, tmp_path):
+    repo = tmp_path / "repo"
+    version = publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=2)
+    assert version == 1 and existing_versions(repo) == [1]
+    folder = repo / contract.PROTECT_MODEL / "1"
+    assert (folder / "model.py").is_file() and (folder / "config.pbtxt").is_file()
+    load_surrogate(folder / "surrogate")                      # the copy verifies against its hashes
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["steps"] == 2 and settings["mem"]["trigger_length"] == 3
+    assert publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=2) == 1   # same artefact: no new version
+    assert publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=3) == 2
+    assert not any(p.name.startswith(".staging") for p in (repo / contract.PROTECT_MODEL).iterdir())
+
+
+def test_a_broken_artefact_is_refused_before_anything_is_written(pairs_and_surrogate, tmp_path):
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(pairs_and_surrogate["surrogate"], broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ValueError, match="sha256"):
+        publish_protect_model(tmp_path / "repo", broken)
+    assert not (tmp_path / "repo").exists()
+    with pytest.raises(FileNotFoundError, match="aigis protect"):
+        publish_protect_model(tmp_path / "repo", tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path):
+    from aigis.client import ProtectionClient
+    from aigis.client.errors import InvalidInputError
+    from aigis.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=2)
+    images = pairs_and_surrogate["images"]
+    captions = [p.caption for p in pairs_and_surrogate["pairs"]]
+    model, tokenizer, _ = load_surrogate(pairs_and_surrogate["surrogate"])
+    with TritonServer(repo, models=[contract.PROTECT_MODEL]) as server:
+        with ProtectionClient(server.grpc_url, timeout_s=120) as client:
+            answer = client.protect(images, captions)
+            assert answer.model_version == "1"
+            assert answer.images.shape == images.shape and answer.images.dtype == np.uint8
+            delta = answer.images.astype(np.int16) - images.astype(np.int16)
+            assert np.abs(delta).max() <= SETTINGS.epsilon_levels and np.abs(delta).max() > 0
+            assert len(answer.captions) == len(captions)
+            for original, protected in zip(captions, answer.captions):
+                assert protected.endswith(original) and protected != original   # trigger text in front
+                trigger = protected[: len(protected) - len(original)].strip()
+                ids = tokenizer.encode(trigger)
+                assert len(ids) == SETTINGS.trigger_length and tokenizer.decode(ids).strip() == trigger
+            # The in-process function with the same surrogate and settings gives the same answer.
+            from aigis.protection.mem import protect_batch
+
+            local, local_captions, _ = protect_batch(model, tokenizer, images, captions, SETTINGS, steps=2)
+            assert np.array_equal(local, answer.images) and local_captions == answer.captions
+            with pytest.raises(InvalidInputError, match="captions"):
+                client.protect(images, captions[:-1])
