@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ExportReport", "RepositoryError", "TargetOptions", "export_run", "list_models", "load_version",
-           "served_version", "validate", "versions"]
+__all__ = ["ExportReport", "RepositoryError", "TargetOptions", "export", "export_run", "list_models", "load_version",
+           "pointed_version", "prune_extractors", "served_version", "validate", "versions"]
 
 
 def __getattr__(name: str):
@@ -19,5 +19,5 @@ def __getattr__(name: str):
     if name in __all__:
         from aigis.export import repository
 
-        return getattr(repository, name)
+        return getattr(repository, "export_run" if name == "export" else name)   # export: the name
     raise AttributeError(f"module 'aigis.export' has no attribute {name!r}")

@@ -37,6 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rollout.add_argument("--repo", required=True)
     rollout.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC endpoint")
     rollout.add_argument("--version", type=int, required=True, help="ensemble version to serve (back or forward)")
+    rollout.add_argument("--prune", action="store_true",
+                         help="then unload the extractors the version does not use (after a rollback)")
     rollout.set_defaults(func=run_rollout)
 
 
@@ -76,7 +78,7 @@ def run_list(args: argparse.Namespace) -> int:
     for row in rows:
         print(f"{row['model']:<32} versions {row['versions'] or '-'} (latest {row['latest']}, served {row['served']})")
         for version, tasks in (row.get("tasks") or {}).items():
-            print(f"    version {version}: {len(tasks)} tasks: {', '.join(tasks)}")
+            print(f"    version {version}: {len(tasks)} task{'s' if len(tasks) != 1 else ''}: {', '.join(tasks)}")
     return 0
 
 
@@ -94,7 +96,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_rollout(args: argparse.Namespace) -> int:
-    from aigis.export.repository import RepositoryError, load_version, served_version
+    from aigis.export.repository import RepositoryError, load_version, prune_extractors, served_version
     from aigis.serving.control import ModelControl, ModelControlError
 
     try:
@@ -102,8 +104,10 @@ def run_rollout(args: argparse.Namespace) -> int:
             before = served_version(control)
             loaded = load_version(control, args.repo, args.version)
             after = served_version(control)
+            unloaded = prune_extractors(control, args.repo, args.version) if args.prune else []
     except (RepositoryError, ModelControlError) as exc:
         print(f"aigis models rollout: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.url}: ensemble version {before} -> {after} (loaded {', '.join(loaded)})")
+    print(f"{args.url}: ensemble version {before} -> {after} (loaded {', '.join(loaded) or 'nothing new'})"
+          + (f"; unloaded {', '.join(unloaded)}" if unloaded else ""))
     return 0

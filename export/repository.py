@@ -133,9 +133,10 @@ class ExportReport:
     already_published: bool = False
 
     def summary(self) -> str:
+        count = f"{len(self.tasks)} task{'s' if len(self.tasks) != 1 else ''}"
         if self.already_published:
-            return f"version {self.version} ({len(self.tasks)} tasks) is already in the repository: nothing written"
-        lines = [f"published version {self.version} ({len(self.tasks)} tasks: {', '.join(self.tasks)}); "
+            return f"version {self.version} ({count}) is already in the repository: nothing written"
+        lines = [f"published version {self.version} ({count}: {', '.join(self.tasks)}); "
                  f"wrote {', '.join(self.written)}" + (f"; kept {', '.join(self.reused)}" if self.reused else "")]
         lines += [f"  {check}" for check in self.checks]
         return "\n".join(lines)
@@ -377,6 +378,18 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
     return loaded
 
 
+def prune_extractors(control: Any, repo: str | Path, version: int) -> list[str]:
+    """Unload the loaded extractors that ensemble version `version` does not use (e.g. after a rollback)."""
+    needed = {model for model, _ in ensemble_dependencies(version_config(repo, contract.ENSEMBLE_MODEL, version))}
+    prefix = contract.extractor_model("")
+    unloaded = []
+    for model in sorted(control.loaded()):
+        if model.startswith(prefix) and model not in needed:
+            control.unload(model)
+            unloaded.append(model)
+    return unloaded
+
+
 def _policy_versions(config: dict) -> list[int]:
     return [int(v) for v in ((config.get("version_policy") or {}).get("specific") or {}).get("versions", [])]
 
@@ -461,6 +474,42 @@ def validate(repo: str | Path) -> list[str]:
         if config.get("platform") == "ensemble":
             problems += _check_ensemble(f"{name}/{v}", config, configs)
     problems += _check_versions_complete(repo)
+    problems += _check_pointers(repo, configs)
+    return problems
+
+
+def _check_pointers(repo: Path, configs: dict[tuple[str, int], dict]) -> list[str]:
+    """<model>/config.pbtxt (what a (re)load serves) is one of its versions, and the ensembles' steps
+    pin exactly the versions their models point at (else a restart would serve a mixed set)."""
+    problems = []
+    pointed: dict[str, int] = {}
+    for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        path = folder / CONFIG_FILE
+        if not versions(repo, folder.name):
+            problems.append(f"{folder.name}: no version directories")
+            continue
+        if not path.is_file():
+            problems.append(f"{folder.name}/{CONFIG_FILE} is missing (it names the version a load serves)")
+            continue
+        try:
+            top = read_config(path)
+        except Exception as exc:  # reported, not raised: validate lists every problem
+            problems.append(f"{folder.name}/{CONFIG_FILE}: {exc}")
+            continue
+        found = _policy_versions(top)
+        if len(found) != 1 or configs.get((folder.name, found[0])) != top:
+            problems.append(f"{folder.name}/{CONFIG_FILE} is not the config of any one of its versions "
+                            f"{versions(repo, folder.name)}")
+            continue
+        pointed[folder.name] = found[0]
+    for ensemble in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
+        if ensemble not in pointed:
+            continue
+        for model, version in ensemble_dependencies(configs[(ensemble, pointed[ensemble])]):
+            if model in pointed and pointed[model] != version:
+                problems.append(f"{ensemble}/{CONFIG_FILE} serves version {pointed[ensemble]}, whose step "
+                                f"{model} is version {version}, but {model}/{CONFIG_FILE} serves version "
+                                f"{pointed[model]} (a rollout was interrupted: run aigis models rollout again)")
     return problems
 
 

@@ -69,6 +69,13 @@ class SynthConfig:
             raise ValueError(f"--tasks must be between 1 and {len(TASKS)}, got {self.tasks}")
         if self.train_per_class < 1 or self.val_per_class < 1:
             raise ValueError("--train-per-class and --val-per-class must be at least 1")
+        # A class's images are shared out over the task's subcategories; each needs at least one image.
+        widest = max(TASKS[: self.tasks], key=lambda t: len(t.domains))
+        fewest = min(self.train_per_class, self.val_per_class)
+        if fewest < len(widest.domains):
+            raise ValueError(f"--train-per-class and --val-per-class must be at least {len(widest.domains)}: "
+                             f"task {widest.name} has {len(widest.domains)} subcategories "
+                             f"({', '.join(widest.domains)}), each needing an image per class")
         if self.size < 16 or self.size % 4:
             raise ValueError(f"--size must be a multiple of 4 and at least 16, got {self.size}")
         if self.seed < 0:
