@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where each method's run directory goes (replaced on each benchmark)")
     parser.add_argument("--results", default=str(RESULTS), help="folder for continual.json and continual.md")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--render", action="store_true",
+                        help="only rewrite continual.md from the continual.json in --results (no training)")
     return parser.parse_args(argv)
 
 
@@ -149,16 +151,18 @@ def markdown(report: dict) -> str:
         "Accuracy is multi-real (a real image counts as right under any real class; a fake must get its own "
         "generator), in % on each task's val split after the last task. Forgetting = -BWT = mean over old tasks "
         "of (accuracy just after learning it - accuracy at the end). Joint trains once on everything, so it "
-        "has no forgetting. Trainable parameters: per training stage (LoRAX: one adapter + the heads).",
+        "has no forgetting. Accuracy just after learning = mean of R[i, i] (how well each task was learned "
+        "at all; forgetting is measured from it). Trainable parameters: per training stage "
+        "(LoRAX: one adapter + the heads).",
         "",
-        "| method | final avg accuracy (%) | forgetting (pts) | BWT (pts) | binary accuracy (%) "
-        "| trainable params per task | wall time (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | final avg accuracy (%) | forgetting (pts) | BWT (pts) | accuracy just after learning (%) "
+        "| binary accuracy (%) | trainable params per task | wall time (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {pct(r['average_accuracy'])} | {pct(r['forgetting'])} | {pct(r['bwt'])} "
-                     f"| {pct(r['binary_accuracy'])} | {params(r['trainable_parameters_per_stage'])} "
-                     f"| {r['wall_seconds']:.0f} |")
+                     f"| {pct(just_learned(r))} | {pct(r['binary_accuracy'])} "
+                     f"| {params(r['trainable_parameters_per_stage'])} | {r['wall_seconds']:.0f} |")
     verdict = report.get("verdict")
     if verdict:
         lines += ["", verdict]
@@ -172,6 +176,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def just_learned(result: dict) -> float | None:
+    """Mean of the diagonal R[i, i]: each task's accuracy right after it was trained (None for joint)."""
+    matrix = result["accuracy_matrix"]
+    if len(matrix[0]) != len(matrix):
+        return None
+    return sum(matrix[i][i] for i in range(len(matrix))) / len(matrix)
+
+
 def verdict(results: list[dict]) -> str | None:
     """The issue's requirement, stated with the numbers whether it holds or not."""
     by = {r["method"]: r for r in results}
@@ -181,13 +193,26 @@ def verdict(results: list[dict]) -> str | None:
     if lorax is None or finetune is None:
         return None
     holds = lorax < finetune - 0.02          # "clearly less": at least 2 points below
-    return (f"LoRAX forgetting {pct(lorax)} pts vs sequential fine-tuning {pct(finetune)} pts: "
+    text = (f"LoRAX forgetting {pct(lorax)} pts vs sequential fine-tuning {pct(finetune)} pts: "
             + ("LoRAX forgets clearly less." if holds else
                "LoRAX does NOT forget clearly less than fine-tuning in this run."))
+    learned = just_learned(by["finetune"])
+    if learned is not None and learned < 0.6:
+        text += (f" Caution: fine-tuning reached only {pct(learned)}% on the tasks just after learning them "
+                 "(about chance), so its forgetting is measured from a low starting point and understates "
+                 "how much it loses; compare the final average accuracies too.")
+    joint = by.get("joint")
+    if joint is not None and joint["average_accuracy"] < by["lorax"]["average_accuracy"]:
+        text += (f" Joint training ({pct(joint['average_accuracy'])}%) is below LoRAX "
+                 f"({pct(by['lorax']['average_accuracy'])}%): it is meant as the upper bound, so it did not "
+                 "train properly under this config (full-network training at these learning rates).")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(Path(args.results))
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -212,9 +237,18 @@ def main(argv: list[str] | None = None) -> int:
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "results": results,
     }
-    report["verdict"] = verdict(results)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "continual.json").write_text(json.dumps(report, indent=2) + "\n")
+    return render(out)
+
+
+def render(out: Path) -> int:
+    """Add the derived numbers to continual.json, write continual.md from it, print it."""
+    report = json.loads((out / "continual.json").read_text())
+    for result in report["results"]:
+        result["accuracy_just_after_learning"] = just_learned(result)
+    report["verdict"] = verdict(report["results"])
     (out / "continual.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
     (out / "continual.md").write_text(text)

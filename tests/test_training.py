@@ -241,3 +241,16 @@ def test_bad_config_and_bad_run_directory_give_clear_errors(tmp_path):
         tiny_config(method="ewc")
     with pytest.raises(RunError, match="no manifest.json"):
         load_run(tmp_path)
+
+
+def test_baselines_scale_their_learning_rates_and_lorax_ignores_the_factor():
+    lorax = tiny_config(full_network_lr_scale=0.1)
+    finetune = tiny_config(method="finetune", full_network_lr_scale=0.1)
+    assert finetune.learning_rate(0) == pytest.approx(0.1 * lorax.learning_rate(0))
+    assert finetune.learning_rate(3) == pytest.approx(0.1 * lorax.learning_rate(3))
+    assert "full_network_lr_scale" not in lorax.learning_identity()    # a LoRAX run resumes across it
+    assert finetune.learning_identity()["full_network_lr_scale"] == 0.1
+    from aigis.training.config import ConfigError
+
+    with pytest.raises(ConfigError, match="full_network_lr_scale"):
+        tiny_config(full_network_lr_scale=0)

@@ -54,6 +54,9 @@ class TrainConfig:
     amp: bool | None = None              # None = on exactly when the device is CUDA
     num_workers: int = 0
     method: str = "lorax"
+    # The baselines (finetune, joint) train every backbone weight; at rates tuned for LoRA adapters they
+    # diverge, so their learning rates are multiplied by this factor (1.0 = the same rates as LoRAX).
+    full_network_lr_scale: float = 1.0
     on_bad: str = "stop"                 # unreadable image: stop the run, or skip it with a warning
     cache_images: bool | str = "auto"    # keep decoded images in memory; auto = when the run is small
 
@@ -80,6 +83,8 @@ class TrainConfig:
             raise ConfigError(f"lora.r: must be at least 1, got {self.lora.r}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
+        if not self.full_network_lr_scale > 0:
+            raise ConfigError(f"full_network_lr_scale: must be positive, got {self.full_network_lr_scale}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device: {self.device!r} is not auto, cpu or cuda[:N]")
 
@@ -87,6 +92,8 @@ class TrainConfig:
     def learning_rate(self, task_index: int) -> float:
         """The paper's rule: lr_first for task 0, lr_later after, each times batch_size / 512."""
         base = self.lr_first if task_index == 0 else self.lr_later
+        if self.method != "lorax":
+            base *= self.full_network_lr_scale
         return base * self.batch_size / REFERENCE_BATCH
 
     def resolved_device(self) -> str:
@@ -107,7 +114,10 @@ class TrainConfig:
 
     def learning_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        identity = {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+        if self.method == "lorax":
+            identity.pop("full_network_lr_scale")       # has no effect on a LoRAX run
+        return identity
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
