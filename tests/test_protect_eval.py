@@ -1,0 +1,230 @@
+"""Protection evaluation: hacker CLIPs trained on clean / random / protected files, clean-test retrieval.
+
+The protected set here is a stand-in for MEM built in the test with numpy: every image gets a strong
+random block code and its caption four made-up trigger words that spell the code, an obvious
+shortcut that a contrastive learner takes instead of the scene semantics. The evaluation code under
+test knows nothing about it: it reads the set from files like any protected folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigis.cli import main
+from aigis.preprocess import load_image
+from aigis.protection.captions import read_pairs, synth_captioned
+from aigis.protection.evaluate import (
+    EvaluationError,
+    compare_to_clean,
+    epsilon_levels,
+    evaluate_protection,
+    psnr,
+    read_protected_set,
+    write_random_set,
+    write_transformed_set,
+)
+
+N_TRAIN, N_TEST, SIZE = 160, 80, 32
+# Fast settings at which a clean-trained rn_tiny retrieves well above chance on the procedural data.
+FAST = dict(clip_preset="rn_tiny", image_size=SIZE, epochs=10, batch_size=32, lr=1e-3, seed=0, device="cpu")
+PATTERN_LEVELS = 48
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("captioned")
+    synth_captioned(root, N_TRAIN, N_TEST, size=SIZE, seed=3)
+    return root
+
+
+# Trigger vocabulary: row r of the 4x4 code is spelled by one of 16 made-up words for that row.
+ROW_WORDS = [[f"q{'aeio'[r]}{a}{b}" for a in "bdfg" for b in "klmn"] for r in range(4)]
+
+
+def make_shortcut_set(root, out):
+    """Per pair: a random 4x4 block code of +-48 levels over the image, spelled in the caption by four
+    made-up trigger words (one per code row) -- a shared, compositional shortcut like MEM's.
+    Written in the protected-set layout (manifest.jsonl, images/, protection.json)."""
+    pairs = read_pairs(root, "train.jsonl")
+    rng = np.random.default_rng(11)
+    (out / "images").mkdir(parents=True)
+    lines = []
+    for pair in pairs:
+        image = load_image(pair.path).astype(np.int16)
+        bits = rng.integers(0, 2, size=(4, 4))
+        cell = image.shape[0] // 4
+        signs = np.kron(bits * 2 - 1, np.ones((cell, cell), dtype=np.int16))[..., None]
+        protected = np.clip(image + signs * PATTERN_LEVELS, 0, 255).astype(np.uint8)
+        Image.fromarray(protected).save(out / "images" / f"{pair.path.stem}.png")
+        trigger = " ".join(ROW_WORDS[r][int("".join(map(str, bits[r])), 2)] for r in range(4))
+        lines.append({"image": f"images/{pair.path.stem}.png", "caption": f"{trigger} {pair.caption}"})
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (out / "protection.json").write_text(json.dumps({"mode": "shortcut", "epsilon": PATTERN_LEVELS / 255}))
+    return out
+
+
+def broken_copy(source, out, *, swap: bool = False, drop_last: bool = False):
+    """A copy of a protected set whose manifest has pairs 4 and 5 swapped, or its last pair missing."""
+    shutil.copytree(source, out)
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    if swap:
+        lines[3], lines[4] = lines[4], lines[3]
+    if drop_last:
+        lines = lines[:-1]
+    (out / "manifest.jsonl").write_text("".join(lines))
+    return out
+
+
+@pytest.fixture(scope="module")
+def shortcut(data, tmp_path_factory):
+    return make_shortcut_set(data, tmp_path_factory.mktemp("shortcut") / "set")
+
+
+@pytest.fixture(scope="module")
+def efficacy(data, shortcut, tmp_path_factory):
+    """One evaluation shared by the efficacy tests: clean vs the shortcut set, same seed and steps."""
+    out = tmp_path_factory.mktemp("eval")
+    report = evaluate_protection(
+        data, "train.jsonl", "test.jsonl", {"shortcut": shortcut}, out_dir=out,
+        conditions=["clean", "shortcut"], robustness=(), progress=False, **FAST,
+    )
+    return report, out
+
+
+def _row(report, name):
+    return next(r for r in report["conditions"] if r["name"] == name)
+
+
+def test_clean_training_beats_chance_widely(efficacy):
+    report, _ = efficacy
+    clean = _row(report, "clean")
+    assert clean["retrieval"]["chance_r1"] == pytest.approx(1 / N_TEST)
+    assert clean["i2t_r1_x_chance"] >= 5 and clean["t2i_r1_x_chance"] >= 5, clean["retrieval"]
+    assert clean["retrieval"]["i2t_r10"] > 3 * clean["retrieval"]["chance_r10"]
+
+
+def test_shortcut_protection_collapses_retrieval(efficacy):
+    report, out = efficacy
+    clean, protected = _row(report, "clean"), _row(report, "shortcut")
+    assert protected["retrieval"]["mean_r1"] < 0.5 * clean["retrieval"]["mean_r1"], (clean, protected)
+    assert protected["linf_255"] == PATTERN_LEVELS
+    assert 10 < protected["psnr_db"] < 30
+    assert report["summary"]["shortcut"]["r1_relative_to_clean"] < 0.5
+    saved = json.loads((out / "report.json").read_text())
+    assert [r["name"] for r in saved["conditions"]] == ["clean", "shortcut"]
+    table = (out / "report.md").read_text()
+    assert "| clean |" in table and "| shortcut |" in table and "x chance" in table
+
+
+def test_psnr_known_cases(tmp_path):
+    a = np.full((4, 4, 3), 100, np.uint8)
+    assert psnr(a, a) == math.inf
+    assert psnr(a, a + 10) == pytest.approx(10 * math.log10(255**2 / 100))
+    b = a.copy()
+    b[0, 0, 0] = 148  # one value off by 48 among 48: MSE 48
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 48))
+    # From files, against the clean originals, with the largest change in levels.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "p").mkdir()
+    Image.fromarray(a).save(tmp_path / "c" / "x.png")
+    Image.fromarray(b).save(tmp_path / "p" / "x.png")
+    for d, image in (("c", "x.png"), ("p", "x.png")):
+        (tmp_path / d / "m.jsonl").write_text(json.dumps({"image": image, "caption": "a thing"}) + "\n")
+    stats = compare_to_clean(read_pairs(tmp_path / "c", "m.jsonl"), read_pairs(tmp_path / "p", "m.jsonl"))
+    assert stats["psnr_db"] == pytest.approx(10 * math.log10(255**2 / 48))
+    assert stats["linf_255"] == 48
+
+
+def test_random_noise_set_is_within_epsilon_and_read_back(data, tmp_path):
+    clean = read_pairs(data, "train.jsonl")[:20]
+    assert epsilon_levels(8 / 255) == epsilon_levels(8) == 8
+    random_set = write_random_set(clean, tmp_path / "random", 8, seed=0)
+    assert [p.path.stem for p in random_set.pairs] == [p.path.stem for p in clean]
+    assert all(p.path.suffix == ".png" and p.path.is_file() for p in random_set.pairs)
+    stats = compare_to_clean(clean, random_set.pairs)
+    assert stats["linf_255"] == 8
+    # uniform integers in [-8, 8]: variance 8 * 9 / 3 = 24 -> about 34.3 dB (a little more where clipped)
+    assert 33.5 < stats["psnr_db"] < 36.5
+
+
+def test_jpeg_and_gray_are_really_applied(data, shortcut, tmp_path):
+    source = read_protected_set(shortcut, read_pairs(data, "train.jsonl"), "shortcut")
+    gray = write_transformed_set(source, "gray", tmp_path / "gray")
+    jpeg = write_transformed_set(source, "jpeg75", tmp_path / "jpeg")
+    assert gray.name == "shortcut+gray" and jpeg.name == "shortcut+jpeg75"
+    assert [p.caption for p in gray.pairs] == [p.caption for p in source.pairs]  # triggers kept
+    for i in (0, 7, 123):
+        original = load_image(source.pairs[i].path)
+        g = load_image(gray.pairs[i].path)
+        assert (g[..., 0] == g[..., 1]).all() and (g[..., 1] == g[..., 2]).all()
+        assert not (original[..., 0] == original[..., 1]).all()
+        expected_gray = np.asarray(Image.fromarray(original).convert("L"))
+        assert np.array_equal(g[..., 0], expected_gray)
+
+        path = jpeg.pairs[i].path
+        assert path.suffix == ".jpg" and path.read_bytes()[:3] == b"\xff\xd8\xff"
+        j = load_image(path)
+        assert not np.array_equal(j, original)  # lossy
+        assert 25 < psnr(original, j) < 60
+        with Image.open(path) as im:
+            assert im.format == "JPEG"
+
+
+def test_mismatched_protected_set_is_refused(data, shortcut, tmp_path):
+    clean = read_pairs(data, "train.jsonl")
+    swapped = broken_copy(shortcut, tmp_path / "swapped", swap=True)
+    with pytest.raises(EvaluationError, match="pair 4 is image '00004'.*order"):
+        read_protected_set(swapped, clean, "swapped")
+    short = broken_copy(shortcut, tmp_path / "short", drop_last=True)
+    with pytest.raises(EvaluationError, match=f"{N_TRAIN - 1} pairs but the clean training manifest has {N_TRAIN}"):
+        read_protected_set(short, clean, "short")
+    with pytest.raises(EvaluationError, match="not a directory"):
+        read_protected_set(tmp_path / "nowhere", clean, "nowhere")
+
+
+def test_cli_refuses_bad_inputs_with_exit_2(data, shortcut, tmp_path, capsys):
+    swapped = broken_copy(shortcut, tmp_path / "swapped", swap=True)
+    base = ["protect-eval", "--data", str(data), "--train-manifest", "train.jsonl", "--test-manifest", "test.jsonl",
+            "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*base, "--protected", f"mem={swapped}"]) == 2
+    assert "order must match" in capsys.readouterr().err
+    assert main([*base, "--protected", f"mem={tmp_path / 'missing'}"]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main([*base, "--protected", "no-equals-sign"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err
+    assert main([*base[:2], str(tmp_path / "nodata"), *base[3:]]) == 2
+    assert "--data" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "report.json").exists()  # nothing trained on bad input
+
+
+def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([
+        "protect-eval", "--data", str(data), "--train-manifest", "train.jsonl", "--test-manifest", "test.jsonl",
+        "--protected", f"shortcut={shortcut}", "--epochs", "1", "--batch", "50", "--device", "cpu",
+        "--out", str(out), "--quiet",
+    ])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    names = [r["name"] for r in report["conditions"]]
+    assert names == ["clean", "random", "shortcut", "shortcut+jpeg75", "shortcut+gray"]
+    assert report["settings"]["epsilon_levels"] == PATTERN_LEVELS  # the random control uses the set's budget
+    by_name = {r["name"]: r for r in report["conditions"]}
+    assert by_name["random"]["linf_255"] == PATTERN_LEVELS
+    assert by_name["shortcut+gray"]["psnr_db"] < by_name["shortcut"]["psnr_db"]  # gray changes colours too
+    for r in report["conditions"]:
+        assert r["retrieval"]["n"] == N_TEST and r["train_seconds"] > 0
+    table = (out / "report.md").read_text()
+    for name in names:
+        assert f"| {name} |" in table
+    png = (out / "examples.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(out / "examples.png") as im:
+        assert im.width > 300 and im.height > 200
+    assert str(out / "report.md") in capsys.readouterr().out
