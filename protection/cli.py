@@ -1,9 +1,66 @@
-"""Subcommands of the protection stage."""
+"""`aigis protect`: MEM protection of a folder of image-caption pairs (see aigis.protection.job)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this stage's subcommands (filled in by the stage)."""
+    """Add `protect`."""
+    p = sub.add_parser(
+        "protect",
+        help="make image-caption pairs unlearnable for CLIP training (MEM noise + text trigger)",
+        description="Run MEM over ROOT/MANIFEST (JSON lines {\"image\": relpath, \"caption\": ...}) and write "
+        "protected PNGs, a triggered manifest, protection.json and the surrogate to --out. "
+        "Resumes from the last checkpoint unless --no-resume.",
+    )
+    p.add_argument("--data", required=True, help="data root folder (images are resolved inside it)")
+    p.add_argument("--manifest", default="train.jsonl", help="manifest file relative to --data (default train.jsonl)")
+    p.add_argument("--out", required=True, help="output folder (never the originals' place)")
+    p.add_argument("--mode", choices=("mem", "em"), default="mem", help="mem: noise + trigger; em: noise only")
+    p.add_argument("--epsilon", type=float, default=8, help="L-inf noise budget in /255 units (default 8)")
+    p.add_argument("--trigger-length", type=int, default=3, help="trigger words for --mode mem (default 3)")
+    p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
+    p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
+    p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
+    p.add_argument("--pgd-steps", type=int, default=8, help="PGD steps per pass (default 8)")
+    p.add_argument("--candidates", type=int, default=16, help="HotFlip candidates per trigger slot (default 16)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--lr", type=float, default=1e-4, help="surrogate learning rate (default 1e-4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", default="rn_tiny", help="surrogate CLIP preset (rn_tiny, vit_tiny, RN50, ViT-B/32)")
+    p.add_argument("--size", type=int, default=None, help="image size in px (default: the preset's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    p.add_argument("--no-resume", action="store_true", help="discard checkpoints in --out and start over")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_protect)
+
+
+def _protect(args: argparse.Namespace) -> int:
+    from aigis.preprocess import BadImageError
+
+    from .captions import ManifestError
+    from .job import protect_dataset
+    from .mem import MEMSettings
+
+    try:
+        settings = MEMSettings(
+            epsilon=args.epsilon / 255, trigger_length=0 if args.mode == "em" else args.trigger_length,
+            candidates=args.candidates, outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
+            surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
+            seed=args.seed,
+        )
+        settings.validate()
+        if args.mode == "mem" and args.trigger_length < 1:
+            raise ValueError("--mode mem needs --trigger-length >= 1 (use --mode em for noise only)")
+        summary = protect_dataset(
+            args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
+            device=args.device, resume=not args.no_resume, progress=not args.quiet,
+        )
+    except (ManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
+        print(f"aigis protect: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1))
+    return 0

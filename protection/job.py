@@ -1,0 +1,337 @@
+"""A MEM protection job over a folder of image-caption pairs, resumable after a kill.
+
+    summary = protect_dataset("data", "train.jsonl", "protected", MEMSettings())
+
+Output (the originals are only read):
+    out/images/<stem>.png      protected images (clip(image + noise) on the uint8 grid: PNG is lossless)
+    out/manifest.jsonl         {"image": "images/<stem>.png", "caption": "<trigger words> <caption>"}
+    out/protection.json        epsilon, trigger length, mode, surrogate identity and sha256, settings,
+                               per-image sha256 of the protected PNGs
+    out/surrogate/<n>/         the final surrogate (mem.save_surrogate), for protect-on-upload
+    out/work/                  the noise memmap, tokenizer and checkpoints (ckpt-<iteration>/)
+
+A checkpoint after every outer iteration holds the noise, triggers, surrogate weights, optimiser
+state and the RNG state (safetensors + raw int8 + JSON, no pickle); a restarted job continues from the
+newest complete one and, on the CPU, ends with byte-identical output to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from .mem import MEMSettings
+
+CHECKPOINT_FORMAT = "aigis-mem-checkpoint-1"
+PROTECTION_FORMAT = "aigis-protection-1"
+# Test hook: after writing the checkpoint of this outer iteration the process SIGKILLs itself.
+KILL_ENV = "AIGIS_PROTECT_KILL_AFTER"
+
+
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict, list]:
+    """AdamW state as flat tensors plus its param groups as JSON (no pickle)."""
+    import torch
+
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    return tensors, state["param_groups"]
+
+
+def _restore_optimizer(optimizer, tensors: dict, groups: list) -> None:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _checkpoints(work: Path) -> list[tuple[int, Path]]:
+    found = []
+    for path in work.glob("ckpt-*"):
+        if path.is_dir() and path.name[5:].isdigit() and (path / "state.json").is_file():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
+    """work/ckpt-<iteration>/: noise.int8 (raw), state.safetensors, state.json written last; older ones removed."""
+    import torch
+    from safetensors.torch import save_file
+
+    final = work / f"ckpt-{state.iteration}"
+    tmp = work / f".tmp-ckpt-{state.iteration}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if isinstance(state.noise, np.memmap):
+        state.noise.flush()
+    noise = np.ascontiguousarray(state.noise)
+    _write_atomic(tmp / "noise.int8", noise.tobytes())
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()}
+    optim, groups = _optimizer_tensors(state.optimizer)
+    tensors.update(optim)
+    tensors["triggers"] = torch.from_numpy(np.ascontiguousarray(state.triggers))
+    tensors["generator"] = state.generator.get_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "iteration": state.iteration,
+        "fingerprint": fingerprint,
+        "noise_shape": list(noise.shape),
+        "noise_sha256": _sha256_file(tmp / "noise.int8"),
+        "state_sha256": _sha256_file(tmp / "state.safetensors"),
+        "param_groups": groups,
+        "history": state.history,
+    }
+    _write_atomic(tmp / "state.json", json.dumps(meta, indent=1).encode())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for iteration, path in _checkpoints(work):
+        if iteration != state.iteration:
+            shutil.rmtree(path, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
+    """Restore the newest complete checkpoint into state; False if there is none. A checkpoint of a
+    different job (other data or settings) is an error, not silently reused."""
+    from safetensors.torch import load_file
+
+    found = _checkpoints(work)
+    if not found:
+        return False
+    _, path = found[-1]
+    meta = json.loads((path / "state.json").read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
+    if meta["fingerprint"] != fingerprint:
+        changed = sorted(k for k in set(meta["fingerprint"]) | set(fingerprint)
+                         if meta["fingerprint"].get(k) != fingerprint.get(k))
+        raise ValueError(f"{path} belongs to a different job (changed: {', '.join(changed)}); "
+                         f"rerun with --no-resume to start over")
+    for name, key in (("noise.int8", "noise_sha256"), ("state.safetensors", "state_sha256")):
+        if _sha256_file(path / name) != meta[key]:
+            raise ValueError(f"{path / name}: sha256 mismatch (corrupt checkpoint); rerun with --no-resume")
+    tensors = load_file(str(path / "state.safetensors"))
+    state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    _restore_optimizer(state.optimizer, tensors, meta["param_groups"])
+    state.generator.set_state(tensors["generator"])
+    state.triggers[...] = tensors["triggers"].numpy()
+    noise = np.fromfile(path / "noise.int8", dtype=np.int8).reshape(meta["noise_shape"])
+    state.noise[...] = noise
+    state.iteration = int(meta["iteration"])
+    state.history = list(meta.get("history", []))
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _output_names(pairs) -> list[str]:
+    """images/<stem>.png per pair; a stem used twice gets -<index> appended."""
+    stems = [p.path.stem for p in pairs]
+    seen: dict[str, int] = {}
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+    return [f"images/{s}.png" if seen[s] == 1 else f"images/{s}-{i}.png" for i, s in enumerate(stems)]
+
+
+def _next_surrogate_version(root: Path, sha256: str) -> tuple[int, bool]:
+    """(version, exists): the version already holding these weights, else the next free number."""
+    versions = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
+    for v in versions:
+        meta = root / str(v) / "meta.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("sha256") == sha256:
+            return v, True
+    return (versions[-1] + 1 if versions else 1), False
+
+
+def protect_dataset(
+    data_root: str | Path,
+    manifest_name: str,
+    out_dir: str | Path,
+    settings: MEMSettings,
+    *,
+    clip_preset: str = "rn_tiny",
+    image_size: int | None = None,
+    device: str | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    vocab_size: int = 4096,
+    negatives: int = 256,
+) -> dict:
+    """Run MEM over data_root/manifest_name and write the protected copy to out_dir; returns a summary.
+
+    image_size defaults to the preset's resolution (images are resized short-side + centre-cropped to it,
+    once). The tokenizer is trained on the captions (deterministic). `negatives` pairs' embeddings are
+    stored with the surrogate so protect-on-upload of a single image has a contrastive loss.
+    """
+    import torch
+
+    from . import mem
+    from .captions import load_images, read_pairs
+    from .clip import PRESETS, build_clip
+    from .tokenizer import Tokenizer, apply_trigger_text
+
+    settings.validate()
+    if clip_preset not in PRESETS:
+        raise ValueError(f"unknown CLIP preset {clip_preset!r}; known: {', '.join(PRESETS)}")
+    size = int(image_size or PRESETS[clip_preset].image_resolution)
+    data_root = Path(data_root).resolve()
+    out_dir = Path(out_dir).resolve()
+    pairs = read_pairs(data_root, manifest_name)
+    if len(pairs) < 2:
+        raise ValueError(f"{manifest_name}: MEM needs at least 2 image-caption pairs, got {len(pairs)}")
+    names = _output_names(pairs)
+    sources = {p.path.resolve() for p in pairs}
+    clashes = [n for n in names if (out_dir / n).resolve() in sources]
+    if (out_dir / "manifest.jsonl").resolve() == (data_root / manifest_name).resolve():
+        clashes.append("manifest.jsonl")
+    if clashes:
+        raise ValueError(f"output {out_dir} would overwrite the originals ({clashes[0]}); choose another --out")
+    device_t = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.monotonic()
+    images = load_images(pairs, size, progress=progress)
+    captions = [p.caption for p in pairs]
+    work = out_dir / "work"
+    if not resume:
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+
+    tokenizer_path = work / "tokenizer.json"
+    if resume and tokenizer_path.is_file() and _checkpoints(work):
+        tokenizer = Tokenizer.load(tokenizer_path)
+    else:
+        tokenizer = Tokenizer.train(captions, vocab_size)
+        tokenizer.save(tokenizer_path)
+    torch.manual_seed(settings.seed)
+    model = build_clip(replace(PRESETS[clip_preset], image_resolution=size), tokenizer.vocab_size)
+
+    noise = np.lib.format.open_memmap(work / "noise.npy", mode="w+", dtype=np.int8, shape=images.shape)
+    state = mem.new_state(model, tokenizer, len(pairs), (size, size), settings, noise=noise)
+    fingerprint = {
+        "manifest_sha256": _sha256_file(data_root / manifest_name),
+        "images_sha256": _sha256_bytes(images.tobytes()),
+        "settings": settings.to_dict(),
+        "clip_preset": clip_preset,
+        "image_size": size,
+        "tokenizer_sha256": _sha256_file(tokenizer_path),
+        "device_type": device_t.type,
+    }
+    resumed = resume and load_checkpoint(work, state, fingerprint)
+    if resumed and progress:
+        print(f"resuming after outer iteration {state.iteration}/{settings.outer_iterations}", file=sys.stderr)
+    kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+
+    def checkpoint(st, stats) -> None:
+        save_checkpoint(work, st, fingerprint)
+        if kill_after and st.iteration == kill_after:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    mem.run_mem(state, tokenizer, images, captions, settings, device=device_t, callback=checkpoint, progress=progress)
+
+    # Publish: protected PNGs, manifest, surrogate, protection.json (no timings: reruns compare equal).
+    from PIL import Image
+
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    protected = mem.protected_images(images, state.noise)
+    image_hashes = []
+    lines = []
+    for i, (name, pair) in enumerate(zip(names, pairs)):
+        path = out_dir / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        Image.fromarray(protected[i]).save(tmp, format="PNG")
+        os.replace(tmp, path)
+        image_hashes.append({"image": name, "source": pair.path.relative_to(data_root).as_posix(),
+                             "sha256": _sha256_file(path)})
+        lines.append(json.dumps({"image": name, "caption": apply_trigger_text(state.triggers[i], pair.caption,
+                                                                              tokenizer)}))
+    _write_atomic(out_dir / "manifest.jsonl", "".join(line + "\n" for line in lines).encode())
+
+    negatives_t = None
+    if negatives:
+        count = min(negatives, len(pairs))
+        chosen = np.linspace(0, len(pairs) - 1, count).round().astype(int)
+        from .retrieval import embed
+
+        tokens = mem._with_triggers(tokenizer.tokenize([captions[i] for i in chosen], model.context_length,
+                                                       settings.trigger_length),
+                                    torch.from_numpy(state.triggers[chosen]))
+        negatives_t = embed(model, protected[chosen], tokens, device_t)
+    surrogate_root = out_dir / "surrogate"
+    staging = surrogate_root / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    meta = mem.save_surrogate(staging, model, tokenizer, settings, extra={
+        "clip_preset": clip_preset, "image_size": size, "pairs": len(pairs), "outer_iterations": state.iteration}, negatives=negatives_t)
+    version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
+    if exists:
+        shutil.rmtree(staging)
+    else:
+        os.replace(staging, surrogate_root / str(version))
+
+    report = {
+        "format": PROTECTION_FORMAT,
+        "mode": settings.mode,
+        "epsilon": settings.epsilon,
+        "epsilon_uint8_levels": settings.epsilon_levels,
+        "trigger_length": settings.trigger_length,
+        "pairs": len(pairs),
+        "image_size": size,
+        "clip_preset": clip_preset,
+        "source_manifest": manifest_name,
+        "source_manifest_sha256": fingerprint["manifest_sha256"],
+        "surrogate": {"path": f"surrogate/{version}", "identity": meta["identity"], "sha256": meta["sha256"]},
+        "settings": settings.to_dict(),
+        "images": image_hashes,
+    }
+    _write_atomic(out_dir / "protection.json", json.dumps(report, indent=1).encode())
+    elapsed = time.monotonic() - started
+    if progress:
+        print(f"protected {len(pairs)} pairs into {out_dir} in {elapsed:.1f}s "
+              f"({len(pairs) * settings.outer_iterations / max(elapsed, 1e-9):.1f} pair-iterations/s)",
+              file=sys.stderr)
+    last = state.history[-1] if state.history else {}
+    return {
+        "out_dir": str(out_dir), "pairs": len(pairs), "mode": settings.mode, "resumed": bool(resumed),
+        "surrogate_dir": str(surrogate_root / str(version)), "surrogate_sha256": meta["sha256"],
+        "final_pass_loss": last.get("pass_loss"), "pairs_per_s": last.get("pairs_per_s"), "seconds": elapsed,
+    }

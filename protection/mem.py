@@ -1,0 +1,641 @@
+"""Multimodal Unlearnable Examples (MEM): per-image noise on the uint8 grid plus a short text trigger.
+
+MEM (Liu et al., ACM MM 2024) makes image-caption pairs useless for contrastive training: each image
+gets an imperceptible noise and each caption a k-word trigger, both chosen to MINIMISE a surrogate
+CLIP's contrastive loss, so a model trained on the pairs learns the shortcut noise <-> trigger instead
+of image <-> caption. This implementation follows the method and fixes the official code's costs:
+
+- trigger search: the image embeddings of a batch are computed once and cached; HotFlip scoring runs
+  on the device over the trigger candidates only; all candidates of one position are scored in ONE
+  batched text-tower forward; the current token stays a candidate, so the loss never increases;
+- candidates are tokens that survive decode -> tokenize (tokenizer.trigger_candidates()), never
+  start/end-of-text or padding, so the published caption text carries exactly the optimised trigger;
+- noise: PGD on the uint8 grid (an int16 delta on the device, stored as int8 with |delta| <=
+  round(epsilon * 255)); protected = clip(image + delta, 0, 255) is exactly what a PNG holds;
+- the causal text tower runs only up to the batch's last end-of-text token (padding never matters);
+- batches gather and scatter with array indexing (no per-sample loops); bfloat16 autocast on CUDA;
+- run_mem() reads images decoded once (uint8 [N, H, W, 3]) and keeps the noise in an int8 array
+  that may be an np.memmap (1 byte per sub-pixel per IMAGE, instead of float32 per caption).
+
+EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise only, no shuffle.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .clip import CLIP, MAX_LOGIT_SCALE, CLIPConfig, contrastive_loss, normalize_images
+from .tokenizer import Tokenizer, apply_trigger_text
+
+SURROGATE_FORMAT = "aigis-mem-surrogate-1"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+NEGATIVES_FILE = "negatives.safetensors"
+META_FILE = "meta.json"
+
+# The most text sequences one batched candidate forward may hold. On a GPU, one big forward (bounded by
+# memory); on a CPU, cache-sized chunks are faster than one huge matmul (measured: 64 rows ~1.8x faster
+# than 544 rows at once for the tiny presets).
+MAX_SEQUENCES_PER_FORWARD = 8192
+CPU_SEQUENCES_PER_FORWARD = 64
+
+
+@dataclass
+class MEMSettings:
+    """MEM's hyper-parameters (defaults: the paper's from-scratch setting). JSON-serialisable.
+
+    epsilon and pgd_step are in [0, 1] image units and are applied on the uint8 grid as
+    round(epsilon * 255) and max(1, round(pgd_step * 255)) levels. trigger_length 0 is EM mode.
+    amp: "auto" (bfloat16 autocast on CUDA only), "on" or "off".
+    """
+
+    epsilon: float = 8 / 255
+    pgd_step: float = 1 / 255
+    pgd_steps: int = 8
+    trigger_length: int = 3
+    candidates: int = 16
+    outer_iterations: int = 20
+    trigger_iterations: int = 5
+    surrogate_steps: int = 200
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 0.2
+    amp: str = "auto"
+    seed: int = 0
+
+    def validate(self) -> None:
+        problems = []
+        if not 0 < self.epsilon <= 1:
+            problems.append(f"epsilon must be in (0, 1] (image units; 8/255 = {8 / 255:.4f}), got {self.epsilon}")
+        elif self.epsilon_levels < 1:
+            problems.append(f"epsilon {self.epsilon} is below one uint8 level (1/255)")
+        if not 0 < self.pgd_step <= 1:
+            problems.append(f"pgd_step must be in (0, 1], got {self.pgd_step}")
+        for name in ("pgd_steps", "trigger_length", "surrogate_steps", "trigger_iterations"):
+            if int(getattr(self, name)) < 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.candidates < 1:
+            problems.append(f"candidates must be >= 1, got {self.candidates}")
+        if self.outer_iterations < 1:
+            problems.append(f"outer_iterations must be >= 1, got {self.outer_iterations}")
+        if self.batch_size < 2:
+            problems.append(f"batch_size must be >= 2 (a contrastive loss needs negatives), got {self.batch_size}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            problems.append(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.amp not in ("auto", "on", "off"):
+            problems.append(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
+        if problems:
+            raise ValueError("invalid MEM settings: " + "; ".join(problems))
+
+    @property
+    def epsilon_levels(self) -> int:
+        return int(round(self.epsilon * 255))
+
+    @property
+    def step_levels(self) -> int:
+        return max(1, int(round(self.pgd_step * 255)))
+
+    @property
+    def mode(self) -> str:
+        return "mem" if self.trigger_length > 0 else "em"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _autocast(settings: MEMSettings, device: torch.device):
+    on = settings.amp == "on" or (settings.amp == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+
+def pair_losses(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: Tensor,
+    negatives: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Per-pair symmetric InfoNCE: image_features [B, D], text_features [..., B, D] -> [..., B].
+
+    The mean over the last axis equals clip.contrastive_loss. Leading axes of text_features are
+    alternatives (e.g. trigger candidates) each scored against the same images. negatives, when given,
+    are extra (image [M, D], text [M, D]) embeddings that every pair is contrasted with as well, so a
+    batch of one image still has a loss to minimise (protect-on-upload).
+    """
+    scale = logit_scale.float().exp().clamp(max=MAX_LOGIT_SCALE)
+    image = F.normalize(image_features.float(), dim=-1)
+    text = F.normalize(text_features.float(), dim=-1)
+    logits = scale * torch.matmul(text, image.t()).transpose(-1, -2)  # [..., B_img, B_txt]
+    positive = logits.diagonal(dim1=-2, dim2=-1)
+    i2t, t2i = logits, logits.transpose(-1, -2)
+    if negatives is not None:
+        neg_image = F.normalize(negatives[0].float().to(image.device), dim=-1)
+        neg_text = F.normalize(negatives[1].float().to(image.device), dim=-1)
+        extra_i2t = (scale * image @ neg_text.t()).expand(*i2t.shape[:-1], neg_text.shape[0])
+        i2t = torch.cat([i2t, extra_i2t], dim=-1)
+        t2i = torch.cat([t2i, scale * text @ neg_image.t()], dim=-1)
+    return (torch.logsumexp(i2t, dim=-1) + torch.logsumexp(t2i, dim=-1)) / 2 - positive
+
+
+# ----------------------------------------------------------------------------------------------
+# One batch: trigger search and PGD against a fixed model
+
+
+def _images_for_model(model: CLIP, images_float01_nhwc: Tensor) -> Tensor:
+    """[B, H, W, 3] in [0, 1] -> normalised [B, 3, r, r]; other sizes are resized differentiably."""
+    x = images_float01_nhwc.permute(0, 3, 1, 2)
+    r = model.image_resolution
+    if x.shape[-2:] != (r, r):
+        x = F.interpolate(x, size=(r, r), mode="bilinear", align_corners=False, antialias=True)
+    return normalize_images(x)
+
+
+def _encode_images(model: CLIP, images_u8: Tensor, delta: Tensor) -> Tensor:
+    return model.encode_image(_images_for_model(model, (images_u8.float() + delta.float()) / 255.0))
+
+
+def encode_text_trimmed(model: CLIP, tokens: Tensor, token_embeddings: Tensor | None = None) -> Tensor:
+    """model.encode_text on the batch cut just after its last end-of-text token.
+
+    The text tower is causal, so its output at each row's end-of-text position never depends on the
+    padding after it: the same embedding, without computing ~half the positions of short captions.
+    """
+    if not model.transformer.causal:
+        return model.encode_text(tokens, token_embeddings)
+    eot = tokens.argmax(dim=-1)
+    length = int(eot.max()) + 1
+    x = model.token_embedding(tokens[:, :length]) if token_embeddings is None else token_embeddings[:, :length]
+    x = x.to(model.dtype) + model.positional_embedding[:length].to(model.dtype)
+    x = model.ln_final(model.transformer(x))
+    return x[torch.arange(x.shape[0], device=x.device), eot] @ model.text_projection
+
+
+def _with_triggers(tokens: Tensor, triggers: Tensor) -> Tensor:
+    """Write each row's trigger ids [B, k] into its slots 1..k (after SOT)."""
+    if triggers.shape[1] == 0:
+        return tokens
+    tokens = tokens.clone()
+    tokens[:, 1 : 1 + triggers.shape[1]] = triggers
+    return tokens
+
+
+def _candidate_table(tokenizer: Tokenizer, model: CLIP, device: torch.device) -> Tensor:
+    ids = tokenizer.trigger_candidates()
+    ids = ids[ids < model.vocab_size]
+    if ids.numel() == 0:
+        raise ValueError("the tokenizer has no trigger candidates (whole lower-case words) within the model's vocabulary")
+    return ids.to(device)
+
+
+def hotflip_candidates(
+    model: CLIP, tokens: Tensor, image_features: Tensor, trigger_length: int, candidate_ids: Tensor, k: int,
+    negatives: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Top-k replacement ids [B, trigger_length, k] per trigger slot by HotFlip (-grad . E^T), on the device.
+
+    One gradient of the batch loss with respect to the trigger slots' token embeddings; the dot
+    product with each candidate's embedding estimates how much swapping it in lowers the loss.
+    """
+    embeddings = model.token_embedding(tokens).detach().requires_grad_(True)
+    loss = pair_losses(image_features, encode_text_trimmed(model, tokens, embeddings), model.logit_scale,
+                       negatives).mean()
+    (grad,) = torch.autograd.grad(loss, embeddings)
+    grad = grad[:, 1 : 1 + trigger_length].float()  # [B, k, W]
+    table = model.token_embedding.weight.detach()[candidate_ids].float()  # [C, W]
+    scores = -grad @ table.t()  # [B, k, C]
+    top = scores.topk(min(k, candidate_ids.numel()), dim=-1).indices
+    return candidate_ids[top]
+
+
+def score_position(
+    model: CLIP, tokens: Tensor, image_features: Tensor, position: int, options: Tensor,
+    negatives: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Per-pair loss [K, B] of writing options[:, c] (ids [B, K]) at token `position`, all K in ONE batch.
+
+    Only the text tower runs (image_features are cached); every row keeps the other rows' texts as
+    they are in `tokens`, as when each candidate is tried on a copy of the batch.
+    """
+    b, length = tokens.shape
+    k = options.shape[1]
+    batched = tokens.unsqueeze(0).expand(k, b, length).clone()
+    batched[:, :, position] = options.t()
+    flat = batched.reshape(k * b, length)
+    chunk = MAX_SEQUENCES_PER_FORWARD if tokens.device.type == "cuda" else CPU_SEQUENCES_PER_FORWARD
+    features = torch.cat([encode_text_trimmed(model, flat[i : i + chunk]) for i in range(0, flat.shape[0], chunk)])
+    return pair_losses(image_features, features.reshape(k, b, -1), model.logit_scale, negatives)
+
+
+def score_position_looped(
+    model: CLIP, images_u8: Tensor, delta: Tensor, tokens: Tensor, position: int, options: Tensor,
+    negatives: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """The official way of doing score_position (kept for the equality test and the benchmark): one
+    candidate at a time on a deep copy of the batch, re-running the image tower every time."""
+    rows = []
+    for c in range(options.shape[1]):
+        trial = copy.deepcopy(tokens)
+        for i in range(trial.shape[0]):  # per-sample writes, as the official code does
+            trial[i, position] = options[i, c]
+        image_features = _encode_images(model, images_u8, delta)
+        rows.append(pair_losses(image_features, model.encode_text(trial), model.logit_scale, negatives))
+    return torch.stack(rows)
+
+
+def search_triggers(
+    model: CLIP, tokenizer: Tokenizer, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor,
+    settings: MEMSettings, negatives: tuple[Tensor, Tensor] | None = None, candidate_ids: Tensor | None = None,
+    _looped: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Greedy left-to-right HotFlip search; returns (new triggers [B, k], per-pair loss [B]).
+
+    tokens: caption tokens [B, L] with k trigger slots; triggers [B, k] the current ids. Each slot's
+    options are the current id plus the top `candidates` HotFlip ids; each pair keeps its best option.
+    """
+    k = triggers.shape[1]
+    device = images_u8.device
+    if candidate_ids is None:
+        candidate_ids = _candidate_table(tokenizer, model, device)
+    with _autocast(settings, device):
+        with torch.no_grad():
+            image_features = _encode_images(model, images_u8, delta)
+        current = triggers.clone()
+        proposals = hotflip_candidates(model, _with_triggers(tokens, current), image_features, k, candidate_ids,
+                                       settings.candidates, negatives)
+        loss = None
+        with torch.no_grad():
+            for j in range(k):
+                options = torch.cat([current[:, j : j + 1], proposals[:, j]], dim=1)  # [B, 1 + K]
+                base = _with_triggers(tokens, current)
+                if _looped:
+                    losses = score_position_looped(model, images_u8, delta, base, 1 + j, options, negatives)
+                else:
+                    losses = score_position(model, base, image_features, 1 + j, options, negatives)
+                best = losses.argmin(dim=0)  # ties keep the current token (option 0)
+                current[:, j] = options.gather(1, best[:, None]).squeeze(1)
+                loss = losses.gather(0, best[None]).squeeze(0)
+    return current, loss
+
+
+def pgd_noise(
+    model: CLIP, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor, settings: MEMSettings,
+    steps: int, generator: torch.Generator, negatives: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, float]:
+    """Error-MINIMISING PGD on the uint8 grid, warm-started from delta (int16 [B, H, W, 3]).
+
+    With a trigger, every step pairs each image with a randomly chosen caption of the batch carrying
+    THAT image's trigger, so the noise learns to match the trigger, not the caption. Returns the new
+    delta (|delta| <= epsilon levels, image + delta within [0, 255]) and the last step's loss.
+    """
+    eps, step = settings.epsilon_levels, settings.step_levels
+    image = images_u8.to(torch.int16)
+    delta = delta.to(torch.int16)
+    b = tokens.shape[0]
+    shuffle = triggers.shape[1] > 0
+    loss_value = float("nan")
+    text_features = None
+    for _ in range(steps):
+        if shuffle or text_features is None:
+            order = torch.randperm(b, generator=generator).to(tokens.device) if shuffle else None
+            text_tokens = _with_triggers(tokens[order] if shuffle else tokens, triggers)
+            with torch.no_grad(), _autocast(settings, images_u8.device):
+                text_features = encode_text_trimmed(model, text_tokens)
+        x = ((image + delta).float() / 255.0).requires_grad_(True)
+        with _autocast(settings, images_u8.device):
+            loss = pair_losses(model.encode_image(_images_for_model(model, x)), text_features, model.logit_scale,
+                               negatives).mean()
+        (grad,) = torch.autograd.grad(loss, x)
+        delta = (delta - step * grad.sign().to(torch.int16)).clamp(-eps, eps)
+        delta = (image + delta).clamp(0, 255) - image
+        loss_value = float(loss.detach())
+    return delta, loss_value
+
+
+# ----------------------------------------------------------------------------------------------
+# Protect-on-upload against a frozen surrogate
+
+
+def protect_batch(
+    model: CLIP,
+    tokenizer: Tokenizer,
+    images_uint8: np.ndarray,
+    captions: list[str],
+    settings: MEMSettings,
+    *,
+    steps: int | None = None,
+    device: str | torch.device | None = None,
+    negatives: tuple[Tensor, Tensor] | None = None,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Protect one batch with a FROZEN surrogate: trigger search, then `steps` PGD steps (default pgd_steps).
+
+    images_uint8 [N, H, W, 3] of any size (resized differentiably to the model's resolution, so the
+    noise is computed at full resolution). Returns (protected uint8 [N, H, W, 3], captions with the
+    trigger text in front, delta int8 [N, H, W, 3]). The model's weights are not changed. negatives
+    default to the ones load_surrogate() attached to the model (model.mem_negatives), if any.
+    """
+    settings.validate()
+    if not isinstance(images_uint8, np.ndarray) or images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 \
+            or images_uint8.shape[-1] != 3:
+        raise ValueError(f"images must be a uint8 numpy array [N, H, W, 3], got "
+                         f"{getattr(images_uint8, 'dtype', type(images_uint8))} {list(np.shape(images_uint8))}")
+    if len(captions) != images_uint8.shape[0]:
+        raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
+    if images_uint8.shape[0] == 0:
+        return images_uint8.copy(), [], np.zeros_like(images_uint8, dtype=np.int8)
+    device = _device(device)
+    if negatives is None:
+        negatives = getattr(model, "mem_negatives", None)
+    if negatives is not None:
+        negatives = (negatives[0].to(device), negatives[1].to(device))
+    elif images_uint8.shape[0] < 2:
+        raise ValueError("a batch of one image needs negatives (a surrogate saved with them) to have a loss")
+    was_training = model.training
+    model.to(device).eval()
+    generator = torch.Generator().manual_seed(settings.seed)
+    try:
+        k = settings.trigger_length
+        tokens = tokenizer.tokenize(list(captions), model.context_length, k).to(device)
+        images = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
+        delta = torch.zeros(images.shape, dtype=torch.int16, device=device)
+        triggers = torch.full((len(captions), k), tokenizer.placeholder_id, dtype=torch.long, device=device)
+        if k:
+            triggers, _ = search_triggers(model, tokenizer, images, delta, tokens, triggers, settings, negatives)
+        delta, _ = pgd_noise(model, images, delta, tokens, triggers, settings,
+                             settings.pgd_steps if steps is None else int(steps), generator, negatives)
+    finally:
+        model.train(was_training)
+    protected = (images.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    trigger_ids = triggers.cpu().numpy()
+    texts = [apply_trigger_text(trigger_ids[i], c, tokenizer) for i, c in enumerate(captions)]
+    return protected, texts, delta.to(torch.int8).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------
+# The outer loop
+
+
+@dataclass
+class MEMState:
+    """Everything run_mem changes, i.e. what a checkpoint must hold."""
+
+    model: CLIP
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # CPU generator: batch sampling, pass order, caption shuffles
+    noise: np.ndarray  # int8 [N, H, W, 3], may be an np.memmap
+    triggers: np.ndarray  # int64 [N, trigger_length]
+    iteration: int = 0  # outer iterations completed
+    history: list[dict] = field(default_factory=list)
+
+
+def make_optimizer(model: CLIP, settings: MEMSettings) -> torch.optim.Optimizer:
+    """AdamW as CLIP trains (betas 0.9/0.98, eps 1e-6), no decay on gains, biases and embeddings."""
+    from .retrieval import _param_groups
+
+    return torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def new_state(model: CLIP, tokenizer: Tokenizer, n: int, image_shape: tuple[int, int], settings: MEMSettings,
+              noise: np.ndarray | None = None) -> MEMState:
+    """A fresh state: zero noise (or the given int8 array, e.g. a memmap, zeroed), placeholder triggers."""
+    settings.validate()
+    shape = (n, *image_shape, 3)
+    if noise is None:
+        noise = np.zeros(shape, dtype=np.int8)
+    else:
+        if noise.dtype != np.int8 or noise.shape != shape:
+            raise ValueError(f"noise store must be int8 {list(shape)}, got {noise.dtype} {list(noise.shape)}")
+        noise[...] = 0
+    triggers = np.full((n, settings.trigger_length), tokenizer.placeholder_id, dtype=np.int64)
+    return MEMState(model, make_optimizer(model, settings), torch.Generator().manual_seed(settings.seed), noise,
+                    triggers)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
+    """A random partition into ceil(n / batch_size) batches of near-equal size (never a batch of one)."""
+    order = torch.randperm(n, generator=generator).numpy()
+    count = max(1, math.ceil(n / batch_size))
+    return [np.sort(chunk) for chunk in np.array_split(order, count)]
+
+
+def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
+                    device: torch.device) -> float:
+    """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption)."""
+    model = state.model.train()
+    n = images.shape[0]
+    b = min(settings.batch_size, n)
+    losses = []
+    for _ in range(settings.surrogate_steps):
+        index = torch.randperm(n, generator=state.generator)[:b].sort().values.numpy()
+        x = torch.from_numpy(images[index]).to(device).to(torch.int16)
+        x = (x + torch.from_numpy(np.asarray(state.noise[index])).to(device)).clamp(0, 255).to(torch.uint8)
+        t = _with_triggers(tokens[index], torch.from_numpy(state.triggers[index])).to(device)
+        with _autocast(settings, device):
+            loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
+                                    model.logit_scale)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+        losses.append(float(loss.detach()))
+    model.eval()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
+                 device: torch.device, update_triggers: bool) -> float:
+    """One pass over the data in batches: trigger search (if update_triggers), then PGD on the noise."""
+    model = state.model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    candidate_ids = _candidate_table(tokenizer, model, device) if settings.trigger_length else None
+    losses = []
+    try:
+        for index in _batches(images.shape[0], settings.batch_size, state.generator):
+            x = torch.from_numpy(images[index]).to(device)
+            delta = torch.from_numpy(np.asarray(state.noise[index])).to(device).to(torch.int16)
+            t = tokens[index].to(device)
+            trig = torch.from_numpy(state.triggers[index]).to(device)
+            if update_triggers and settings.trigger_length:
+                trig, _ = search_triggers(model, tokenizer, x, delta, t, trig, settings, candidate_ids=candidate_ids)
+                state.triggers[index] = trig.cpu().numpy()
+            delta, loss = pgd_noise(model, x, delta, t, trig, settings, settings.pgd_steps, state.generator)
+            state.noise[index] = delta.to(torch.int8).cpu().numpy()
+            losses.append(loss)
+    finally:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+    return float(np.mean(losses))
+
+
+def run_mem(
+    state: MEMState,
+    tokenizer: Tokenizer,
+    images: np.ndarray,
+    captions: list[str],
+    settings: MEMSettings,
+    *,
+    device: str | torch.device | None = None,
+    callback: Callable[[MEMState, dict], None] | None = None,
+    progress: bool = True,
+) -> MEMState:
+    """MEM's outer loop from state.iteration to settings.outer_iterations.
+
+    Each iteration trains the surrogate (surrogate_steps batches), then perturbs every pair once
+    (triggers too during the first trigger_iterations). callback(state, stats) runs after each
+    iteration (checkpointing); stats has iteration, surrogate_loss, pass_loss, pairs_per_s, seconds.
+    images: uint8 [N, H, W, 3] decoded once, at the model's resolution.
+    """
+    settings.validate()
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+    if len(captions) != images.shape[0] or state.noise.shape != images.shape:
+        raise ValueError(f"{images.shape[0]} images, {len(captions)} captions, noise {list(state.noise.shape)}")
+    if images.shape[0] < 2:
+        raise ValueError("MEM needs at least 2 image-caption pairs (a contrastive loss needs negatives)")
+    device = _device(device)
+    state.model.to(device)
+    tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
+    n = images.shape[0]
+    while state.iteration < settings.outer_iterations:
+        started = time.monotonic()
+        surrogate_loss = train_surrogate(state, images, tokens, settings, device)
+        trained = time.monotonic()
+        update = state.iteration < settings.trigger_iterations
+        pass_loss = perturb_pass(state, tokenizer, images, tokens, settings, device, update)
+        done = time.monotonic()
+        state.iteration += 1
+        stats = {
+            "iteration": state.iteration,
+            "surrogate_loss": surrogate_loss,
+            "pass_loss": pass_loss,
+            "triggers_updated": bool(update and settings.trigger_length),
+            "surrogate_pairs_per_s": settings.surrogate_steps * min(settings.batch_size, n) / max(trained - started, 1e-9),
+            "pairs_per_s": n / max(done - trained, 1e-9),
+            "seconds": done - started,
+        }
+        state.history.append(stats)
+        if progress:
+            print(
+                f"MEM {state.iteration}/{settings.outer_iterations}: surrogate loss {surrogate_loss:.4f} "
+                f"({stats['surrogate_pairs_per_s']:.0f} pairs/s), pass loss {pass_loss:.4f} "
+                f"({stats['pairs_per_s']:.1f} pairs/s{', triggers' if stats['triggers_updated'] else ''}), "
+                f"{stats['seconds']:.1f}s",
+                file=sys.stderr, flush=True,
+            )
+        if callback is not None:
+            callback(state, stats)
+    return state
+
+
+def protected_images(images: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """clip(image + noise, 0, 255) as uint8 (what is published)."""
+    return np.clip(images.astype(np.int16) + np.asarray(noise, dtype=np.int16), 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The surrogate artefact
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_surrogate(
+    directory: str | Path, model: CLIP, tokenizer: Tokenizer, settings: MEMSettings, extra: dict[str, Any] | None = None,
+    negatives: tuple[Tensor, Tensor] | None = None,
+) -> dict:
+    """Write a surrogate artefact: model.safetensors, tokenizer.json, optional negatives, meta.json (last).
+
+    meta.json holds the format tag, the CLIP config, the MEM settings, the sha256 of every file and
+    an identity derived from the weights' hash; `extra` is stored under "extra". No pickle anywhere.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": SURROGATE_FORMAT})
+    tokenizer.save(directory / TOKENIZER_FILE)
+    files = [WEIGHTS_FILE, TOKENIZER_FILE]
+    if negatives is not None:
+        save_file({"image": negatives[0].detach().float().cpu().contiguous(),
+                   "text": negatives[1].detach().float().cpu().contiguous()}, str(directory / NEGATIVES_FILE))
+        files.append(NEGATIVES_FILE)
+    hashes = {name: _sha256(directory / name) for name in files}
+    config = dataclasses.asdict(model.config)
+    meta = {
+        "format": SURROGATE_FORMAT,
+        "identity": f"mem-surrogate-{hashes[WEIGHTS_FILE][:16]}",
+        "sha256": hashes[WEIGHTS_FILE],
+        "files": hashes,
+        "config": config,
+        "settings": settings.to_dict(),
+        "extra": extra or {},
+    }
+    tmp = directory / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    tmp.replace(directory / META_FILE)
+    return meta
+
+
+def load_surrogate(directory: str | Path) -> tuple[CLIP, Tokenizer, dict]:
+    """(model in eval mode on the CPU, tokenizer, meta) from save_surrogate's folder; every file's
+    sha256 is checked. Saved negatives are attached as model.mem_negatives for protect_batch."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{directory}: not a surrogate artefact (no {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
+    if meta.get("format") != SURROGATE_FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {SURROGATE_FORMAT!r}")
+    for name, expected in meta.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{directory}: {name} is missing")
+        if _sha256(path) != expected:
+            raise ValueError(f"{path}: sha256 does not match meta.json (the artefact was modified or is incomplete)")
+    config = dict(meta["config"])
+    if isinstance(config["vision_layers"], list):
+        config["vision_layers"] = tuple(config["vision_layers"])
+    model = CLIP(CLIPConfig(**config))
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
+    model.eval()
+    tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
+    if (directory / NEGATIVES_FILE).is_file():
+        stored = load_file(str(directory / NEGATIVES_FILE))
+        model.mem_negatives = (stored["image"], stored["text"])
+    return model, tokenizer, meta

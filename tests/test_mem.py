@@ -1,0 +1,241 @@
+"""MEM protection: uint8-grid noise, text-surviving triggers, the batched search, resume after SIGKILL, CLI errors.
+
+Real components throughout: a tiny CLIP on 32 px procedural scenes, the real `aigis protect` command in a
+subprocess (killed for real with SIGKILL after its first checkpoint), PNGs read back from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aigis.protection import mem
+from aigis.protection.captions import load_images, read_pairs, synth_captioned
+from aigis.protection.clip import build_clip, contrastive_loss, normalize_images
+from aigis.protection.job import KILL_ENV
+from aigis.protection.tokenizer import Tokenizer
+
+N_IMAGES = 12
+SIZE = 32
+JOB_ARGS = ["--outer", "2", "--trigger-iterations", "1", "--surrogate-steps", "1", "--pgd-steps", "1",
+            "--batch", "6", "--candidates", "3", "--clip", "rn_tiny", "--size", str(SIZE), "--device", "cpu",
+            "--quiet"]
+
+
+def _tree_hashes(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _protect(data: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "aigis.cli", "protect", "--data", str(data), "--manifest", "train.jsonl",
+               "--out", str(out), *JOB_ARGS, *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return synth_captioned(tmp_path_factory.mktemp("mem-data"), N_IMAGES, 0, size=SIZE, seed=3)
+
+
+@pytest.fixture(scope="module")
+def job(data, tmp_path_factory) -> dict:
+    """One uninterrupted `aigis protect` run, with the originals hashed before and after."""
+    before = _tree_hashes(data)
+    out = tmp_path_factory.mktemp("mem-out") / "protected"
+    result = _protect(data, out)
+    assert result.returncode == 0, result.stderr
+    return {"out": out, "before": before, "after": _tree_hashes(data), "summary": json.loads(result.stdout)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random CLIP, its tokenizer and a batch of 6 scenes (for in-process checks)."""
+    root = synth_captioned(tmp_path_factory.mktemp("mem-tiny"), 6, 0, size=SIZE, seed=5)
+    pairs = read_pairs(root, "train.jsonl")
+    captions = [p.caption for p in pairs]
+    tokenizer = Tokenizer.train(captions, 700)
+    torch.manual_seed(0)
+    model = build_clip("rn_tiny", tokenizer.vocab_size).eval()
+    return model, tokenizer, load_images(pairs, SIZE, progress=False), captions
+
+
+def _published(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_noise_is_within_epsilon_on_the_uint8_grid_and_originals_untouched(job, data):
+    out = job["out"]
+    assert job["before"] == job["after"], "the original images or manifest changed"
+    report = json.loads((out / "protection.json").read_text())
+    assert report["mode"] == "mem" and report["trigger_length"] == 3 and report["epsilon_uint8_levels"] == 8
+    originals = load_images(read_pairs(data, "train.jsonl"), SIZE, progress=False).astype(int)
+    protected = np.stack([np.asarray(Image.open(out / e["image"]).convert("RGB")) for e in _published(out)]).astype(int)
+    delta = protected - originals
+    assert np.abs(delta).max() <= 8
+    assert np.count_nonzero(delta) > delta.size // 4, "almost no noise was applied"
+    for entry in report["images"]:  # the recorded hashes are the files'
+        assert hashlib.sha256((out / entry["image"]).read_bytes()).hexdigest() == entry["sha256"]
+    model, _, meta = mem.load_surrogate(out / report["surrogate"]["path"])
+    assert meta["sha256"] == report["surrogate"]["sha256"]
+
+
+def test_triggers_survive_as_text_and_hold_no_special_tokens(job, data):
+    out = job["out"]
+    _, tokenizer, _ = mem.load_surrogate(out / "surrogate" / "1")
+    originals = [p.caption for p in read_pairs(data, "train.jsonl")]
+    triggers = set()
+    for entry, original in zip(_published(out), originals):
+        words = entry["caption"].split(" ")
+        assert " ".join(words[3:]) == original
+        ids = tokenizer.encode(" ".join(words[:3]))
+        assert len(ids) == 3, words[:3]
+        assert all(tokenizer.is_trigger_candidate(i) for i in ids)
+        assert not {tokenizer.sot_id, tokenizer.eot_id, tokenizer.pad_id} & set(ids)
+        row = tokenizer.tokenize(entry["caption"], 40)[0]
+        assert row[1:4].tolist() == ids  # the model sees exactly the trigger after SOT
+        triggers.add(tuple(ids))
+    assert len(triggers) > 1, "every pair got the same trigger: the search did nothing"
+
+
+def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
+    out = tmp_path / "killed"
+    killed = _protect(data, out, env={KILL_ENV: "1"})
+    assert killed.returncode == -9, killed.stderr  # a real SIGKILL after the first checkpoint
+    assert (out / "work" / "ckpt-1" / "state.json").is_file()
+    assert not (out / "protection.json").exists()
+    resumed = _protect(data, out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["resumed"] is True
+    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
+    expected = published(_tree_hashes(job["out"]))
+    assert published(_tree_hashes(out)) == expected
+    assert any(k.startswith("images/") for k in expected) and "surrogate/1/model.safetensors" in expected
+
+
+def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
+    model, tokenizer, images_np, captions = tiny
+    images = torch.from_numpy(images_np)
+    delta = torch.randint(-8, 9, images.shape, generator=torch.Generator().manual_seed(1)).to(torch.int16)
+    tokens = tokenizer.tokenize(captions, model.context_length, 3)
+    candidates = tokenizer.trigger_candidates()
+    options = candidates[torch.randint(len(candidates), (len(captions), 4), generator=torch.Generator().manual_seed(2))]
+    with torch.no_grad():
+        features = mem._encode_images(model, images, delta)
+        batched = mem.score_position(model, tokens, features, 2, options)
+        looped = mem.score_position_looped(model, images, delta, tokens, 2, options)
+    assert batched.shape == (4, len(captions))
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # cutting the causal text tower after the last end-of-text changes nothing
+        torch.testing.assert_close(mem.encode_text_trimmed(model, tokens), model.encode_text(tokens),
+                                   rtol=1e-5, atol=1e-5)
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # ... and the cut is real here
+    assert batched.std() > 0  # the candidates do change the loss
+    settings = mem.MEMSettings(candidates=3, amp="off")
+    start = torch.full((len(captions), 3), tokenizer.placeholder_id)
+    fast, fast_loss = mem.search_triggers(model, tokenizer, images, delta, tokens, start, settings)
+    slow, slow_loss = mem.search_triggers(model, tokenizer, images, delta, tokens, start, settings, _looped=True)
+    assert torch.equal(fast, slow)
+    torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the search lowers the batch's loss from the starting trigger
+        base = mem.pair_losses(features, model.encode_text(mem._with_triggers(tokens, start)), model.logit_scale)
+    assert fast_loss.mean() < base.mean()
+
+
+def _loss(model, images_uint8: np.ndarray, captions: list[str], tokenizer) -> float:
+    with torch.no_grad():
+        tokens = tokenizer.tokenize(captions, model.context_length)
+        return float(contrastive_loss(model.encode_image(normalize_images(torch.from_numpy(images_uint8))),
+                                      model.encode_text(tokens), model.logit_scale))
+
+
+def test_mem_loss_is_below_random_noise_of_the_same_epsilon(job, data, tiny):
+    # The job's surrogate on the job's published pairs vs the same images with random +-8 noise.
+    out = job["out"]
+    model, tokenizer, _ = mem.load_surrogate(out / "surrogate" / "1")
+    entries = _published(out)
+    protected = np.stack([np.asarray(Image.open(out / e["image"]).convert("RGB")) for e in entries])
+    originals = load_images(read_pairs(data, "train.jsonl"), SIZE, progress=False)
+    rng = np.random.default_rng(0)
+    noisy = np.clip(originals.astype(int) + rng.integers(-8, 9, originals.shape), 0, 255).astype(np.uint8)
+    plain = [p.caption for p in read_pairs(data, "train.jsonl")]
+    assert _loss(model, protected, [e["caption"] for e in entries], tokenizer) < _loss(model, noisy, plain, tokenizer)
+
+    # Protect-on-upload of ONE image of another size: the saved negatives give it a loss to minimise.
+    upload = rng.integers(0, 256, (1, 20, 28, 3), dtype=np.uint8)
+    settings = mem.MEMSettings(**{**json.loads((out / "protection.json").read_text())["settings"], "candidates": 2})
+    safe, texts, delta = mem.protect_batch(model, tokenizer, upload, ["a red circle"], settings, steps=2, device="cpu")
+    assert safe.shape == upload.shape and np.abs(delta).max() == 2 and texts[0].endswith(" a red circle")
+
+    # protect_batch against a frozen model: lower loss than random noise, weights untouched.
+    model, tokenizer, images, captions = tiny
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = mem.MEMSettings(candidates=4, amp="off")
+    safe, texts, delta = mem.protect_batch(model, tokenizer, images, captions, settings, steps=4, device="cpu")
+    assert safe.dtype == np.uint8 and delta.dtype == np.int8 and np.abs(delta).max() <= 8
+    assert np.array_equal(safe.astype(int), np.clip(images.astype(int) + delta, 0, 255))
+    noisy = np.clip(images.astype(int) + rng.integers(-8, 9, images.shape), 0, 255).astype(np.uint8)
+    assert _loss(model, safe, texts, tokenizer) < _loss(model, noisy, captions, tokenizer)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
+def test_em_mode_gives_no_trigger(tiny):
+    model, tokenizer, images, captions = tiny
+    settings = mem.MEMSettings(trigger_length=0, outer_iterations=1, surrogate_steps=1, pgd_steps=1, batch_size=4,
+                               amp="off")
+    assert settings.mode == "em"
+    torch.manual_seed(0)
+    fresh = build_clip("rn_tiny", tokenizer.vocab_size)
+    state = mem.new_state(fresh, tokenizer, len(captions), (SIZE, SIZE), settings)
+    mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+    assert state.triggers.shape == (len(captions), 0) and np.abs(state.noise).max() >= 1
+    _, texts, _ = mem.protect_batch(model, tokenizer, images, captions, settings, device="cpu")
+    assert texts == captions
+
+
+def test_surrogate_artefact_refuses_tampering(tiny, tmp_path):
+    model, tokenizer, _, _ = tiny
+    meta = mem.save_surrogate(tmp_path / "s", model, tokenizer, mem.MEMSettings(), {"note": "t"})
+    loaded, loaded_tokenizer, loaded_meta = mem.load_surrogate(tmp_path / "s")
+    assert loaded_meta["sha256"] == meta["sha256"] and loaded_tokenizer.merges == tokenizer.merges
+    assert mem.MEMSettings(**loaded_meta["settings"]) == mem.MEMSettings()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    with open(tmp_path / "s" / "model.safetensors", "r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\0\1\2\3")
+    with pytest.raises(ValueError, match="sha256"):
+        mem.load_surrogate(tmp_path / "s")
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
+    from aigis.cli import main
+
+    def run(root, manifest, out=None):
+        code = main(["protect", "--data", str(root), "--manifest", manifest, "--out", str(out or tmp_path / "o"),
+                     *JOB_ARGS])
+        return code, capsys.readouterr().err
+
+    code, err = run(tmp_path, "absent.jsonl")
+    assert code == 2 and "manifest not found" in err
+    (tmp_path / "outside.jsonl").write_text(json.dumps({"image": "../x.png", "caption": "a cat"}) + "\n")
+    code, err = run(tmp_path, "outside.jsonl")
+    assert code == 2 and "leaves the data root" in err
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "fine.png")
+    (tmp_path / "corrupt.jsonl").write_text(json.dumps({"image": "fine.png", "caption": "a dog"}) + "\n"
+                                            + json.dumps({"image": "broken.png", "caption": "a cat"}) + "\n")
+    code, err = run(tmp_path, "corrupt.jsonl")
+    assert code == 2 and "broken.png" in err
+    code, err = run(data, "train.jsonl", out=data)
+    assert code == 2 and "overwrite the originals" in err
+    with pytest.raises(ValueError, match="epsilon"):
+        mem.MEMSettings(epsilon=0.5 / 255).validate()
