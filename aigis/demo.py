@@ -198,7 +198,7 @@ DEMO_PROTECT: dict[str, Any] = {
 def protection_job(out: Path) -> tuple[Path, dict[str, Any]]:
     """MEM over the procedural captioned set, then the hacker CLIPs that measure it (read back from PNG)."""
     from aigis.protection.captions import synth_captioned
-    from aigis.protection.evaluate import evaluate_protection, markdown_table
+    from aigis.protection.evaluate import evaluate_protection
     from aigis.protection.job import protect_dataset
     from aigis.protection.mem import MEMSettings
 
@@ -213,8 +213,7 @@ def protection_job(out: Path) -> tuple[Path, dict[str, Any]]:
                                  out_dir=out / "protection_eval", clip_preset=DEMO_PROTECT["clip"],
                                  image_size=DEMO_PROTECT["size"], epochs=DEMO_PROTECT["hacker_epochs"],
                                  batch_size=DEMO_PROTECT["hacker_batch"])
-    print(markdown_table(report))
-    print(f"examples sheet: {out / 'protection_eval'}")
+    print(f"efficacy table, JSON and example sheet: {out / 'protection_eval'}")
     return out / "protected_mem", {"job": job, "evaluation": report}
 
 
