@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .mem import MEMSettings
+from .mem import file_sha256 as _sha256_file
 
 CHECKPOINT_FORMAT = "aigis-mem-checkpoint-1"
 PROTECTION_FORMAT = "aigis-protection-1"
@@ -38,14 +39,6 @@ KILL_ENV = "AIGIS_PROTECT_KILL_AFTER"
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -561,7 +561,8 @@ def protected_images(images: np.ndarray, noise: np.ndarray) -> np.ndarray:
 # The surrogate artefact
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (artefacts, checkpoints and protected images)."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -590,7 +591,7 @@ def save_surrogate(
         save_file({"image": negatives[0].detach().float().cpu().contiguous(),
                    "text": negatives[1].detach().float().cpu().contiguous()}, str(directory / NEGATIVES_FILE))
         files.append(NEGATIVES_FILE)
-    hashes = {name: _sha256(directory / name) for name in files}
+    hashes = {name: file_sha256(directory / name) for name in files}
     config = dataclasses.asdict(model.config)
     meta = {
         "format": SURROGATE_FORMAT,
@@ -626,7 +627,7 @@ def load_surrogate(directory: str | Path) -> tuple[CLIP, Tokenizer, dict]:
         path = directory / name
         if not path.is_file():
             raise ValueError(f"{directory}: {name} is missing")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise ValueError(f"{path}: sha256 does not match meta.json (the artefact was modified or is incomplete)")
     config = dict(meta["config"])
     if isinstance(config["vision_layers"], list):
