@@ -113,29 +113,13 @@ def export_versions(out: Path, data_root: Path, num_tasks: int) -> tuple[Path, l
     return repo, versions
 
 
-def held_out_images(data_root: Path, tasks: list[str], crop: int):
-    """Every val image of every task, as the client will send it, with its true label."""
-    import numpy as np
-
-    from aigis import preprocess
-    from aigis.data.cddb import CDDB
-
-    data = CDDB(data_root, tasks, progress=False)
-    data.prepare()
-    images, labels = [], []
-    for t in range(len(tasks)):
-        for sample in data.samples(t, "val"):
-            images.append(preprocess.eval_view_from_file(sample.path, crop))
-            labels.append(sample.label)
-    return np.stack(images), np.array(labels)
-
-
 def serve_and_call(out: Path, repo: Path, versions: list[int], data_root: Path,
                    protected_dir: Path | None) -> dict[str, Any]:
     import numpy as np
     import torch
 
     from aigis.client import AttributionClient
+    from aigis.data.cddb import CDDB
     from aigis.export import load_version
     from aigis.serving.control import ModelControl
     from aigis.serving.server import TritonServer
@@ -145,7 +129,7 @@ def serve_and_call(out: Path, repo: Path, versions: list[int], data_root: Path,
     model = load_run(out / "run")
     tasks = list(model.manifest["tasks"])
     crop = int(model.manifest["crop"])
-    images, labels = held_out_images(data_root, tasks, crop)
+    images, labels = CDDB(data_root, tasks, progress=False).eval_images(crop)   # every held-out image
     with torch.no_grad():
         local = torch.cat([model(torch.from_numpy(images[i:i + 64])) for i in range(0, len(images), 64)])
     local_pred = local.argmax(1).numpy()
@@ -224,10 +208,12 @@ def publish_and_protect_over_grpc(out: Path, repo: Path, protected_dir: Path, se
     from aigis import contract
     from aigis.client import ProtectionClient
     from aigis.protection.captions import load_images, read_pairs
+    from aigis.export.repository import point_to
     from aigis.protection.served import publish_protect_model
 
     surrogate = sorted((protected_dir / "surrogate").iterdir())[-1]
     version = publish_protect_model(repo, surrogate, steps=DEMO_PROTECT["mem"]["pgd_steps"])
+    point_to(repo, contract.PROTECT_MODEL, version)       # serve this job's surrogate (a re-run may add a version)
     control.load(contract.PROTECT_MODEL)
     pairs = read_pairs(out / "captions", "test.jsonl")[:8]
     images = load_images(pairs, DEMO_PROTECT["size"], progress=False)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from aigis import contract, preprocess
+    from aigis import contract
     from aigis.client import AttributionClient
     from aigis.data.cddb import CDDB
     from aigis.export import export_run, load_version, versions
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if k not in versions(repo, contract.ENSEMBLE_MODEL):
             print(export_run(run, repo, num_tasks=k, data_root=args.data, progress=False).summary().splitlines()[0])
 
-    data = CDDB(args.data, tasks, progress=False)
-    paths = [s.path for t in range(len(tasks)) for s in data.samples(t, "val")][:64]
-    pool = np.stack([preprocess.eval_view_from_file(p, crop) for p in paths])
+    pool, _ = CDDB(args.data, tasks, progress=False).eval_images(crop, per_task=-(-64 // len(tasks)))
     batches = {1: pool[:1], 32: pool[:32]}
     print(f"machine: {machine()}; {len(tasks)} tasks, {full.manifest['backbone']['name']}, crop {crop}; "
           f"torch threads {torch.get_num_threads()}")

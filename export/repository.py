@@ -169,9 +169,6 @@ def served_manifest(model_manifest: dict, version: int, source_sha256: str) -> d
 def real_images(run_dir: Path, model_manifest: dict, crop: int, data_root: str | Path | None,
                 per_task: int = 4):
     """A few held-out images of each task, as the client sends them; None when the data is not at hand."""
-    import numpy as np
-
-    from aigis import preprocess
     from aigis.data.cddb import CDDB, CDDBLayoutError
 
     root = data_root
@@ -182,11 +179,11 @@ def real_images(run_dir: Path, model_manifest: dict, crop: int, data_root: str |
     if root is None or not Path(root).is_dir():
         return None
     try:
-        data = CDDB(root, list(model_manifest["tasks"]), on_bad="skip", progress=False)
-        paths = [s.path for t in range(len(data.tasks)) for s in data.samples(t, "val")[:per_task]]
+        images, _ = CDDB(root, list(model_manifest["tasks"]), on_bad="skip", progress=False).eval_images(
+            crop, per_task=per_task)
     except (CDDBLayoutError, ValueError):
         return None
-    return np.stack([preprocess.eval_view_from_file(p, crop) for p in paths]) if paths else None
+    return images
 
 
 # The models of one ensemble version, in the order they are published: the ensembles last, so a

@@ -2,9 +2,9 @@
 
     version = publish_protect_model(repo, job_dir / "surrogate" / "1", steps=..., gpu=False)
 
-A version is self-contained (its own copy of the surrogate and the settings it protects with), is
-written aside under a dot-prefixed staging name that Triton ignores, and appears only when complete.
-Versions already in the repository are never rewritten.
+A version is self-contained (its own copy of the surrogate and the settings it protects with) and is
+published like every versioned model of the repository (aigis.export.repository.publish_version): written
+aside, renamed into place when complete, never rewritten.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from aigis import contract
+from aigis.export.configs import tensor
+from aigis.export.repository import publish_version, versions
 
 from .triton_model import SETTINGS_FILE, SURROGATE_DIR
 
@@ -28,23 +28,20 @@ from aigis.protection.triton_model import TritonPythonModel  # noqa: F401
 '''
 
 
-def protect_config(max_batch_size: int = 16, gpu: bool = False, max_queue_delay_us: int = 5000) -> str:
-    """config.pbtxt of mem_protect: uint8 images of any size + captions in, protected pairs out."""
-    kind = "KIND_GPU" if gpu else "KIND_CPU"
-    return f'''name: "{contract.PROTECT_MODEL}"
-backend: "python"
-max_batch_size: {max_batch_size}
-input [
-  {{ name: "{contract.PROTECT_IMAGES}" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }},
-  {{ name: "{contract.PROTECT_CAPTIONS}" data_type: TYPE_STRING dims: [ 1 ] }}
-]
-output [
-  {{ name: "{contract.PROTECTED_IMAGES}" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] }},
-  {{ name: "{contract.PROTECTED_CAPTIONS}" data_type: TYPE_STRING dims: [ 1 ] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}
-instance_group [ {{ kind: {kind} count: 1 }} ]
-'''
+def protect_config(version: int, max_batch_size: int = 16, gpu: bool = False, max_queue_delay_us: int = 5000) -> dict:
+    """mem_protect's config (Triton JSON form): uint8 images of any size + captions in, protected pairs out."""
+    return {
+        "name": contract.PROTECT_MODEL,
+        "backend": "python",
+        "version_policy": {"specific": {"versions": [version]}},
+        "max_batch_size": max_batch_size,
+        "input": [tensor(contract.PROTECT_IMAGES, "TYPE_UINT8", [-1, -1, 3]),
+                  tensor(contract.PROTECT_CAPTIONS, "TYPE_STRING", [1])],
+        "output": [tensor(contract.PROTECTED_IMAGES, "TYPE_UINT8", [-1, -1, 3]),
+                   tensor(contract.PROTECTED_CAPTIONS, "TYPE_STRING", [1])],
+        "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
+        "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
+    }
 
 
 def _tree_sha256(folder: Path) -> str:
@@ -56,10 +53,7 @@ def _tree_sha256(folder: Path) -> str:
 
 
 def existing_versions(repo: str | Path) -> list[int]:
-    model_dir = Path(repo) / contract.PROTECT_MODEL
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    return versions(repo, contract.PROTECT_MODEL)
 
 
 def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps: int | None = None,
@@ -67,7 +61,9 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     """Write mem_protect version N+1 from a surrogate artefact; return N+1, or the version that already holds it.
 
     `steps` is the number of PGD steps per request (None: the settings' own); serving uses the
-    surrogate's MEM settings unless `mem_settings` (a MEMSettings) overrides them.
+    surrogate's MEM settings unless `mem_settings` (a MEMSettings) overrides them. Like every model in the
+    repository, the served version is the one `<model>/config.pbtxt` names: the first version sets it,
+    later ones are served after `aigis.export.repository.point_to` (or a rollout) moves it.
     """
     from aigis.protection.mem import MEMSettings, load_surrogate
 
@@ -83,26 +79,18 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     model_dir = repo / contract.PROTECT_MODEL
     for version in existing_versions(repo):
         recorded = model_dir / str(version) / SETTINGS_FILE
-        if recorded.is_file() and json.loads(recorded.read_text()).get("surrogate_sha256") == source_hash \
-                and json.loads(recorded.read_text()).get("steps") == steps:
-            return version
+        if recorded.is_file():
+            known = json.loads(recorded.read_text())
+            if known.get("surrogate_sha256") == source_hash and known.get("steps") == steps:
+                return version
     version = (existing_versions(repo) or [0])[-1] + 1
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".staging-{version}-", dir=model_dir))
-    try:
-        shutil.copytree(surrogate_dir, staging / SURROGATE_DIR)
-        (staging / "model.py").write_text(MODEL_SHIM)
-        (staging / SETTINGS_FILE).write_text(json.dumps({
-            "mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
-            "surrogate": meta.get("identity", meta.get("sha256")),
-        }, indent=2))
-        (staging / "config.pbtxt").write_text(protect_config(max_batch_size, gpu))
-        os.replace(staging, model_dir / str(version))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    # The model-level config serves the newest version; the per-version copy serves a rollback.
-    config_tmp = model_dir / ".config.pbtxt.tmp"
-    config_tmp.write_text(protect_config(max_batch_size, gpu))
-    os.replace(config_tmp, model_dir / "config.pbtxt")
+    settings_json = json.dumps({"mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
+                                "surrogate": meta.get("identity", meta.get("sha256"))}, indent=2)
+
+    def write(folder: Path) -> None:
+        shutil.copytree(surrogate_dir, folder / SURROGATE_DIR)
+        (folder / "model.py").write_text(MODEL_SHIM)
+        (folder / SETTINGS_FILE).write_text(settings_json)
+
+    publish_version(repo, contract.PROTECT_MODEL, version, protect_config(version, max_batch_size, gpu), write)
     return version

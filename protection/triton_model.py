@@ -59,7 +59,7 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         from aigis.protection.mem import protect_batch
 
-        parsed: list[tuple[np.ndarray, list[str]] | Exception] = []
+        parsed: list[tuple[np.ndarray, list[str], tuple[int, ...]] | Exception] = []
         for request in requests:
             try:
                 parsed.append(self._read(request))
@@ -98,8 +98,7 @@ class TritonPythonModel:
                                                             error=pb_utils.TritonError(str(answer), code)))
                 continue
             images, captions = answer
-            caption_shape = parsed[i][2] if len(parsed[i]) > 2 else (len(captions),)
-            texts = np.array([c.encode("utf-8") for c in captions], dtype=np.object_).reshape(caption_shape)
+            texts = np.array([c.encode("utf-8") for c in captions], dtype=np.object_).reshape(parsed[i][2])
             responses.append(pb_utils.InferenceResponse([
                 pb_utils.Tensor(contract.PROTECTED_IMAGES, np.ascontiguousarray(images, dtype=np.uint8)),
                 pb_utils.Tensor(contract.PROTECTED_CAPTIONS, texts),

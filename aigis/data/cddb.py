@@ -289,6 +289,19 @@ class CDDB:
         return Sample(path=path, relpath=Path(relpath).as_posix(), task=task, label=label,
                       subcategory=parts[2] if len(parts) == 5 else "")
 
+    def eval_images(self, crop: int, split: str = "val", per_task: int | None = None):
+        """(uint8 [N, crop, crop, 3], int64 labels [N]): each task's `split` as the client sends it
+        (the training evaluation view), the first `per_task` images of each task or all of them."""
+        import numpy as np
+
+        from aigis.preprocess import eval_view_from_file
+
+        samples = [s for t in range(len(self.tasks)) for s in self.samples(t, split)[:per_task]]
+        if not samples:
+            raise CDDBLayoutError(f"{self.root}: no {split} images in tasks {', '.join(self.tasks)}")
+        images = np.stack([eval_view_from_file(s.path, crop) for s in samples])
+        return images, np.array([s.label for s in samples], dtype=np.int64)
+
     def report(self) -> str:
         return self.bad.report()
 
