@@ -95,6 +95,21 @@ def counts(connection, model: str) -> tuple[int, int]:
     return requests, int(entry.get("inference_count", 0))
 
 
+def counts_after(connection, model: str, before: tuple[int, int], images: int, timeout: float = 10.0) -> tuple[int, int]:
+    """Counts once `images` more have been recorded (or `timeout` passed).
+
+    Triton updates an ensemble's statistics after the response has been sent, so a read right after
+    the call can miss the last request; waiting for the expected total (never past it) keeps the
+    exact-count assertions meaningful: an overshoot or a shortfall still fails them.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        now = counts(connection, model)
+        if now[1] - before[1] >= images or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
 # ---- answers -------------------------------------------------------------------------------------
 def test_single_image_and_batches_equal_the_in_process_reference(server, client, reference):
     images = random_images(9, seed=1)
@@ -112,7 +127,7 @@ def test_single_image_and_batches_equal_the_in_process_reference(server, client,
     with AttributionClient(server.grpc_url, max_batch_size=4) as chunked:
         before = counts(chunked, contract.ENSEMBLE_MODEL)
         np.testing.assert_allclose(probs_of(chunked.attribute(list(images))), expected, atol=TOLERANCE)
-        after = counts(chunked, contract.ENSEMBLE_MODEL)
+        after = counts_after(chunked, contract.ENSEMBLE_MODEL, before, 9)
     assert (after[0] - before[0], after[1] - before[1]) == (3, 9)   # ceil(9 / 4) requests, 9 images
 
 
@@ -155,7 +170,7 @@ def test_the_bytes_model_gives_the_same_answers(server, client, reference, tmp_p
         before = counts(thin, contract.BYTES_ENSEMBLE_MODEL)
         from_bytes = thin.attribute([png_bytes(image) for image in images])
         from_files = thin.attribute(paths)                # sent encoded: the server decodes and crops
-        after = counts(thin, contract.BYTES_ENSEMBLE_MODEL)
+        after = counts_after(thin, contract.BYTES_ENSEMBLE_MODEL, before, 9)
     np.testing.assert_allclose(probs_of(from_bytes), reference.probs(images), atol=TOLERANCE)
     np.testing.assert_allclose(probs_of(from_files), reference.probs(eval_views(paths)), atol=TOLERANCE)
     assert after[1] - before[1] == 9                      # all nine went through lorax_bytes
@@ -201,7 +216,7 @@ def test_concurrent_single_submissions_are_grouped_bounded_and_routed(server, re
 
         with ThreadPoolExecutor(max_workers=count) as pool:
             answers = list(pool.map(one, range(count)))
-        after = counts(batched, contract.ENSEMBLE_MODEL)
+        after = counts_after(batched, contract.ENSEMBLE_MODEL, before, count)
         stats = batched.batch_stats
 
     # Routed: each caller got the answer for ITS image (the images differ, so their answers differ).

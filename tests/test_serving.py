@@ -194,8 +194,13 @@ def test_dynamic_batching_runs_concurrent_requests_as_one_batch(repo, server, cl
     for k, x in enumerate(inputs):
         assert isinstance(results[k], np.ndarray), results[k]
         assert np.array_equal(results[k], reference(model_path, x)), f"request {k}"
+    expected = sum(len(x) for x in inputs)
+    deadline = time.monotonic() + 10          # statistics are recorded just after the responses go out
     stats = client.get_inference_statistics("tiny_slowq").model_stats[0]
-    assert stats.inference_count == sum(len(x) for x in inputs)
+    while stats.inference_count < expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = client.get_inference_statistics("tiny_slowq").model_stats[0]
+    assert stats.inference_count == expected
     assert stats.execution_count < len(inputs)   # some execute() calls served several requests
 
 
