@@ -18,6 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--tensorrt-plan", action="store_true",
                         help="also build tensorrt_plan engines (needs the tensorrt package and a GPU)")
     export.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every model (default 64)")
+    export.add_argument("--cpu-threads", type=int, default=1,
+                        help="onnxruntime threads per CPU model instance (default 1: the ensemble's extractors "
+                             "run at the same time and share the cores; 0 = onnxruntime's default)")
     export.add_argument("--rtol", type=float, default=None,
                         help="refuse to publish a model whose ONNX output differs from PyTorch by more than "
                              "RTOL * (0.1 + max|output|) (default 1e-3)")
@@ -49,7 +52,8 @@ def run_export(args: argparse.Namespace) -> int:
     from aigis.training.checkpoint import RunError
 
     try:
-        options = TargetOptions(gpu=args.gpu, tensorrt_fp16=args.tensorrt_fp16, max_batch_size=args.max_batch)
+        options = TargetOptions(gpu=args.gpu, tensorrt_fp16=args.tensorrt_fp16, max_batch_size=args.max_batch,
+                                cpu_threads=args.cpu_threads)
         report = export_run(args.run, args.repo, args.tasks, data_root=args.data, options=options,
                             progress=not args.quiet, rtol=args.rtol)
         if args.tensorrt_plan:

@@ -27,6 +27,11 @@ class TargetOptions:
     max_batch_size: int = 64
     max_queue_delay_us: int = 2000
     instances: int = 1
+    # onnxruntime threads per CPU instance. Triton runs an ensemble's extractors at the same time, each
+    # in its own instance; onnxruntime's default (a spinning pool of one thread per core in EVERY
+    # instance) then oversubscribes the cores. One thread each lets the extractors share them instead.
+    # 0 = onnxruntime's default.
+    cpu_threads: int = 1
 
     def validate(self) -> None:
         if self.tensorrt_fp16 and not self.gpu:
@@ -35,6 +40,8 @@ class TargetOptions:
             raise ValueError(f"max batch size must be within 1..4096, got {self.max_batch_size}")
         if self.instances < 1:
             raise ValueError(f"instances must be at least 1, got {self.instances}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu threads must be 0 (onnxruntime's default) or more, got {self.cpu_threads}")
 
 
 def tensor(name: str, data_type: str, dims: list[int]) -> dict[str, Any]:
@@ -52,6 +59,10 @@ def _onnx_model(name: str, version: int, inputs: list[dict], outputs: list[dict]
         "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
         "instance_group": [{"kind": "KIND_GPU" if options.gpu else "KIND_CPU", "count": options.instances}],
     }
+    if not options.gpu and options.cpu_threads:
+        # The native onnxruntime backend's parameters (the stand-in backend honours the same ones).
+        config["parameters"] = {"intra_op_thread_count": {"string_value": str(options.cpu_threads)},
+                                "inter_op_thread_count": {"string_value": "1"}}
     if options.tensorrt_fp16:
         config["optimization"] = {"execution_accelerators": {"gpu_execution_accelerator": [
             {"name": "tensorrt", "parameters": {"precision_mode": "FP16", "max_workspace_size_bytes": "1073741824"}}]}}

@@ -208,6 +208,21 @@ def test_cli_lists_versions_and_refuses_bad_runs(workspace, tmp_path, capsys):
     assert "--tensorrt-fp16 needs --gpu" in capsys.readouterr().err
 
 
+def test_cpu_configs_give_each_instance_one_onnxruntime_thread(workspace):
+    from aigis.export.configs import TargetOptions, extractor_config
+
+    # What export wrote: the ensemble's extractors run at once, so each gets one thread, not a pool per core.
+    written = read_config(workspace["repo"] / contract.extractor_model("tconv") / "config.pbtxt")
+    assert written["parameters"]["intra_op_thread_count"] == {"string_value": "1"}
+    assert written["parameters"]["inter_op_thread_count"] == {"string_value": "1"}
+    assert "parameters" not in extractor_config("tconv", 32, 16, TargetOptions(cpu_threads=0))  # onnxruntime's default
+    assert "parameters" not in extractor_config("tconv", 32, 16, TargetOptions(gpu=True))
+    assert extractor_config("tconv", 32, 16, TargetOptions(cpu_threads=2))["parameters"]["intra_op_thread_count"] == \
+        {"string_value": "2"}
+    with pytest.raises(ValueError, match="cpu threads must be 0"):
+        TargetOptions(cpu_threads=-1).validate()
+
+
 def test_gpu_configs_and_tensorrt_plans(workspace, tmp_path):
     from aigis.export.configs import TargetOptions, extractor_config
     from aigis.export.tensorrt_plan import build_plans, tensorrt_available
