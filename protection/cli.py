@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--lr", type=float, default=1e-4, help="surrogate learning rate (default 1e-4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-loss", type=float, default=None,
+                   help="end early once a pass's loss (noise + trigger against shuffled captions) is at most this, "
+                        "after the trigger iterations (default: run all --outer iterations)")
     p.add_argument("--clip", default="rn_tiny", help="surrogate CLIP preset (rn_tiny, vit_tiny, RN50, ViT-B/32)")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
@@ -50,7 +53,7 @@ def _protect(args: argparse.Namespace) -> int:
             epsilon=args.epsilon / 255, trigger_length=0 if args.mode == "em" else args.trigger_length,
             candidates=args.candidates, outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
             surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
-            seed=args.seed,
+            seed=args.seed, stop_loss=args.stop_loss,
         )
         settings.validate()
         if args.mode == "mem" and args.trigger_length < 1:

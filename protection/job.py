@@ -314,17 +314,19 @@ def protect_dataset(
         "source_manifest_sha256": fingerprint["manifest_sha256"],
         "surrogate": {"path": f"surrogate/{version}", "identity": meta["identity"], "sha256": meta["sha256"]},
         "settings": settings.to_dict(),
+        "outer_iterations_run": state.iteration,
         "images": image_hashes,
     }
     _write_atomic(out_dir / "protection.json", json.dumps(report, indent=1).encode())
     elapsed = time.monotonic() - started
     if progress:
         print(f"protected {len(pairs)} pairs into {out_dir} in {elapsed:.1f}s "
-              f"({len(pairs) * settings.outer_iterations / max(elapsed, 1e-9):.1f} pair-iterations/s)",
+              f"({len(pairs) * state.iteration / max(elapsed, 1e-9):.1f} pair-iterations/s)",
               file=sys.stderr)
     last = state.history[-1] if state.history else {}
     return {
         "out_dir": str(out_dir), "pairs": len(pairs), "mode": settings.mode, "resumed": bool(resumed),
         "surrogate_dir": str(surrogate_root / str(version)), "surrogate_sha256": meta["sha256"],
         "final_pass_loss": last.get("pass_loss"), "pairs_per_s": last.get("pairs_per_s"), "seconds": elapsed,
+        "outer_iterations": state.iteration,
     }

@@ -77,6 +77,9 @@ class MEMSettings:
     weight_decay: float = 0.2
     amp: str = "auto"
     seed: int = 0
+    # Stop early once a pass's loss (each image against shuffled captions carrying its own trigger, i.e.
+    # how well noise + trigger alone identify the pair) is at most this, triggers done. None: never.
+    stop_loss: float | None = None
 
     def validate(self) -> None:
         problems = []
@@ -97,6 +100,8 @@ class MEMSettings:
             problems.append(f"batch_size must be >= 2 (a contrastive loss needs negatives), got {self.batch_size}")
         if self.lr <= 0 or self.weight_decay < 0:
             problems.append(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.stop_loss is not None and not self.stop_loss >= 0:
+            problems.append(f"stop_loss must be >= 0 or None, got {self.stop_loss}")
         if self.amp not in ("auto", "on", "off"):
             problems.append(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         if problems:
@@ -116,6 +121,13 @@ class MEMSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def finished(self, iteration: int, pass_loss: float) -> bool:
+        """Whether the outer loop ends after `iteration` iterations whose last pass had `pass_loss`."""
+        if iteration >= self.outer_iterations:
+            return True
+        return (self.stop_loss is not None and iteration >= self.trigger_iterations
+                and pass_loss <= self.stop_loss)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -503,7 +515,7 @@ def run_mem(
     callback: Callable[[MEMState, dict], None] | None = None,
     progress: bool = True,
 ) -> MEMState:
-    """MEM's outer loop from state.iteration to settings.outer_iterations.
+    """MEM's outer loop from state.iteration to settings.outer_iterations (or settings.stop_loss).
 
     Each iteration trains the surrogate (surrogate_steps batches), then perturbs every pair once
     (triggers too during the first trigger_iterations). callback(state, stats) runs after each
@@ -521,7 +533,7 @@ def run_mem(
     state.model.to(device)
     tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
     n = images.shape[0]
-    while state.iteration < settings.outer_iterations:
+    while not settings.finished(state.iteration, state.history[-1]["pass_loss"] if state.history else math.inf):
         started = time.monotonic()
         surrogate_loss = train_surrogate(state, images, tokens, settings, device)
         trained = time.monotonic()
@@ -549,6 +561,9 @@ def run_mem(
             )
         if callback is not None:
             callback(state, stats)
+    if progress and state.iteration < settings.outer_iterations:
+        print(f"MEM stopped after {state.iteration} outer iterations: pass loss "
+              f"{state.history[-1]['pass_loss']:.4f} <= stop_loss {settings.stop_loss}", file=sys.stderr, flush=True)
     return state
 
 

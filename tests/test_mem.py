@@ -202,6 +202,27 @@ def test_em_mode_gives_no_trigger(tiny):
     assert texts == captions
 
 
+def test_stop_loss_ends_the_outer_loop_once_the_shortcut_holds_but_not_before_the_triggers(tiny):
+    _, tokenizer, images, captions = tiny
+    base = dict(trigger_length=1, outer_iterations=4, trigger_iterations=2, surrogate_steps=1, pgd_steps=1,
+                batch_size=6, candidates=2, amp="off")
+
+    def iterations(**extra) -> int:
+        settings = mem.MEMSettings(**base, **extra)
+        torch.manual_seed(0)
+        state = mem.new_state(build_clip("rn_tiny", tokenizer.vocab_size), tokenizer, len(captions), (SIZE, SIZE),
+                              settings)
+        mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+        assert len(state.history) == state.iteration
+        return state.iteration
+
+    assert iterations() == 4                       # no criterion: every outer iteration
+    assert iterations(stop_loss=1e6) == 2          # any loss passes, but the trigger iterations run first
+    assert iterations(stop_loss=0.0) == 4          # never reached: the cap still holds
+    with pytest.raises(ValueError, match="stop_loss"):
+        mem.MEMSettings(stop_loss=-1.0).validate()
+
+
 def test_surrogate_artefact_refuses_tampering(tiny, tmp_path):
     model, tokenizer, _, _ = tiny
     meta = mem.save_surrogate(tmp_path / "s", model, tokenizer, mem.MEMSettings(), {"note": "t"})
