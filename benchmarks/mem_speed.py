@@ -165,13 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         pairs = read_pairs(root, "train.jsonl")
         captions = [p.caption for p in pairs]
         tokenizer = Tokenizer.train(captions, 1000)
-        tokens = tokenizer.tokenize(captions, 40, settings.trigger_length)
-
         from dataclasses import replace
 
         from aigis.protection.clip import PRESETS
 
         config = replace(PRESETS[args.clip], image_resolution=args.size)
+        tokens = tokenizer.tokenize(captions, config.context_length, settings.trigger_length)
         torch.manual_seed(0)
         fast_model = build_clip(config, tokenizer.vocab_size).to(device)
         torch.manual_seed(0)
