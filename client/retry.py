@@ -48,14 +48,7 @@ class RetryPolicy:
             try:
                 return attempt()
             except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                delay = next(delays, None)
-                if delay is None:
-                    final = gave_up(exc, attempts, started)
-                    if final is exc:
-                        raise
-                    raise final from exc
+                delay = _delay_or_raise(exc, delays, attempts, started)
                 if stop is not None:
                     if stop.wait(delay):
                         raise ClientClosedError("client closed while waiting to retry") from exc
@@ -70,15 +63,20 @@ class RetryPolicy:
             try:
                 return await attempt()
             except Exception as exc:
-                if not is_retryable(exc):
-                    raise
-                delay = next(delays, None)
-                if delay is None:
-                    final = gave_up(exc, attempts, started)
-                    if final is exc:
-                        raise
-                    raise final from exc
-                await asyncio.sleep(delay)
+                await asyncio.sleep(_delay_or_raise(exc, delays, attempts, started))
+
+
+def _delay_or_raise(error: Exception, delays: Iterator[float], attempts: int, started: float) -> float:
+    """After a failed attempt (called inside its `except`): the wait before the next one, or raise."""
+    if not is_retryable(error):
+        raise error
+    delay = next(delays, None)
+    if delay is None:
+        final = gave_up(error, attempts, started)
+        if final is error:
+            raise error
+        raise final from error
+    return delay
 
 
 def gave_up(error: Exception, attempts: int, started: float) -> Exception:

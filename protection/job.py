@@ -328,5 +328,5 @@ def protect_dataset(
         "out_dir": str(out_dir), "pairs": len(pairs), "mode": settings.mode, "resumed": bool(resumed),
         "surrogate_dir": str(surrogate_root / str(version)), "surrogate_sha256": meta["sha256"],
         "final_pass_loss": last.get("pass_loss"), "pairs_per_s": last.get("pairs_per_s"), "seconds": elapsed,
-        "outer_iterations": state.iteration,
+        "outer_iterations_run": state.iteration,
     }

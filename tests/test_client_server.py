@@ -34,6 +34,7 @@ from aigis.client import (
     ServerUnavailableError,
 )
 from aigis.serving.server import TritonServer, free_port
+from polling import poll
 from test_client_standin import (
     ALL_MODELS,
     CROP,
@@ -95,19 +96,9 @@ def counts(connection, model: str) -> tuple[int, int]:
     return requests, int(entry.get("inference_count", 0))
 
 
-def counts_after(connection, model: str, before: tuple[int, int], images: int, timeout: float = 10.0) -> tuple[int, int]:
-    """Counts once `images` more have been recorded (or `timeout` passed).
-
-    Triton updates an ensemble's statistics after the response has been sent, so a read right after
-    the call can miss the last request; waiting for the expected total (never past it) keeps the
-    exact-count assertions meaningful: an overshoot or a shortfall still fails them.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        now = counts(connection, model)
-        if now[1] - before[1] >= images or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
+def counts_after(connection, model: str, before: tuple[int, int], images: int) -> tuple[int, int]:
+    """counts() once `images` more images than `before` have been recorded (or the wait timed out)."""
+    return poll(lambda: counts(connection, model), lambda now: now[1] - before[1] >= images)
 
 
 # ---- answers -------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from aigis.serving.control import ModelControl, ModelControlError, wait_ready
 from aigis.serving.server import ServerError, TritonServer, descendants, is_alive, process_group_members
+from polling import poll
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -195,11 +196,8 @@ def test_dynamic_batching_runs_concurrent_requests_as_one_batch(repo, server, cl
         assert isinstance(results[k], np.ndarray), results[k]
         assert np.array_equal(results[k], reference(model_path, x)), f"request {k}"
     expected = sum(len(x) for x in inputs)
-    deadline = time.monotonic() + 10          # statistics are recorded just after the responses go out
-    stats = client.get_inference_statistics("tiny_slowq").model_stats[0]
-    while stats.inference_count < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-        stats = client.get_inference_statistics("tiny_slowq").model_stats[0]
+    stats = poll(lambda: client.get_inference_statistics("tiny_slowq").model_stats[0],
+                 lambda now: now.inference_count >= expected)
     assert stats.inference_count == expected
     assert stats.execution_count < len(inputs)   # some execute() calls served several requests
 
