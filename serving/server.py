@@ -421,7 +421,10 @@ class TritonServer:
             process = self._process
             if process is None:
                 return None
+            # Children are found through the server while it lives and through its process group after a
+            # crash (orphaned stubs are no longer its descendants), so the wait below covers both.
             self._known_children.update(descendants(process.pid))
+            self._known_children.update(process_group_members(process.pid))
             if process.poll() is None:
                 try:
                     process.send_signal(signal.SIGINT)
@@ -430,6 +433,7 @@ class TritonServer:
                     self._kill_group(process.pid)
                     process.wait()
             # Stubs normally exit with the server; kill any that did not (they keep its group).
+            self._known_children.update(process_group_members(process.pid))
             self._kill_group(process.pid)
             for pid in self._known_children:
                 if is_alive(pid) and _is_triton_process(pid):
