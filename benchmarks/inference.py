@@ -1,7 +1,9 @@
 """Attribution throughput, three ways, side by side in one run (issue 3):
 
   (a) the paper's way: PyTorch + peft, adapters unmerged, one backbone pass per adapter (set_adapter);
-  (b) in-process onnxruntime on the merged extractors + the classifier (what the server runs);
+  (b) in-process onnxruntime on the merged extractors + the classifier, with onnxruntime's default threads
+      and with one thread per session, and the same models in OpenVINO's CPU runtime (one thread each: what
+      the server runs with the default `cpu_execution_accelerator: openvino`);
   (c) the real Triton server over gRPC through the client library (aigis.client.AttributionClient).
 
 Each is measured at batch 1 and batch 32 with `--in-flight` concurrent callers ((a) takes one caller: a
@@ -31,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+IN_PROCESS = ("b_onnxruntime_merged", "b1_onnxruntime_merged_1thread", "b2_openvino_merged_1thread")
 
 
 def machine() -> str:
@@ -65,31 +68,57 @@ def throughput(call, batch: np.ndarray, in_flight: int, seconds: float) -> float
     return sum(done) / (time.perf_counter() - start)
 
 
-class OrtPipeline:
-    """(b): the merged extractors and the classifier as onnxruntime sessions, extractors in parallel."""
+class OrtModel:
+    """One ONNX model in onnxruntime; run(names, feeds) may be called from several threads."""
 
-    def __init__(self, repo: Path, tasks: list[str], version: int, threads: int = 0) -> None:
-        """threads: onnxruntime intra-op threads per session (0 = its default, one per core)."""
+    def __init__(self, path: Path, threads: int) -> None:
         import onnxruntime as ort
-
-        from aigis import contract
 
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-        def session(path: Path):
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
+        return self.session.run(names, feeds)
 
+
+class OpenVinoModel:
+    """One ONNX model compiled by OpenVINO for the CPU (FP32); one infer request per calling thread."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import openvino
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.model = openvino.Core().compile_model(str(path), "CPU", config)
+        self.local = threading.local()
+
+    def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
+        if not hasattr(self.local, "request"):
+            self.local.request = self.model.create_infer_request()
+        results = self.local.request.infer(feeds)
+        return [np.array(results[self.model.output(name)]) for name in names]
+
+
+class InProcessPipeline:
+    """(b): the merged extractors and the classifier in one process, extractors in parallel."""
+
+    def __init__(self, repo: Path, tasks: list[str], version: int, threads: int = 0, runtime: str = "onnxruntime") -> None:
+        """threads: intra-op threads per model (0 = the runtime's default, one per core)."""
+        from aigis import contract
+
+        model = {"onnxruntime": OrtModel, "openvino": OpenVinoModel}[runtime]
         self.contract = contract
-        self.extractors = [session(repo / contract.extractor_model(t) / "1" / "model.onnx") for t in tasks]
-        self.classifier = session(repo / contract.CLASSIFIER_MODEL / str(version) / "model.onnx")
+        self.extractors = [model(repo / contract.extractor_model(t) / "1" / "model.onnx", threads) for t in tasks]
+        self.classifier = model(repo / contract.CLASSIFIER_MODEL / str(version) / "model.onnx", threads)
         self.pool = ThreadPoolExecutor(max_workers=len(tasks))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         c = self.contract
-        features = list(self.pool.map(lambda s: s.run([c.FEATURES], {c.IMAGES: images})[0], self.extractors))
+        features = list(self.pool.map(lambda m: m.run([c.FEATURES], {c.IMAGES: images})[0], self.extractors))
         return self.classifier.run([c.PROBS], {c.features_input(k): f for k, f in enumerate(features)})[0]
 
 
@@ -141,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
                      "crop": crop, "in_flight": args.in_flight, "seconds_per_measurement": args.seconds,
                      "repeats": args.repeats, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
     samples: dict[str, list[float]] = {}
-    ort_default = OrtPipeline(repo, tasks, len(tasks))
-    ort_single = OrtPipeline(repo, tasks, len(tasks), threads=1)
+    ort_default = InProcessPipeline(repo, tasks, len(tasks))
+    ort_single = InProcessPipeline(repo, tasks, len(tasks), threads=1)
+    openvino_single = InProcessPipeline(repo, tasks, len(tasks), threads=1, runtime="openvino")
     with TritonServer(repo, models=[], log_path=repo.parent / "tritonserver.log") as server:
         with ModelControl(server.grpc_url) as control:
             load_version(control, repo, len(tasks), bytes_ensemble=False)
@@ -152,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                 "a_pytorch_peft_unmerged": (pytorch_call(full), 1),
                 "b_onnxruntime_merged": (ort_default, args.in_flight),
                 "b1_onnxruntime_merged_1thread": (ort_single, args.in_flight),
+                "b2_openvino_merged_1thread": (openvino_single, args.in_flight),
                 "c_triton_grpc_client": (client.attribute, args.in_flight),
             }
             for repeat in range(args.repeats):
@@ -164,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     medians = {key: statistics.median(values) for key, values in samples.items()}
     results["images_per_second"] = medians
     results["samples"] = samples
-    # (b) is the better of its two thread settings, so (c) is compared with in-process at its best.
-    best_b32 = max(medians["b_onnxruntime_merged@batch32"], medians["b1_onnxruntime_merged_1thread@batch32"])
+    # (c) is compared with the best of the in-process variants.
+    best_b32 = max(medians[f"{b}@batch32"] for b in IN_PROCESS)
     results["ratios"] = {
         "c_over_b_batch32": medians["c_triton_grpc_client@batch32"] / best_b32,
         "c_over_a_batch32": medians["c_triton_grpc_client@batch32"] / medians["a_pytorch_peft_unmerged@batch32"],
@@ -176,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     scaling = {}
     for k in counts:
         model_k = load_run(run, num_tasks=k)
-        ort_k = OrtPipeline(repo, tasks[:k], k)
+        in_process_k = InProcessPipeline(repo, tasks[:k], k, threads=1, runtime="openvino")
         a = statistics.median(throughput(pytorch_call(model_k), batches[32], 1, args.seconds / 2)
                               for _ in range(args.repeats))
-        b = statistics.median(throughput(ort_k, batches[32], 1, args.seconds / 2) for _ in range(args.repeats))
+        b = statistics.median(throughput(in_process_k, batches[32], 1, args.seconds / 2) for _ in range(args.repeats))
         scaling[k] = {"a_ms_per_image": 1000 / a, "b_ms_per_image": 1000 / b}
         print(f"  {k} task(s): (a) {1000 / a:.2f} ms/image, (b) {1000 / b:.2f} ms/image", flush=True)
     results["cost_vs_tasks"] = scaling
@@ -193,13 +224,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, label in (("a_pytorch_peft_unmerged", "(a) PyTorch + peft, unmerged"),
                         ("b_onnxruntime_merged", "(b) onnxruntime in-process, merged, default threads"),
                         ("b1_onnxruntime_merged_1thread", "(b) onnxruntime in-process, merged, 1 thread/session"),
+                        ("b2_openvino_merged_1thread", "(b) OpenVINO in-process, merged, 1 thread/model"),
                         ("c_triton_grpc_client", "(c) Triton over gRPC, client library")):
         lines.append(f"| {label} | {medians[f'{name}@batch1']:.1f} | {medians[f'{name}@batch32']:.1f} |")
     r = results["ratios"]
     lines += ["", f"(c)/(best b) at batch 32: {r['c_over_b_batch32']:.2f} (target >= 0.8); "
                   f"(c)/(a) at batch 32: {r['c_over_a_batch32']:.2f}, at batch 1: {r['c_over_a_batch1']:.2f} "
                   f"(target >= 3)", "",
-              "| tasks | (a) ms/image | (b) ms/image |", "|---|---|---|"]
+              "| tasks | (a) ms/image | (b) OpenVINO ms/image |", "|---|---|---|"]
     lines += [f"| {k} | {v['a_ms_per_image']:.2f} | {v['b_ms_per_image']:.2f} |" for k, v in scaling.items()]
     (RESULTS / "inference.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

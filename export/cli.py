@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--cpu-threads", type=int, default=1,
                         help="onnxruntime threads per CPU model instance (default 1: the ensemble's extractors "
                              "run at the same time and share the cores; 0 = onnxruntime's default)")
+    export.add_argument("--cpu-accelerator", choices=["openvino", "none"], default="openvino",
+                        help="CPU instances: run the ONNX models in OpenVINO's CPU runtime (default; FP32, about "
+                             "twice onnxruntime's speed) or plain onnxruntime (none)")
     export.add_argument("--rtol", type=float, default=None,
                         help="refuse to publish a model whose ONNX output differs from PyTorch by more than "
                              "RTOL * (0.1 + max|output|) (default 1e-3)")
@@ -53,7 +56,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     try:
         options = TargetOptions(gpu=args.gpu, tensorrt_fp16=args.tensorrt_fp16, max_batch_size=args.max_batch,
-                                cpu_threads=args.cpu_threads)
+                                cpu_threads=args.cpu_threads, cpu_accelerator=args.cpu_accelerator)
         report = export_run(args.run, args.repo, args.tasks, data_root=args.data, options=options,
                             progress=not args.quiet, rtol=args.rtol)
         if args.tensorrt_plan:

@@ -40,6 +40,7 @@ class Check:
     max_abs_diff: float
     scale: float           # max |PyTorch output|
     rtol: float = RTOL
+    runtime: str = "onnxruntime"
 
     @property
     def tolerance(self) -> float:
@@ -50,7 +51,7 @@ class Check:
         return self.max_abs_diff <= self.tolerance
 
     def __str__(self) -> str:
-        return (f"{self.model}: max |onnx - torch| = {self.max_abs_diff:.2e} on {self.count} {self.inputs} "
+        return (f"{self.model}: max |{self.runtime} - torch| = {self.max_abs_diff:.2e} on {self.count} {self.inputs} "
                 f"(tolerance {self.tolerance:.1e})")
 
 
@@ -100,27 +101,45 @@ def session(model: bytes | str | Path):
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
+def run_onnx(model: bytes, names: list[str], feeds: dict[str, np.ndarray], runtime: str = "onnxruntime") -> list[np.ndarray]:
+    """Run an ONNX model once on the CPU with the runtime that will serve it: onnxruntime or openvino (FP32)."""
+    if runtime == "onnxruntime":
+        return session(model).run(names, feeds)
+    if runtime == "openvino":
+        try:
+            import openvino
+        except ImportError as error:
+            raise RuntimeError(f"cannot check the models with OpenVINO ({error}): `pip install openvino` "
+                               "or export with --cpu-accelerator none") from None
+        compiled = openvino.Core().compile_model(openvino.Core().read_model(model), "CPU",
+                                                 {"INFERENCE_PRECISION_HINT": "f32"})
+        results = compiled.create_infer_request().infer(feeds)
+        return [np.array(results[compiled.output(name)]) for name in names]
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
 def check_extractor(name: str, onnx_model: bytes, extractor: nn.Module, images: np.ndarray, inputs: str,
-                    rtol: float = RTOL) -> Check:
+                    rtol: float = RTOL, runtime: str = "onnxruntime") -> Check:
     """Compare FEATURES of the ONNX extractor and the PyTorch one on uint8 NHWC `images`."""
     with torch.no_grad():
         expected = extractor(torch.from_numpy(np.ascontiguousarray(images))).numpy()
-    got = session(onnx_model).run([contract.FEATURES], {contract.IMAGES: images})[0]
-    return Check(name, inputs, len(images), float(np.abs(got - expected).max()), float(np.abs(expected).max()), rtol)
+    got = run_onnx(onnx_model, [contract.FEATURES], {contract.IMAGES: images}, runtime)[0]
+    return Check(name, inputs, len(images), float(np.abs(got - expected).max()), float(np.abs(expected).max()), rtol,
+                 runtime)
 
 
 def check_classifier(name: str, onnx_model: bytes, classifier: nn.Module, features: list[np.ndarray],
-                     inputs: str, rtol: float = RTOL) -> Check:
+                     inputs: str, rtol: float = RTOL, runtime: str = "onnxruntime") -> Check:
     """Compare LOGITS and PROBS (each against its own scale) of the ONNX classifier and the PyTorch one."""
     with torch.no_grad():
         logits = classifier(*[torch.from_numpy(f) for f in features])
         expected = {contract.LOGITS: logits.numpy(), contract.PROBS: torch.softmax(logits, 1).numpy()}
     feeds = {contract.features_input(t): f for t, f in enumerate(features)}
-    got = dict(zip(expected, session(onnx_model).run(list(expected), feeds)))
+    got = dict(zip(expected, run_onnx(onnx_model, list(expected), feeds, runtime)))
     # Report the output that is relatively furthest off.
     worst = max(expected, key=lambda k: np.abs(got[k] - expected[k]).max() / (FLOOR + np.abs(expected[k]).max()))
     return Check(f"{name} ({worst})", inputs, len(features[0]), float(np.abs(got[worst] - expected[worst]).max()),
-                 float(np.abs(expected[worst]).max()), rtol)
+                 float(np.abs(expected[worst]).max()), rtol, runtime)
 
 
 def require(checks: list[Check]) -> None:

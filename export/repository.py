@@ -293,8 +293,8 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         say(f"  exporting {name} ...", flush=True)
         # Export a copy (export may fix input-size-dependent constants); check against the untouched one.
         graph = onnx_export.extractor_onnx(model.merged_extractor(k), crop)
-        checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name, rtol)
-                  for set_name, images in image_sets]
+        checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name, rtol, runtime)
+                  for set_name, images in image_sets for runtime in options.runtimes]
         onnx_export.require(checks)
         report.checks += checks
         source_info = {"task": task, "task_index": k, "adapter_sha256": adapter_sha,
@@ -307,8 +307,8 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         classifier = model.classifier_module()
         classifier_graph = onnx_export.classifier_onnx(classifier, len(tasks), model.feature_dim)
         checks = [onnx_export.check_classifier(contract.CLASSIFIER_MODEL, classifier_graph, classifier,
-                                               features[set_name], set_name, rtol)
-                  for set_name, _ in image_sets]
+                                               features[set_name], set_name, rtol, runtime)
+                  for set_name, _ in image_sets for runtime in options.runtimes]
         onnx_export.require(checks)
         report.checks += checks
 

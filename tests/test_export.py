@@ -58,6 +58,7 @@ def test_export_writes_checked_versioned_models(workspace):
     repo, report = workspace["repo"], workspace["report"]
     assert report.version == 2 and report.tasks == TASKS[:2]
     assert {c.inputs for c in report.checks} == {"random", "real images"}
+    assert {c.runtime for c in report.checks} == {"onnxruntime", "openvino"}   # both runtimes that may serve it
     assert all(c.ok and c.max_abs_diff < 1e-3 for c in report.checks)
     assert versions(repo, contract.ENSEMBLE_MODEL) == [2]
     assert versions(repo, contract.extractor_model("tconv")) == [1]
@@ -208,7 +209,7 @@ def test_cli_lists_versions_and_refuses_bad_runs(workspace, tmp_path, capsys):
     assert "--tensorrt-fp16 needs --gpu" in capsys.readouterr().err
 
 
-def test_cpu_configs_give_each_instance_one_onnxruntime_thread(workspace):
+def test_cpu_configs_give_each_instance_one_thread_and_the_openvino_accelerator(workspace):
     from aigis.export.configs import TargetOptions, extractor_config
 
     # What export wrote: the ensemble's extractors run at once, so each gets one thread, not a pool per core.
@@ -221,6 +222,14 @@ def test_cpu_configs_give_each_instance_one_onnxruntime_thread(workspace):
         {"string_value": "2"}
     with pytest.raises(ValueError, match="cpu threads must be 0"):
         TargetOptions(cpu_threads=-1).validate()
+    # Triton's own field for it, so NVIDIA's container reads the same config.
+    openvino = {"execution_accelerators": {"cpu_execution_accelerator": [{"name": "openvino"}]}}
+    assert written["optimization"] == openvino
+    assert "optimization" not in extractor_config("tconv", 32, 16, TargetOptions(cpu_accelerator="none"))
+    assert "cpu_execution_accelerator" not in str(extractor_config("tconv", 32, 16, TargetOptions(gpu=True)))
+    assert TargetOptions(cpu_accelerator="none").runtimes == ["onnxruntime"]
+    with pytest.raises(ValueError, match="cpu accelerator must be one of openvino, none"):
+        TargetOptions(cpu_accelerator="fastcpu").validate()
 
 
 def test_gpu_configs_and_tensorrt_plans(workspace, tmp_path):
@@ -263,5 +272,5 @@ def test_export_refuses_to_publish_beyond_the_tolerance(workspace, tmp_path, cap
     repo = tmp_path / "repo"
     assert aigis_main(["export", "--run", str(workspace["run"]), "--repo", str(repo), "--tasks", "1",
                        "--rtol", "1e-9", "--quiet"]) == 2
-    assert "refusing to publish: lorax_extractor_tconv: max |onnx - torch|" in capsys.readouterr().err
+    assert "refusing to publish: lorax_extractor_tconv: max |onnxruntime - torch|" in capsys.readouterr().err
     assert not any(p.is_file() or p.name.isdigit() for p in repo.rglob("*"))     # nothing published, no leftovers

@@ -46,6 +46,7 @@ def write_model(
     max_batch_size: int = 64,
     queue_delay_us: int = 500,
     write_onnx: bool = True,
+    cpu_accelerator: str | None = None,
 ) -> Path:
     """tanh(X @ W + b) with a dynamic batch axis, weights in an external model.onnx.data file."""
     rng = np.random.default_rng(seed)
@@ -79,6 +80,10 @@ output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ {output_dims} ] }} ]
 instance_group [ {{ kind: KIND_CPU count: 1 }} ]
 parameters {{ key: "intra_op_thread_count" value: {{ string_value: "1" }} }}
 """)
+    if cpu_accelerator:
+        with open(repo / name / "config.pbtxt", "a") as config:
+            config.write(f'optimization {{ execution_accelerators {{ cpu_execution_accelerator: '
+                         f'[ {{ name: "{cpu_accelerator}" }} ] }} }}\n')
     return version_dir / "model.onnx"
 
 
@@ -107,6 +112,8 @@ def repo(tmp_path_factory) -> Path:
     write_model(root, "tiny_slowq", seed=3, queue_delay_us=200_000)  # batches concurrent requests
     write_model(root, "tiny_nobatch", seed=4, max_batch_size=0,       # batch axis left to the model
                 input_dims=f"-1, {IN_FEATURES}", output_dims=f"-1, {OUT_FEATURES}")
+    write_model(root, "tiny_openvino", seed=5, cpu_accelerator="openvino")
+    write_model(root, "unknown_accelerator", cpu_accelerator="fastcpu")
     write_model(root, "no_file", write_onnx=False)
     write_model(root, "bad_config")
     (root / "bad_config" / "config.pbtxt").write_text('name: "bad_config"\nplatform: "onnxruntime_onnx"\ninput [ {{ oops')
@@ -115,7 +122,7 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shared_server(repo):
-    with TritonServer(repo, models=["tiny", "tiny_var", "tiny_slowq", "tiny_nobatch"]) as running:
+    with TritonServer(repo, models=["tiny", "tiny_var", "tiny_slowq", "tiny_nobatch", "tiny_openvino"]) as running:
         yield running
 
 
@@ -147,6 +154,20 @@ def test_a_model_without_triton_batching_is_served_as_is(repo, client):
     x = batch(7, seed=13)
     served = infer(client, "tiny_nobatch", x)
     assert np.array_equal(served, reference(repo / "tiny_nobatch" / "1" / "model.onnx", x))
+
+
+def test_the_openvino_cpu_accelerator_serves_what_onnxruntime_computes(repo, client):
+    """cpu_execution_accelerator "openvino": the same model.onnx, run by OpenVINO in FP32, batched by Triton."""
+    for rows in (1, 6):
+        x = batch(rows, seed=40 + rows)
+        served = infer(client, "tiny_openvino", x)
+        expected = reference(repo / "tiny_openvino" / "1" / "model.onnx", x)
+        assert served.dtype == np.float32 and served.shape == (rows, OUT_FEATURES)
+        assert np.abs(served - expected).max() < 1e-5
+    with pytest.raises(InferenceServerException, match="tiny_openvino"):   # bad input: its own error
+        infer(client, "tiny_openvino", batch(2, seed=7, features=IN_FEATURES + 1))
+    x = batch(2, seed=44)                                                   # and the model keeps serving
+    assert np.abs(infer(client, "tiny_openvino", x) - reference(repo / "tiny_openvino" / "1" / "model.onnx", x)).max() < 1e-5
 
 
 def test_concurrent_requests_from_threads_all_succeed(repo, server):
@@ -249,7 +270,8 @@ def test_load_with_a_config_override(server, client):
             control.unload("tiny_b")
 
 
-@pytest.mark.parametrize("name, words", [("no_file", "model.onnx not found"), ("bad_config", "")])
+@pytest.mark.parametrize("name, words", [("no_file", "model.onnx not found"), ("bad_config", ""),
+                                         ("unknown_accelerator", "unknown CPU execution accelerator 'fastcpu'")])
 def test_a_broken_model_fails_to_load_with_an_error_naming_it(server, name, words):
     with ModelControl(server.grpc_url) as control:
         with pytest.raises(ModelControlError, match=f"'{name}'") as caught:
@@ -332,7 +354,7 @@ def test_startup_with_a_broken_model_raises_naming_it_and_leaves_nothing(repo):
 
 def test_stop_ends_the_server_and_every_stub(server):
     pid, stubs = server.pid, _stub_pids(server)
-    assert len(stubs) == 4                # one per loaded model instance
+    assert len(stubs) == 5                # one per loaded model instance
     assert server.stop() == 0
     assert not server.is_running()
     assert not any(is_alive(p) for p in [pid, *stubs])

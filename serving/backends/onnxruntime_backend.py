@@ -6,8 +6,12 @@ makes the same repository load unchanged on the local server (one stub process p
 
 What it honours from config.pbtxt: the explicitly listed inputs and outputs (names, data types, dims,
 `reshape`), `max_batch_size`, `default_model_filename`, the instance kind (CUDA execution provider on
-KIND_GPU when onnxruntime has it, CPU otherwise), `optimization { graph { level } }` and the native
-backend's parameters `intra_op_thread_count`, `inter_op_thread_count`, `execution_mode`.
+KIND_GPU when onnxruntime has it, CPU otherwise), `optimization { graph { level } }`, the native
+backend's parameters `intra_op_thread_count`, `inter_op_thread_count`, `execution_mode`, and the CPU
+execution accelerator `openvino` (`optimization { execution_accelerators { cpu_execution_accelerator:
+[{ name: "openvino" }] } }`): on CPU instances the model then runs in OpenVINO's CPU runtime, in FP32,
+with `intra_op_thread_count` threads -- what the native backend does through onnxruntime's OpenVINO
+execution provider.
 
 Batching: all requests of one execute() call whose non-batch shapes agree are concatenated along
 axis 0 into ONE session run and the outputs are split back, so dynamic batching pays off. A request
@@ -65,6 +69,46 @@ class _TensorSpec:
         self.optional = bool(entry.get("optional", False))
 
 
+class _OrtSession:
+    """An onnxruntime session: `inputs`/`outputs` map names to numpy dtypes; run(names, feeds) -> arrays."""
+
+    def __init__(self, path, options, providers):
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.inputs = {node.name: _numpy_dtype(node.type) for node in self.session.get_inputs()}
+        self.outputs = {node.name: _numpy_dtype(node.type) for node in self.session.get_outputs()}
+
+    def run(self, names, feeds):
+        return self.session.run(names, feeds)
+
+
+class _OpenVinoSession:
+    """The same model compiled by OpenVINO for the CPU, FP32 (never bf16, even where the CPU has it)."""
+
+    def __init__(self, path, threads):
+        import openvino
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.model = openvino.Core().compile_model(str(path), "CPU", config)
+        self.request = self.model.create_infer_request()
+        # A port may carry several tensor names (OpenVINO keeps internal ones beside the ONNX name): map each.
+        self.inputs = {name: np.dtype(port.get_element_type().to_dtype())
+                       for port in self.model.inputs for name in port.get_names()}
+        self.outputs = {name: np.dtype(port.get_element_type().to_dtype())
+                        for port in self.model.outputs for name in port.get_names()}
+
+    def run(self, names, feeds):
+        results = self.request.infer(feeds)
+        # The request reuses its output buffers on the next call: copy.
+        return [np.array(results[self.model.output(name)], copy=True) for name in names]
+
+
+def _numpy_dtype(onnx_type):
+    dtype = _ORT_TO_NUMPY.get(onnx_type)
+    return None if dtype is None else np.dtype(dtype)
+
+
 class TritonPythonModel:
     """initialize() opens the session, execute() runs batches, finalize() releases the session."""
 
@@ -83,12 +127,21 @@ class TritonPythonModel:
             )
 
         model_path = self._model_file(args)
-        providers = self._providers(args)
+        accelerator = self._cpu_accelerator(args)
+        runtime = accelerator or "onnxruntime"
         try:
-            self.session = ort.InferenceSession(str(model_path), self._session_options(), providers=providers)
-        except Exception as error:  # onnxruntime raises several exception types
+            if accelerator == "openvino":
+                self.session = _OpenVinoSession(model_path, self._int_parameter("intra_op_thread_count"))
+            else:
+                self.session = _OrtSession(model_path, self._session_options(), self._providers(args))
+        except ImportError as error:
             raise pb_utils.TritonModelException(
-                f"model '{self.model_name}': onnxruntime cannot open {model_path}: {error}"
+                f"model '{self.model_name}': config.pbtxt asks for the {runtime} CPU execution accelerator but "
+                f"it is not installed ({error}); `pip install openvino` or export with --cpu-accelerator none"
+            ) from None
+        except Exception as error:  # both runtimes raise several exception types
+            raise pb_utils.TritonModelException(
+                f"model '{self.model_name}': {runtime} cannot open {model_path}: {error}"
             ) from None
         self._check_signature()
         self.output_names = [spec.name for spec in self.outputs]
@@ -116,30 +169,40 @@ class TritonPythonModel:
             return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
         return ["CPUExecutionProvider"]
 
+    def _cpu_accelerator(self, args):
+        """'openvino' when the config names it and this is a CPU instance, else None (plain onnxruntime)."""
+        if args.get("model_instance_kind", "CPU") == "GPU":
+            return None
+        accelerators = self.config.get("optimization", {}).get("execution_accelerators", {})
+        names = [entry.get("name", "") for entry in accelerators.get("cpu_execution_accelerator", [])]
+        unknown = [name for name in names if name != "openvino"]
+        if unknown:
+            raise pb_utils.TritonModelException(
+                f"model '{self.model_name}': unknown CPU execution accelerator {unknown[0]!r} (only 'openvino')"
+            )
+        return "openvino" if names else None
+
+    def _int_parameter(self, key):
+        entry = self.config.get("parameters", {}).get(key, {})
+        text = entry.get("string_value", "").strip()
+        if not text:
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise pb_utils.TritonModelException(
+                f"model '{self.model_name}': parameter {key} must be an integer, got {text!r}"
+            ) from None
+
     def _session_options(self):
         options = ort.SessionOptions()
-        parameters = {
-            key: value.get("string_value", "") for key, value in self.config.get("parameters", {}).items()
-        }
-
-        def int_parameter(key):
-            text = parameters.get(key, "").strip()
-            if not text:
-                return None
-            try:
-                return int(text)
-            except ValueError:
-                raise pb_utils.TritonModelException(
-                    f"model '{self.model_name}': parameter {key} must be an integer, got {text!r}"
-                ) from None
-
-        intra = int_parameter("intra_op_thread_count")
+        intra = self._int_parameter("intra_op_thread_count")
         if intra is not None:
             options.intra_op_num_threads = intra
-        inter = int_parameter("inter_op_thread_count")
+        inter = self._int_parameter("inter_op_thread_count")
         if inter is not None:
             options.inter_op_num_threads = inter
-        if int_parameter("execution_mode") == 1:
+        if self._int_parameter("execution_mode") == 1:
             options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         level = self.config.get("optimization", {}).get("graph", {}).get("level")
         if level is not None:
@@ -150,19 +213,16 @@ class TritonPythonModel:
 
     def _check_signature(self):
         """Fail the load, not the first request, when config.pbtxt and model.onnx disagree."""
-        model_inputs = {node.name: node for node in self.session.get_inputs()}
-        model_outputs = {node.name: node for node in self.session.get_outputs()}
+        model_inputs, model_outputs = self.session.inputs, self.session.outputs  # name -> numpy dtype or None
         problems = []
         for kind, specs, nodes in (("input", self.inputs, model_inputs), ("output", self.outputs, model_outputs)):
             for spec in specs:
-                node = nodes.get(spec.name)
-                if node is None:
+                if spec.name not in nodes:
                     problems.append(f"{kind} {spec.name} is not in model.onnx (it has {sorted(nodes)})")
                     continue
-                model_dtype = _ORT_TO_NUMPY.get(node.type)
-                if model_dtype is not None and np.dtype(model_dtype) != spec.dtype:
-                    if not (spec.dtype == np.object_ and model_dtype is np.object_):
-                        problems.append(f"{kind} {spec.name}: config says {spec.dtype}, model.onnx has {node.type}")
+                model_dtype = nodes[spec.name]
+                if model_dtype is not None and model_dtype != spec.dtype:
+                    problems.append(f"{kind} {spec.name}: config says {spec.dtype}, model.onnx has {model_dtype}")
         declared = {spec.name for spec in self.inputs}
         for name in model_inputs:
             if name not in declared:
