@@ -90,7 +90,7 @@ class OpenVinoModel:
     def __init__(self, path: Path, threads: int) -> None:
         import openvino
 
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.model = openvino.Core().compile_model(str(path), "CPU", config)

@@ -82,12 +82,14 @@ class _OrtSession:
 
 
 class _OpenVinoSession:
-    """The same model compiled by OpenVINO for the CPU, FP32 (never bf16, even where the CPU has it)."""
+    """The same model compiled by OpenVINO for the CPU, FP32 (never bf16, even where the CPU has it), unpinned."""
 
     def __init__(self, path, threads):
         import openvino
 
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        # No CPU pinning: Triton runs one stub process per instance, and OpenVINO would pin every one of
+        # them to the same first cores.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.model = openvino.Core().compile_model(str(path), "CPU", config)
