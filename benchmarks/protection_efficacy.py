@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--trigger-length", type=int, default=3, help="MEM-3 (default) or MEM-5")
+    # The paper searches triggers in the first 5 of 20 outer iterations, i.e. over its surrogate's first quarter
+    # of training; with many short rounds that is a quarter of the iterations, not 5 (= 10 surrogate steps).
+    parser.add_argument("--trigger-iterations", type=int, default=None, help="default: a quarter of --outer")
     parser.add_argument("--stop-loss", type=float, default=None, help="MEMSettings.stop_loss (default: none)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--hacker-epochs", type=int, default=10)
@@ -56,11 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
         synth_captioned(data, n_train=args.train, n_test=args.test, size=args.size)
+    trigger_iterations = max(1, args.outer // 4) if args.trigger_iterations is None else args.trigger_iterations
     protected, jobs = {}, {}
     for mode, trigger in (("mem", args.trigger_length), ("em", 0)):
         settings = MEMSettings(trigger_length=trigger, outer_iterations=args.outer, surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
-                               trigger_iterations=min(5, args.outer), lr=5e-4, stop_loss=args.stop_loss)
+                               trigger_iterations=trigger_iterations, lr=5e-4, stop_loss=args.stop_loss)
         t0 = time.perf_counter()
         summary = protect_dataset(data, "train.jsonl", work / mode, settings, clip_preset=args.clip,
                                   image_size=args.size, device=args.device)
