@@ -47,19 +47,23 @@ def write_model(
     queue_delay_us: int = 500,
     write_onnx: bool = True,
     cpu_accelerator: str | None = None,
+    extra_input: bool = False,
 ) -> Path:
-    """tanh(X @ W + b) with a dynamic batch axis, weights in an external model.onnx.data file."""
+    """tanh(X @ W + b) with a dynamic batch axis, weights in an external model.onnx.data file.
+
+    extra_input: the graph adds a second input Z to b, which config.pbtxt does not declare."""
     rng = np.random.default_rng(seed)
     weight = rng.standard_normal((IN_FEATURES, OUT_FEATURES)).astype(np.float32)
     bias = rng.standard_normal(OUT_FEATURES).astype(np.float32)
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["X", "W"], ["XW"]),
-            helper.make_node("Add", ["XW", "B"], ["Z"]),
-            helper.make_node("Tanh", ["Z"], ["Y"]),
+            helper.make_node("Add", ["XW", "Z" if extra_input else "B"], ["S"]),
+            helper.make_node("Tanh", ["S"], ["Y"]),
         ],
         name,
-        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", IN_FEATURES])],
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", IN_FEATURES])]
+        + ([helper.make_tensor_value_info("Z", TensorProto.FLOAT, ["batch", OUT_FEATURES])] if extra_input else []),
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", OUT_FEATURES])],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
     )
@@ -114,6 +118,8 @@ def repo(tmp_path_factory) -> Path:
                 input_dims=f"-1, {IN_FEATURES}", output_dims=f"-1, {OUT_FEATURES}")
     write_model(root, "tiny_openvino", seed=5, cpu_accelerator="openvino")
     write_model(root, "unknown_accelerator", cpu_accelerator="fastcpu")
+    write_model(root, "undeclared_input", extra_input=True)
+    write_model(root, "undeclared_input_openvino", extra_input=True, cpu_accelerator="openvino")
     write_model(root, "no_file", write_onnx=False)
     write_model(root, "bad_config")
     (root / "bad_config" / "config.pbtxt").write_text('name: "bad_config"\nplatform: "onnxruntime_onnx"\ninput [ {{ oops')
@@ -271,7 +277,9 @@ def test_load_with_a_config_override(server, client):
 
 
 @pytest.mark.parametrize("name, words", [("no_file", "model.onnx not found"), ("bad_config", ""),
-                                         ("unknown_accelerator", "unknown CPU execution accelerator 'fastcpu'")])
+                                         ("unknown_accelerator", "unknown CPU execution accelerator 'fastcpu'"),
+                                         ("undeclared_input", "model.onnx input Z is not declared"),
+                                         ("undeclared_input_openvino", "model.onnx input Z is not declared")])
 def test_a_broken_model_fails_to_load_with_an_error_naming_it(server, name, words):
     with ModelControl(server.grpc_url) as control:
         with pytest.raises(ModelControlError, match=f"'{name}'") as caught:

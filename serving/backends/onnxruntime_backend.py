@@ -70,10 +70,12 @@ class _TensorSpec:
 
 
 class _OrtSession:
-    """An onnxruntime session: `inputs`/`outputs` map names to numpy dtypes; run(names, feeds) -> arrays."""
+    """An onnxruntime session: `inputs`/`outputs` map names to numpy dtypes, `input_names` holds one set of
+    names per model input; run(names, feeds) -> arrays."""
 
     def __init__(self, path, options, providers):
         self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [{node.name} for node in self.session.get_inputs()]
         self.inputs = {node.name: _numpy_dtype(node.type) for node in self.session.get_inputs()}
         self.outputs = {node.name: _numpy_dtype(node.type) for node in self.session.get_outputs()}
 
@@ -95,6 +97,7 @@ class _OpenVinoSession:
         self.model = openvino.Core().compile_model(str(path), "CPU", config)
         self.request = self.model.create_infer_request()
         # A port may carry several tensor names (OpenVINO keeps internal ones beside the ONNX name): map each.
+        self.input_names = [set(port.get_names()) for port in self.model.inputs]
         self.inputs = {name: np.dtype(port.get_element_type().to_dtype())
                        for port in self.model.inputs for name in port.get_names()}
         self.outputs = {name: np.dtype(port.get_element_type().to_dtype())
@@ -226,9 +229,9 @@ class TritonPythonModel:
                 if model_dtype is not None and model_dtype != spec.dtype:
                     problems.append(f"{kind} {spec.name}: config says {spec.dtype}, model.onnx has {model_dtype}")
         declared = {spec.name for spec in self.inputs}
-        for name in model_inputs:
-            if name not in declared:
-                problems.append(f"model.onnx input {name} is not declared in config.pbtxt")
+        for names in self.session.input_names:
+            if not names & declared:
+                problems.append(f"model.onnx input {sorted(names)[0]} is not declared in config.pbtxt")
         if problems:
             raise pb_utils.TritonModelException(
                 f"model '{self.model_name}': config.pbtxt does not match model.onnx: " + "; ".join(problems)
