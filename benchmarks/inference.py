@@ -1,6 +1,7 @@
 """Attribution throughput, three ways, side by side in one run (issue 3):
 
-  (a) the paper's way: PyTorch + peft, adapters unmerged, one backbone pass per adapter (set_adapter);
+  (a) the paper's way: PyTorch + peft, adapters unmerged, one backbone pass per adapter (set_adapter), with
+      torch's default threads and with one (on a shared machine the default can be the slower);
   (b) in-process onnxruntime on the merged extractors + the classifier, with onnxruntime's default threads
       and with one thread per session, and the same models in OpenVINO's CPU runtime (one thread each: what
       the server runs with the default `cpu_execution_accelerator: openvino`);
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PYTORCH = ("a_pytorch_peft_unmerged", "a1_pytorch_peft_unmerged_1thread")
 IN_PROCESS = ("b_onnxruntime_merged", "b1_onnxruntime_merged_1thread", "b2_openvino_merged_1thread")
 
 
@@ -88,12 +90,12 @@ class OpenVinoModel:
     """One ONNX model compiled by OpenVINO for the CPU (FP32); one infer request per calling thread."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        import openvino
+        from aigis.export.onnx_export import openvino_core
 
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.model = openvino.Core().compile_model(str(path), "CPU", config)
+        self.model = openvino_core().compile_model(str(path), "CPU", config)   # one Core per process
         self.local = threading.local()
 
     def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                 model(torch.from_numpy(images))
         return call
 
+    default_torch_threads = torch.get_num_threads()
+
     results: dict = {"machine": machine(), "tasks": len(tasks), "backbone": full.manifest["backbone"]["name"],
                      "crop": crop, "in_flight": args.in_flight, "seconds_per_measurement": args.seconds,
                      "repeats": args.repeats, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:]))}
@@ -178,15 +182,18 @@ def main(argv: list[str] | None = None) -> int:
             load_version(control, repo, len(tasks), bytes_ensemble=False)
         with AttributionClient(server.grpc_url, max_batch_size=32, max_in_flight=args.in_flight,
                                timeout_s=60) as client:
+            # name -> (call, callers, torch threads while measuring)
             ways = {
-                "a_pytorch_peft_unmerged": (pytorch_call(full), 1),
-                "b_onnxruntime_merged": (ort_default, args.in_flight),
-                "b1_onnxruntime_merged_1thread": (ort_single, args.in_flight),
-                "b2_openvino_merged_1thread": (openvino_single, args.in_flight),
-                "c_triton_grpc_client": (client.attribute, args.in_flight),
+                "a_pytorch_peft_unmerged": (pytorch_call(full), 1, default_torch_threads),
+                "a1_pytorch_peft_unmerged_1thread": (pytorch_call(full), 1, 1),
+                "b_onnxruntime_merged": (ort_default, args.in_flight, default_torch_threads),
+                "b1_onnxruntime_merged_1thread": (ort_single, args.in_flight, default_torch_threads),
+                "b2_openvino_merged_1thread": (openvino_single, args.in_flight, default_torch_threads),
+                "c_triton_grpc_client": (client.attribute, args.in_flight, default_torch_threads),
             }
             for repeat in range(args.repeats):
-                for name, (call, in_flight) in ways.items():
+                for name, (call, in_flight, torch_threads) in ways.items():
+                    torch.set_num_threads(torch_threads)
                     for batch_size, batch in batches.items():
                         key = f"{name}@batch{batch_size}"
                         value = throughput(call, batch, in_flight, args.seconds)
@@ -195,12 +202,16 @@ def main(argv: list[str] | None = None) -> int:
     medians = {key: statistics.median(values) for key, values in samples.items()}
     results["images_per_second"] = medians
     results["samples"] = samples
-    # (c) is compared with the best of the in-process variants.
-    best_b32 = max(medians[f"{b}@batch32"] for b in IN_PROCESS)
+    torch.set_num_threads(default_torch_threads)
+    # (c) is compared with the best variant of (a) and of (b).
+    def best(names: tuple[str, ...], batch_size: int) -> float:
+        return max(medians[f"{name}@batch{batch_size}"] for name in names)
+
+    c = {b: medians[f"c_triton_grpc_client@batch{b}"] for b in (1, 32)}
     results["ratios"] = {
-        "c_over_b_batch32": medians["c_triton_grpc_client@batch32"] / best_b32,
-        "c_over_a_batch32": medians["c_triton_grpc_client@batch32"] / medians["a_pytorch_peft_unmerged@batch32"],
-        "c_over_a_batch1": medians["c_triton_grpc_client@batch1"] / medians["a_pytorch_peft_unmerged@batch1"],
+        "c_over_b_batch32": c[32] / best(IN_PROCESS, 32),
+        "c_over_a_batch32": c[32] / best(PYTORCH, 32),
+        "c_over_a_batch1": c[1] / best(PYTORCH, 1),
     }
 
     # Cost per image against the number of tasks, batch 32, one caller: T backbone passes per image.
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.in_flight} requests in flight for (b) and (c), one caller for (a); median of {args.repeats} "
              f"runs of {args.seconds:.0f} s each, interleaved.", "",
              "| way | batch 1 (images/s) | batch 32 (images/s) |", "|---|---|---|"]
-    for name, label in (("a_pytorch_peft_unmerged", "(a) PyTorch + peft, unmerged"),
+    for name, label in (("a_pytorch_peft_unmerged", "(a) PyTorch + peft, unmerged, default threads"),
+                        ("a1_pytorch_peft_unmerged_1thread", "(a) PyTorch + peft, unmerged, 1 thread"),
                         ("b_onnxruntime_merged", "(b) onnxruntime in-process, merged, default threads"),
                         ("b1_onnxruntime_merged_1thread", "(b) onnxruntime in-process, merged, 1 thread/session"),
                         ("b2_openvino_merged_1thread", "(b) OpenVINO in-process, merged, 1 thread/model"),
@@ -229,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {label} | {medians[f'{name}@batch1']:.1f} | {medians[f'{name}@batch32']:.1f} |")
     r = results["ratios"]
     lines += ["", f"(c)/(best b) at batch 32: {r['c_over_b_batch32']:.2f} (target >= 0.8); "
-                  f"(c)/(a) at batch 32: {r['c_over_a_batch32']:.2f}, at batch 1: {r['c_over_a_batch1']:.2f} "
+                  f"(c)/(best a) at batch 32: {r['c_over_a_batch32']:.2f}, at batch 1: {r['c_over_a_batch1']:.2f} "
                   f"(target >= 3)", "",
               "| tasks | (a) ms/image | (b) OpenVINO ms/image |", "|---|---|---|"]
     lines += [f"| {k} | {v['a_ms_per_image']:.2f} | {v['b_ms_per_image']:.2f} |" for k, v in scaling.items()]

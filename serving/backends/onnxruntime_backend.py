@@ -94,6 +94,7 @@ class _OpenVinoSession:
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        # One stub process serves one instance, so this is the process's one Core (OpenVINO wants one).
         self.model = openvino.Core().compile_model(str(path), "CPU", config)
         self.request = self.model.create_infer_request()
         # A port may carry several tensor names (OpenVINO keeps internal ones beside the ONNX name): map each.
