@@ -19,8 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="also build tensorrt_plan engines (needs the tensorrt package and a GPU)")
     export.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every model (default 64)")
     export.add_argument("--cpu-threads", type=int, default=1,
-                        help="onnxruntime threads per CPU model instance (default 1: the ensemble's extractors "
-                             "run at the same time and share the cores; 0 = onnxruntime's default)")
+                        help="threads per CPU model instance, onnxruntime or OpenVINO (default 1: the ensemble's "
+                             "extractors run at the same time and share the cores; 0 = the runtime's default)")
     export.add_argument("--cpu-accelerator", choices=["openvino", "none"], default="openvino",
                         help="CPU instances: run the ONNX models in OpenVINO's CPU runtime (default; FP32, about "
                              "twice onnxruntime's speed) or plain onnxruntime (none)")
