@@ -87,15 +87,12 @@ class OrtModel:
 
 
 class OpenVinoModel:
-    """One ONNX model compiled by OpenVINO for the CPU (FP32); one infer request per calling thread."""
+    """One ONNX model compiled by OpenVINO as the server does; one infer request per calling thread."""
 
     def __init__(self, path: Path, threads: int) -> None:
-        from aigis.export.onnx_export import openvino_core
+        from aigis.openvino_cpu import compile_cpu
 
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.model = openvino_core().compile_model(str(path), "CPU", config)   # one Core per process
+        self.model = compile_cpu(path, threads)     # as the server compiles it
         self.local = threading.local()
 
     def run(self, names: list[str], feeds: dict) -> list[np.ndarray]:

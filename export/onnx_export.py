@@ -101,30 +101,18 @@ def session(model: bytes | str | Path):
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
-_OPENVINO_CORE = None
-
-
-def openvino_core():
-    """The process's one OpenVINO Core: OpenVINO expects one per process, and a second one can hang or crash
-    a later compile_model."""
-    global _OPENVINO_CORE
-    if _OPENVINO_CORE is None:
-        try:
-            import openvino
-        except ImportError as error:
-            raise RuntimeError(f"OpenVINO is not installed ({error}): `pip install openvino`, "
-                               "or export with --cpu-accelerator none") from None
-        _OPENVINO_CORE = openvino.Core()
-    return _OPENVINO_CORE
-
-
 def run_onnx(model: bytes, names: list[str], feeds: dict[str, np.ndarray], runtime: str = "onnxruntime") -> list[np.ndarray]:
     """Run an ONNX model once on the CPU with the runtime that will serve it: onnxruntime or openvino (FP32)."""
     if runtime == "onnxruntime":
         return session(model).run(names, feeds)
     if runtime == "openvino":
-        core = openvino_core()
-        compiled = core.compile_model(core.read_model(model), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        from aigis.openvino_cpu import compile_cpu
+
+        try:
+            compiled = compile_cpu(model)
+        except ImportError as error:
+            raise RuntimeError(f"OpenVINO is not installed ({error}): `pip install openvino`, "
+                               "or export with --cpu-accelerator none") from None
         results = compiled.create_infer_request().infer(feeds)
         return [np.array(results[compiled.output(name)]) for name in names]
     raise ValueError(f"unknown runtime {runtime!r}")

@@ -234,9 +234,9 @@ def test_cpu_configs_give_each_instance_one_thread_and_the_openvino_accelerator(
 
 def test_export_checks_share_one_openvino_core():
     """OpenVINO wants one Core per process (a second one hung a later compile_model)."""
-    from aigis.export.onnx_export import openvino_core
+    from aigis.openvino_cpu import core
 
-    assert openvino_core() is openvino_core()
+    assert core() is core()
 
 
 def test_gpu_configs_and_tensorrt_plans(workspace, tmp_path):

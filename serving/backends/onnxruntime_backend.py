@@ -84,18 +84,12 @@ class _OrtSession:
 
 
 class _OpenVinoSession:
-    """The same model compiled by OpenVINO for the CPU, FP32 (never bf16, even where the CPU has it), unpinned."""
+    """The same model compiled by OpenVINO for the CPU (aigis.openvino_cpu: FP32, unpinned)."""
 
     def __init__(self, path, threads):
-        import openvino
+        from aigis.openvino_cpu import compile_cpu
 
-        # No CPU pinning: Triton runs one stub process per instance, and OpenVINO would pin every one of
-        # them to the same first cores.
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32", "ENABLE_CPU_PINNING": False}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        # One stub process serves one instance, so this is the process's one Core (OpenVINO wants one).
-        self.model = openvino.Core().compile_model(str(path), "CPU", config)
+        self.model = compile_cpu(path, threads or 0)
         self.request = self.model.create_infer_request()
         # A port may carry several tensor names (OpenVINO keeps internal ones beside the ONNX name): map each.
         self.input_names = [set(port.get_names()) for port in self.model.inputs]
