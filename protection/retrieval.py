@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from typing import Callable
 
 import numpy as np
 import torch
@@ -80,12 +81,14 @@ def train_clip(
     progress: bool = True,
     warmup_fraction: float = 0.1,
     amp: bool | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> CLIP:
     """Contrastive training on (images[i], captions[i]) pairs; returns the model, in eval mode.
 
     AdamW (betas 0.9/0.98, eps 1e-6 as CLIP), linear warmup over warmup_fraction of the steps then
     cosine decay. Batches are reshuffled every epoch from `seed`; a last batch of one is skipped.
-    amp (bfloat16 autocast) defaults to on for CUDA, off on CPU.
+    amp (bfloat16 autocast) defaults to on for CUDA, off on CPU. on_step(step, loss), if given, runs
+    after every optimiser step (1-based) -- for following how a model learns, not only where it ends.
     """
     _check_inputs(model, images_uint8, captions)
     if epochs < 1 or batch_size < 2:
@@ -122,6 +125,8 @@ def train_clip(
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
+            if on_step is not None:
+                on_step(epoch * batches_per_epoch + b + 1, losses[-1])
         if progress:
             elapsed = time.monotonic() - start
             done = (epoch + 1) * batches_per_epoch * batch_size

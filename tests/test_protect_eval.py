@@ -228,3 +228,24 @@ def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, caps
     with Image.open(out / "examples.png") as im:
         assert im.width > 300 and im.height > 200
     assert str(out / "report.md") in capsys.readouterr().out
+
+
+def test_train_clip_reports_every_step_in_order(data):
+    """on_step sees each optimiser step once, numbered from 1, with that step's finite loss."""
+    from dataclasses import replace
+
+    from aigis.protection.captions import load_images
+    from aigis.protection.clip import PRESETS, build_clip
+    from aigis.protection.retrieval import train_clip
+    from aigis.protection.tokenizer import Tokenizer
+
+    pairs = read_pairs(data, "train.jsonl")[:40]
+    captions = [p.caption for p in pairs]
+    tokenizer = Tokenizer.train(captions, vocab_size=800)
+    model = build_clip(replace(PRESETS["rn_tiny"], image_resolution=SIZE), vocab_size=tokenizer.vocab_size)
+    seen: list[tuple[int, float]] = []
+    train_clip(model, load_images(pairs, SIZE, progress=False), captions, tokenizer, epochs=2, batch_size=16,
+               device="cpu", progress=False, on_step=lambda step, loss: seen.append((step, loss)))
+    # 40 pairs in batches of 16: 16, 16, 8 -> 3 steps an epoch
+    assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(loss) and loss > 0 for _, loss in seen)
