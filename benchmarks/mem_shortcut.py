@@ -49,10 +49,11 @@ def follow(name: str, images: np.ndarray, captions: list[str], probe_images: np.
     import torch
 
     from aigis.protection.clip import PRESETS, build_clip
+    from aigis.protection.evaluate import HACKER_BATCH_SIZE, HACKER_LR, HACKER_TOKENIZER_VOCAB
     from aigis.protection.retrieval import evaluate_retrieval, train_clip
     from aigis.protection.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.train(captions, vocab_size=4096)
+    tokenizer = Tokenizer.train(captions, vocab_size=HACKER_TOKENIZER_VOCAB)
     torch.manual_seed(args.seed)
     model = build_clip(replace(PRESETS[args.clip], image_resolution=args.size), vocab_size=tokenizer.vocab_size)
     curve: list[dict] = []
@@ -69,8 +70,8 @@ def follow(name: str, images: np.ndarray, captions: list[str], probe_images: np.
         print(f"{name}: step {step:3d}, loss {loss:.3f}, clean test R@1 {x_chance(test):5.1f} x chance, "
               f"shortcut R@1 {x_chance(probe):6.1f} x chance", file=sys.stderr, flush=True)
 
-    train_clip(model, images, captions, tokenizer, epochs=args.epochs, batch_size=50, lr=1e-3, device=args.device,
-               seed=args.seed, progress=False, on_step=on_step)
+    train_clip(model, images, captions, tokenizer, epochs=args.epochs, batch_size=HACKER_BATCH_SIZE, lr=HACKER_LR,
+               device=args.device, seed=args.seed, progress=False, on_step=on_step)
     return curve
 
 
@@ -123,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     other = np.random.default_rng(args.seed + 1).permutation(len(clean))  # pair i borrows caption other[i]
     runs: dict[str, list[dict]] = {}
     # the reference: a hacker on clean data; its "shortcut" probe has no trigger to find, so it sits near 1
+    test_captions = [p.caption for p in test]
     runs["clean"] = follow("clean", clean_images, clean_captions, clean_images,
-                           [clean_captions[j] for j in other], test_images, [p.caption for p in test], args)
+                           [clean_captions[j] for j in other], test_images, test_captions, args)
     for spec in sets:
         name, _, directory = spec.partition("=")
         if not directory:
@@ -137,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{directory}: no text triggers (an EM set?) -- nothing to follow")
         images = load_images(pairs, args.size, progress=False)
         swapped = [f"{triggers[i]} {clean_captions[j]}" for i, j in enumerate(other)]
-        test_captions = [p.caption for p in test]
         runs[f"{name} published"] = follow(f"{name} published", images, [p.caption for p in pairs], images, swapped,
                                            test_images, test_captions, args)
         runs[f"{name} shortcut only"] = follow(f"{name} shortcut only", images, swapped, images, swapped,

@@ -205,6 +205,11 @@ def write_transformed_set(source: TrainingSet, transform: str, out_dir: str | Pa
 # ----------------------------------------------------------------------------------------------
 # Training the hackers
 
+# The from-scratch hacker's defaults (benchmarks follow the same hacker from here).
+HACKER_BATCH_SIZE = 50
+HACKER_LR = 1e-3
+HACKER_TOKENIZER_VOCAB = 1024
+
 
 def _load_tokenizer(path: str | Path):
     from .tokenizer import Tokenizer
@@ -293,13 +298,13 @@ def evaluate_protection(
     clip_preset: str = "rn_tiny",
     image_size: int = 32,
     epochs: int = 10,
-    batch_size: int = 50,
-    lr: float = 1e-3,
+    batch_size: int = HACKER_BATCH_SIZE,
+    lr: float = HACKER_LR,
     seed: int = 0,
     device: str | None = None,
     epsilon: float | None = None,
     tokenizer: str | Path | None = None,
-    tokenizer_vocab: int = 1024,
+    tokenizer_vocab: int = HACKER_TOKENIZER_VOCAB,
     finetune_checkpoint: str | Path | None = None,
     finetune_lr: float = 1e-5,
     finetune_epochs: int | None = None,
