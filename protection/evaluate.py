@@ -301,6 +301,7 @@ def evaluate_protection(
     batch_size: int = HACKER_BATCH_SIZE,
     lr: float = HACKER_LR,
     seed: int = 0,
+    hackers: int = 1,
     device: str | None = None,
     epsilon: float | None = None,
     tokenizer: str | Path | None = None,
@@ -318,6 +319,8 @@ def evaluate_protection(
     With finetune_checkpoint (an OpenAI-format CLIP state dict) every condition is also fine-tuned
     from it, at finetune_lr for finetune_epochs (default: epochs), which needs `tokenizer` (the
     checkpoint's vocabulary: CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON file).
+    hackers > 1 trains that many hackers per condition (seeds seed, seed + 1, ...): one hacker's R@1 on
+    a small test split moves by a few hits, so the row reports the median run and lists every run's.
     Returns the report (also written as out_dir/report.json, report.md and examples.png).
     """
     t_start = time.monotonic()
@@ -344,8 +347,8 @@ def evaluate_protection(
 
     if clip_preset not in PRESETS:
         raise EvaluationError(f"unknown CLIP preset {clip_preset!r}; known: {', '.join(PRESETS)}")
-    if epochs < 1 or batch_size < 2:
-        raise EvaluationError(f"need epochs >= 1 and batch >= 2, got {epochs} and {batch_size}")
+    if epochs < 1 or batch_size < 2 or hackers < 1:
+        raise EvaluationError(f"need epochs >= 1, batch >= 2 and hackers >= 1, got {epochs}, {batch_size} and {hackers}")
     from dataclasses import replace
 
     try:
@@ -370,7 +373,13 @@ def evaluate_protection(
     levels = epsilon_levels(epsilon if epsilon is not None else _epsilon_of(protected_sets.values()))
     train_sets: list[TrainingSet] = []
     if "clean" in selected:
-        train_sets.append(TrainingSet("clean", "clean", clean_root, clean_pairs, source=str(clean_root / train_manifest)))
+        clean_set = TrainingSet("clean", "clean", clean_root, clean_pairs, source=str(clean_root / train_manifest))
+        train_sets.append(clean_set)
+        # The same re-encodings of the clean data: what a transform costs clean training is not protection.
+        if any(name in selected for name in protected_sets):
+            for transform in robustness:
+                say(f"re-encoding the clean set as {transform} (control)")
+                train_sets.append(write_transformed_set(clean_set, transform, sets_dir / f"clean+{transform}"))
     if "random" in selected:
         say(f"writing the random-noise control (+-{levels}/255) to {sets_dir / 'random'}")
         train_sets.append(write_random_set(clean_pairs, sets_dir / "random", levels, seed))
@@ -413,29 +422,38 @@ def evaluate_protection(
         label = train_set.name if ft is None else f"{train_set.name} (fine-tune)"
         run_epochs = epochs if ft is None else (finetune_epochs or epochs)
         say(f"[{index}/{len(runs)}] hacker CLIP ({mode}) on {label!r}: {len(train_set.pairs)} pairs, "
-            f"{run_epochs} epochs, batch {batch_size}")
-        result = _train_and_measure(
-            train_set, test_images, test_captions, finetune=ft, tokenizer=tok, tokenizer_vocab=tokenizer_vocab,
-            clip_preset=clip_preset, image_size=image_size, epochs=run_epochs, batch_size=batch_size,
-            lr=lr if ft is None else finetune_lr, seed=seed, device=device, progress=progress,
-        )
+            f"{run_epochs} epochs, batch {batch_size}" + (f", {hackers} seeds" if hackers > 1 else ""))
+        results = [
+            _train_and_measure(
+                train_set, test_images, test_captions, finetune=ft, tokenizer=tok, tokenizer_vocab=tokenizer_vocab,
+                clip_preset=clip_preset, image_size=image_size, epochs=run_epochs, batch_size=batch_size,
+                lr=lr if ft is None else finetune_lr, seed=seed + h, device=device, progress=progress,
+            )
+            for h in range(hackers)
+        ]
+        per_run = [_x_chance(res["retrieval"])["r1_x_chance"] for res in results]
+        result = results[int(np.argsort(per_run, kind="stable")[(len(per_run) - 1) // 2])]  # the median run
         r = result["retrieval"]
         row = {
             "name": label, "set": train_set.name, "kind": train_set.kind, "training": mode,
             "source": train_set.source, "n_train": len(train_set.pairs), "meta": train_set.meta,
             **image_stats.get(train_set.name, {"psnr_db": None, "psnr_min_db": None, "linf_255": 0}),
-            **result, **_x_chance(r),
+            **result, **_x_chance(r), "r1_x_chance_runs": per_run,
+            "train_seconds": sum(res["train_seconds"] for res in results),
+            "train_cpu_seconds": sum(res["train_cpu_seconds"] for res in results),
         }
         rows.append(row)
         say(f"[{index}/{len(runs)}] {label}: i2t R@1 {r['i2t_r1']:.1%}, t2i R@1 {r['t2i_r1']:.1%} "
-            f"({row['r1_x_chance']:.1f}x chance {r['chance_r1']:.2%}) after {result['train_seconds']:.1f}s training "
-            f"({len(train_set.pairs) * run_epochs / max(result['train_seconds'], 1e-9):.0f} pairs/s)")
+            f"({row['r1_x_chance']:.1f}x chance {r['chance_r1']:.2%}"
+            + (f"; runs {', '.join(f'{x:.1f}' for x in per_run)}" if hackers > 1 else "")
+            + f") after {row['train_seconds']:.1f}s training "
+            f"({len(train_set.pairs) * run_epochs * hackers / max(row['train_seconds'], 1e-9):.0f} pairs/s)")
 
     chance = {f"r{k}": rows[0]["retrieval"][f"chance_r{k}"] for k in (1, 5, 10)} if rows else {}
     report = {
         "settings": {
             "clip_preset": clip_preset, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "seed": seed, "device": device or "auto", "epsilon_levels": levels,
+            "lr": lr, "seed": seed, "hackers": hackers, "device": device or "auto", "epsilon_levels": levels,
             "tokenizer": str(tokenizer) if tokenizer else f"trained per condition on its captions (<= {tokenizer_vocab})",
             "finetune_checkpoint": str(finetune_checkpoint) if finetune_checkpoint else None,
             "finetune_lr": finetune_lr if finetune_checkpoint else None,
@@ -478,17 +496,21 @@ def _epsilon_of(sets) -> float:
 
 
 def _summary(rows: list[dict]) -> dict:
-    """Per non-clean condition: R@1 relative to the clean row of the same training mode, and whether
-    it is under twice chance (the benchmark target for protected data)."""
-    clean = {r["training"]: r for r in rows if r["kind"] == "clean"}
+    """Per condition other than clean and its controls: R@1 relative to the clean row of the same training
+    mode (for a re-encoded set, to the clean data re-encoded the same way when that row exists), and
+    whether it is under twice chance (the benchmark target for protected data)."""
+    reference = {(r["training"], r["set"]): r for r in rows if r["set"] == "clean" or r["set"].startswith("clean+")}
     out = {}
     for r in rows:
-        if r["kind"] == "clean":
+        if (r["training"], r["set"]) in reference:
             continue
-        ref = clean.get(r["training"])
+        transform = r["set"].split("+", 1)[1] if "+" in r["set"] else None
+        ref = reference.get((r["training"], f"clean+{transform}")) if transform else None
+        ref = ref or reference.get((r["training"], "clean"))
         out[r["name"]] = {
             "r1_x_chance": r["r1_x_chance"],
             "below_2x_chance": r["r1_x_chance"] < 2.0,
+            "relative_to": ref["name"] if ref else None,
             "r1_relative_to_clean": (r["retrieval"]["mean_r1"] / ref["retrieval"]["mean_r1"])
             if ref and ref["retrieval"]["mean_r1"] > 0 else None,
         }
@@ -506,18 +528,22 @@ def _pct(x: float) -> str:
 def markdown_table(report: dict) -> str:
     """Rows = training data condition; Recall@K in %, R@1 as a multiple of chance, PSNR in dB."""
     s = report["settings"]
+    hackers = s.get("hackers", 1)
+    seeds = f"seed {s['seed']}" if hackers == 1 else (
+        f"{hackers} hackers per condition (seeds {s['seed']}..{s['seed'] + hackers - 1}): the median run's recall, "
+        f"every run's R@1 x chance in the last column")
+    runs_head, runs_rule = (" | runs: R@1 x chance", "|---:") if hackers > 1 else ("", "")
     lines = [
         f"Hacker CLIP {s['clip_preset']} at {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, "
-        f"lr {s['lr']:g}, seed {s['seed']}; {s['n_train']} training pairs, {s['n_test']} clean test pairs. "
-        f"Recall in %.",
+        f"lr {s['lr']:g}, {seeds}; {s['n_train']} training pairs, {s['n_test']} clean test pairs. Recall in %.",
         "",
-        "| training data | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | R@1 x chance | PSNR dB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| training data | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | R@1 x chance | PSNR dB{runs_head} |",
+        f"|---|---:|---:|---:|---:|---:|---:|---:|---:{runs_rule}|",
     ]
     c = report["chance"]
     if c:
         lines.append(f"| *chance* | {_pct(c['r1'])} | {_pct(c['r5'])} | {_pct(c['r10'])} | {_pct(c['r1'])} | "
-                     f"{_pct(c['r5'])} | {_pct(c['r10'])} | 1.0 | |")
+                     f"{_pct(c['r5'])} | {_pct(c['r10'])} | 1.0 | |" + (" |" if hackers > 1 else ""))
     for row in report["conditions"]:
         r = row["retrieval"]
         p = row["psnr_db"]
@@ -525,12 +551,16 @@ def markdown_table(report: dict) -> str:
         lines.append(
             f"| {row['name']} | {_pct(r['i2t_r1'])} | {_pct(r['i2t_r5'])} | {_pct(r['i2t_r10'])} | "
             f"{_pct(r['t2i_r1'])} | {_pct(r['t2i_r5'])} | {_pct(r['t2i_r10'])} | {row['r1_x_chance']:.1f} | {psnr_text} |"
+            + (f" {', '.join(f'{x:.1f}' for x in row['r1_x_chance_runs'])} |" if hackers > 1 else "")
         )
     lines.append("")
     protected = [(n, v) for n, v in report.get("summary", {}).items() if not n.startswith("random")]
     if protected:
         lines.append("Target for protected data: R@1 under 2x chance. " + "; ".join(
-            f"{n}: {v['r1_x_chance']:.1f}x ({'met' if v['below_2x_chance'] else 'not met'})" for n, v in protected
+            f"{n}: {v['r1_x_chance']:.1f}x ({'met' if v['below_2x_chance'] else 'not met'}"
+            + (f"; {v['r1_relative_to_clean']:.2f} of {v['relative_to']}" if v.get("r1_relative_to_clean") is not None
+               else "") + ")"
+            for n, v in protected
         ) + ".")
     times = ", ".join(f"{row['name']} {row['train_seconds']:.0f}s" for row in report["conditions"])
     lines.append(f"Training time per condition: {times}.")

@@ -36,6 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=50, help="batch size (default 50)")
     p.add_argument("--lr", type=float, default=1e-3, help="from-scratch learning rate (default 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="one seed for every condition (default 0)")
+    p.add_argument("--hackers", type=int, default=1,
+                   help="hackers per condition, seeds --seed, --seed + 1, ...; the median run is reported (default 1)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines and no printed table")
@@ -92,6 +94,7 @@ def run_protect_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch,
             lr=args.lr,
             seed=args.seed,
+            hackers=args.hackers,
             device=args.device,
             epsilon=args.epsilon,
             tokenizer=args.tokenizer,

@@ -208,19 +208,27 @@ def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, caps
     code = main([
         "protect-eval", "--data", str(data), "--train-manifest", "train.jsonl", "--test-manifest", "test.jsonl",
         "--protected", f"shortcut={shortcut}", "--epochs", "1", "--batch", "50", "--device", "cpu",
-        "--out", str(out), "--quiet",
+        "--hackers", "3", "--out", str(out), "--quiet",
     ])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     names = [r["name"] for r in report["conditions"]]
-    assert names == ["clean", "random", "shortcut", "shortcut+jpeg75", "shortcut+gray"]
+    assert names == ["clean", "clean+jpeg75", "clean+gray", "random", "shortcut", "shortcut+jpeg75", "shortcut+gray"]
+    # a re-encoded set is judged against the clean set re-encoded the same way, not against clean
+    assert report["summary"]["shortcut+gray"]["relative_to"] == "clean+gray"
+    assert report["summary"]["shortcut"]["relative_to"] == "clean" and "clean+gray" not in report["summary"]
     assert report["settings"]["epsilon_levels"] == PATTERN_LEVELS  # the random control uses the set's budget
     by_name = {r["name"]: r for r in report["conditions"]}
     assert by_name["random"]["linf_255"] == PATTERN_LEVELS
     assert by_name["shortcut+gray"]["psnr_db"] < by_name["shortcut"]["psnr_db"]  # gray changes colours too
     for r in report["conditions"]:
         assert r["retrieval"]["n"] == N_TEST and r["train_seconds"] > 0
+        runs = r["r1_x_chance_runs"]  # three hackers (seeds 0, 1, 2); the row is the median one
+        assert len(runs) == 3 and r["r1_x_chance"] == sorted(runs)[1]
+    assert len({tuple(r["r1_x_chance_runs"]) for r in report["conditions"]}) > 1
+    assert any(len(set(r["r1_x_chance_runs"])) > 1 for r in report["conditions"]), "the seeds changed nothing"
     table = (out / "report.md").read_text()
+    assert "3 hackers per condition" in table and "runs: R@1 x chance" in table
     for name in names:
         assert f"| {name} |" in table
     png = (out / "examples.png").read_bytes()
