@@ -1,8 +1,8 @@
 """Captioned image data: a procedural scene generator and the manifest reader.
 
 No caption corpus (COCO, Flickr) installs offline, so tests and demos use procedural scenes: one to
-three objects, each with a shape, colour, size and grid position, on a coloured background, described
-by compositional captions with varied wording. The captions are near-unique per image and the
+three objects, each with a shape, colour, size and grid position, on a coloured background (or, style
+"photo", a textured crop of a bundled photo), described by compositional captions with varied wording. The captions are near-unique per image and the
 attributes are visible at 32 px, so a small CLIP trained from scratch on a CPU for a minute or two
 retrieves far above chance -- which is what MEM protection must then destroy.
 
@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,12 @@ BACKGROUNDS = {
     "white": (240, 240, 240), "gray": (128, 128, 128), "black": (20, 20, 20),
     "beige": (225, 205, 160), "navy": (20, 30, 90),
 }
+# style "photo": the backdrop is a random crop of one of scikit-image's bundled photos (no download), named
+# in the caption like a flat colour -- texture a model has to see past, as in real photographs.
+PHOTO_BACKGROUNDS = {
+    "brick": "brick", "grass": "grass", "gravel": "gravel", "starry": "hubble_deep_field", "cell": "immunohistochemistry",
+}
+STYLES = ("flat", "photo")
 SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings", "star": "stars"}
 SIZES = {"small": 0.24, "large": 0.44}  # radius as a fraction of a grid cell
 # grid cell (row, col) -> ways to say where it is
@@ -74,10 +81,12 @@ class SceneObject:
 # Scenes
 
 
-def sample_scene(rng: np.random.Generator) -> tuple[str, list[SceneObject]]:
+def sample_scene(rng: np.random.Generator, style: str = "flat") -> tuple[str, list[SceneObject]]:
     """A background and 1-3 objects in distinct grid cells; a later object repeats an earlier one's
     look a quarter of the time, so counts ("two red stars") occur."""
-    background = str(rng.choice(list(BACKGROUNDS)))
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
+    background = str(rng.choice(list(BACKGROUNDS if style == "flat" else PHOTO_BACKGROUNDS)))
     count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
     cells = [list(POSITIONS)[i] for i in rng.choice(len(POSITIONS), size=count, replace=False)]
     objects: list[SceneObject] = []
@@ -121,11 +130,28 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         raise ValueError(f"unknown shape {shape!r}")
 
 
+@lru_cache(maxsize=None)
+def _photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    image = getattr(skimage.data, name)()
+    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image[:, :, :3])
+
+
+def _backdrop(background: str, big: int, rng: np.random.Generator) -> Image.Image:
+    if background in BACKGROUNDS:
+        base = np.array(BACKGROUNDS[background]) + rng.integers(-12, 13, size=3)
+        return Image.new("RGB", (big, big), tuple(int(v) for v in np.clip(base, 0, 255)))
+    photo = _photo(PHOTO_BACKGROUNDS[background])
+    side = int(min(photo.shape[:2]) * rng.uniform(0.25, 0.5))
+    y, x = (int(rng.integers(0, photo.shape[i] - side + 1)) for i in (0, 1))
+    return Image.fromarray(photo[y : y + side, x : x + side]).resize((big, big), Image.BILINEAR)
+
+
 def render_scene(background: str, objects: list[SceneObject], size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 [size, size, 3]: jittered colours and positions, a little sensor-like noise."""
     big = size * SUPERSAMPLE
-    base = np.array(BACKGROUNDS[background]) + rng.integers(-12, 13, size=3)
-    image = Image.new("RGB", (big, big), tuple(int(v) for v in np.clip(base, 0, 255)))
+    image = _backdrop(background, big, rng)
     draw = ImageDraw.Draw(image)
     cell = big / 3
     for obj in objects:
@@ -168,8 +194,13 @@ def describe_scene(background: str, objects: list[SceneObject], rng: np.random.G
     return f"{things}, {background} background"
 
 
-def synth_captioned(out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0) -> Path:
+def synth_captioned(
+    out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0, style: str = "flat"
+) -> Path:
     """Write n_train + n_test procedural scenes as images/NNNNN.png with train.jsonl and test.jsonl.
+
+    style "flat": flat-coloured backgrounds; "photo": crops of bundled photos (brick, grass, gravel,
+    a starry sky, stained cells) behind the same objects.
 
     Deterministic in (n_train, n_test, size, seed): scene i draws from its own generator seeded by
     (seed, i), so the bytes written do not depend on anything else.
@@ -178,13 +209,15 @@ def synth_captioned(out_dir: str | Path, n_train: int, n_test: int, size: int = 
         raise ValueError(f"need a positive number of images, got n_train={n_train}, n_test={n_test}")
     if size < 8:
         raise ValueError(f"size must be at least 8 px, got {size}")
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(n_train + n_test - 1)))
     lines: list[str] = []
     for i in range(n_train + n_test):
         rng = np.random.default_rng([seed, i])
-        background, objects = sample_scene(rng)
+        background, objects = sample_scene(rng, style)
         image = render_scene(background, objects, size, rng)
         caption = describe_scene(background, objects, rng)
         relative = f"images/{i:0{digits}d}.png"

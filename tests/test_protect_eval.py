@@ -257,3 +257,25 @@ def test_train_clip_reports_every_step_in_order(data):
     # 40 pairs in batches of 16: 16, 16, 8 -> 3 steps an epoch
     assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(loss) and loss > 0 for _, loss in seen)
+
+
+def test_photo_scenes_put_the_same_kind_of_objects_on_textured_crops(tmp_path):
+    from aigis.protection.captions import BACKGROUNDS, PHOTO_BACKGROUNDS, load_images
+
+    flat = synth_captioned(tmp_path / "flat", 20, 0, size=SIZE, seed=1)
+    photo = synth_captioned(tmp_path / "photo", 20, 0, size=SIZE, seed=1, style="photo")
+    again = synth_captioned(tmp_path / "again", 20, 0, size=SIZE, seed=1, style="photo")
+    for root, named, other in ((flat, BACKGROUNDS, PHOTO_BACKGROUNDS), (photo, PHOTO_BACKGROUNDS, BACKGROUNDS)):
+        for pair in read_pairs(root, "train.jsonl"):
+            words = set(pair.caption.replace(",", "").split())
+            assert len(words & set(named)) == 1 and not words & set(other), pair.caption
+    assert [p.path.read_bytes() for p in read_pairs(photo, "train.jsonl")] == \
+        [p.path.read_bytes() for p in read_pairs(again, "train.jsonl")]  # deterministic in the seed
+
+    def texture(root) -> float:  # mean absolute difference between horizontal neighbours
+        x = load_images(read_pairs(root, "train.jsonl"), SIZE, progress=False).astype(float)
+        return float(np.abs(np.diff(x, axis=2)).mean())
+
+    assert texture(photo) > 2 * texture(flat)
+    with pytest.raises(ValueError, match="scene style"):
+        synth_captioned(tmp_path / "bad", 2, 0, size=SIZE, style="oil")
