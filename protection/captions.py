@@ -2,9 +2,9 @@
 
 No caption corpus (COCO, Flickr) installs offline, so tests and demos use procedural scenes: one to
 three objects, each with a shape, colour, size and grid position, on a coloured background (or, style
-"photo", a textured crop of a bundled photo), described by compositional captions with varied wording. The captions are near-unique per image and the
-attributes are visible at 32 px, so a small CLIP trained from scratch on a CPU for a minute or two
-retrieves far above chance -- which is what MEM protection must then destroy.
+"photo", a textured crop of a bundled photo), described by compositional captions with varied wording.
+The captions are near-unique per image and the attributes are visible at 32 px, so a small CLIP trained
+from scratch on a CPU for a minute or two retrieves far above chance -- which is what MEM protection must then destroy.
 
 Manifests are JSON lines {"image": "<path relative to the root>", "caption": "..."}; the same reader
 serves the user's own data.
@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -130,19 +129,13 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
         raise ValueError(f"unknown shape {shape!r}")
 
 
-@lru_cache(maxsize=None)
-def _photo(name: str) -> np.ndarray:
-    import skimage.data
-
-    image = getattr(skimage.data, name)()
-    return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else np.ascontiguousarray(image[:, :, :3])
-
-
 def _backdrop(background: str, big: int, rng: np.random.Generator) -> Image.Image:
     if background in BACKGROUNDS:
         base = np.array(BACKGROUNDS[background]) + rng.integers(-12, 13, size=3)
         return Image.new("RGB", (big, big), tuple(int(v) for v in np.clip(base, 0, 255)))
-    photo = _photo(PHOTO_BACKGROUNDS[background])
+    from aigis.data.synth import bundled_photos
+
+    photo = bundled_photos(PHOTO_BACKGROUNDS[background])[0]
     side = int(min(photo.shape[:2]) * rng.uniform(0.25, 0.5))
     y, x = (int(rng.integers(0, photo.shape[i] - side + 1)) for i in (0, 1))
     return Image.fromarray(photo[y : y + side, x : x + side]).resize((big, big), Image.BILINEAR)

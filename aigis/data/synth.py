@@ -115,7 +115,7 @@ VAL_FRACTION = 0.3     # val crops come from the right 30% of each photo (the la
 
 
 @lru_cache(maxsize=None)
-def _photo(name: str) -> tuple[np.ndarray, ...]:
+def bundled_photos(name: str) -> tuple[np.ndarray, ...]:
     """uint8 [H, W, 3] photos (or [N, H, W, 3] for faces) from scikit-image's bundled data, no download."""
     import skimage.data as data
 
@@ -139,7 +139,7 @@ class RealDomain:
             raise KeyError(f"unknown real domain {name!r}; known: {', '.join(DOMAIN_PHOTOS)}")
         self.name = name
         self.grey = name in ("faces", "textures", "monochrome")
-        self.photos = [image for source in DOMAIN_PHOTOS[name] for image in _photo(source)]
+        self.photos = [image for source in DOMAIN_PHOTOS[name] for image in bundled_photos(source)]
 
     def _regions(self, split: str) -> list[np.ndarray]:
         if len(self.photos) > 10:                       # many small photos (faces): split by photo
