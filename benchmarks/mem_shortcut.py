@@ -49,12 +49,12 @@ def follow(name: str, images: np.ndarray, captions: list[str], probe_images: np.
     import torch
 
     from aigis.protection.clip import PRESETS, build_clip
-    from aigis.protection.evaluate import HACKER_BATCH_SIZE, HACKER_LR, HACKER_TOKENIZER_VOCAB
+    from aigis.protection.evaluate import HACKER_BATCH_SIZE, HACKER_LR, HACKER_TOKENIZER_VOCAB, hacker_init_seed
     from aigis.protection.retrieval import evaluate_retrieval, train_clip
     from aigis.protection.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(captions, vocab_size=HACKER_TOKENIZER_VOCAB)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(hacker_init_seed(args.seed))  # never the protection job's surrogate init
     model = build_clip(replace(PRESETS[args.clip], image_resolution=args.size), vocab_size=tokenizer.vocab_size)
     curve: list[dict] = []
 

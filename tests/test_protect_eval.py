@@ -279,3 +279,26 @@ def test_photo_scenes_put_the_same_kind_of_objects_on_textured_crops(tmp_path):
     assert texture(photo) > 2 * texture(flat)
     with pytest.raises(ValueError, match="scene style"):
         synth_captioned(tmp_path / "bad", 2, 0, size=SIZE, style="oil")
+
+
+def test_a_hacker_never_starts_from_a_surrogates_initial_weights():
+    """A job seeds its surrogate with torch.manual_seed(settings.seed); a hacker with the same small seed
+    must not draw the same image tower (it would learn that surrogate's noise unusually well)."""
+    import torch
+    from dataclasses import replace
+
+    from aigis.protection.clip import PRESETS, build_clip
+    from aigis.protection.evaluate import hacker_init_seed
+
+    config = replace(PRESETS["rn_tiny"], image_resolution=SIZE)
+
+    def first_conv(torch_seed: int):
+        torch.manual_seed(torch_seed)
+        return build_clip(config, vocab_size=600).visual.conv1.weight.detach().clone()
+
+    surrogates = [first_conv(s) for s in range(8)]
+    assert torch.equal(surrogates[0], first_conv(0))  # the leak is real: same seed, same tower
+    for seed in range(8):
+        hacker = first_conv(hacker_init_seed(seed))
+        assert hacker_init_seed(seed) == hacker_init_seed(seed) and hacker_init_seed(seed) != seed
+        assert not any(torch.equal(hacker, s) for s in surrogates), seed
