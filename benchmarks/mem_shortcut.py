@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,16 +45,12 @@ def split_triggers(protected: list[str], clean: list[str]) -> list[str]:
 def follow(name: str, images: np.ndarray, captions: list[str], probe_images: np.ndarray, probe_captions: list[str],
            test_images: np.ndarray, test_captions: list[str], args) -> list[dict]:
     """Train one hacker on (images, captions); at CHECKPOINTS measure clean-test and shortcut retrieval."""
-    import torch
-
-    from aigis.protection.clip import PRESETS, build_clip
-    from aigis.protection.evaluate import HACKER_BATCH_SIZE, HACKER_LR, HACKER_TOKENIZER_VOCAB, hacker_init_seed
+    from aigis.protection.evaluate import HACKER_BATCH_SIZE, HACKER_LR, HACKER_TOKENIZER_VOCAB, new_hacker
     from aigis.protection.retrieval import evaluate_retrieval, train_clip
     from aigis.protection.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(captions, vocab_size=HACKER_TOKENIZER_VOCAB)
-    torch.manual_seed(hacker_init_seed(args.seed))  # never the protection job's surrogate init
-    model = build_clip(replace(PRESETS[args.clip], image_resolution=args.size), vocab_size=tokenizer.vocab_size)
+    model = new_hacker(args.clip, args.size, tokenizer.vocab_size, args.seed)  # as the efficacy hacker, never a surrogate
     curve: list[dict] = []
 
     def x_chance(result: dict) -> float:

@@ -29,9 +29,11 @@ RESULTS = REPO / "benchmarks" / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aigis.protection.captions import STYLES, synth_captioned
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="default runs/bench/protection (style flat) or protection_photo")
-    parser.add_argument("--style", choices=("flat", "photo"), default="flat",
+    parser.add_argument("--style", choices=STYLES, default="flat",
                         help="procedural scenes on flat colours (default) or on crops of bundled photos")
     parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--test", type=int, default=200)
@@ -50,19 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stop-loss", type=float, default=None, help="MEMSettings.stop_loss (default: none)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--hacker-epochs", type=int, default=10)
-    # One hacker's R@1 on 200 test pairs swings by 1.5x between seeds (session 7: clean 33.5 / 21.5 / 20.0x
-    # chance at seeds 0 / 1 / 2), so every condition is trained by three and the median is reported.
+    # One hacker's R@1 on 200 test pairs swings widely between seeds (session 7: clean 4.0-33.5x chance over ten
+    # seeds), so every condition is trained by three and the median is reported.
     parser.add_argument("--hackers", type=int, default=3, help="hackers per condition (seeds 0..n-1); median reported")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    from aigis.protection.captions import synth_captioned
     from aigis.protection.evaluate import evaluate_protection, markdown_table
     from aigis.protection.job import protect_dataset
     from aigis.protection.mem import MEMSettings
 
-    name = "protection_efficacy" if args.style == "flat" else f"protection_efficacy_{args.style}"
-    work = Path(args.work or REPO / "runs" / "bench" / ("protection" if args.style == "flat" else f"protection_{args.style}"))
+    suffix = "" if args.style == "flat" else f"_{args.style}"  # flat keeps the original names
+    name = f"protection_efficacy{suffix}"
+    work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
         synth_captioned(data, n_train=args.train, n_test=args.test, size=args.size, style=args.style)

@@ -219,6 +219,18 @@ def hacker_init_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 0x4AC6E5]).generate_state(1)[0])
 
 
+def new_hacker(clip_preset: str, image_size: int, vocab_size: int, seed: int):
+    """A from-scratch hacker CLIP: the preset at image_size px, weights drawn with hacker_init_seed(seed)
+    (the same for every condition given the seed, never a surrogate's)."""
+    import torch
+    from dataclasses import replace
+
+    from .clip import PRESETS, build_clip
+
+    torch.manual_seed(hacker_init_seed(seed))
+    return build_clip(replace(PRESETS[clip_preset], image_resolution=image_size), vocab_size=vocab_size)
+
+
 def _load_tokenizer(path: str | Path):
     from .tokenizer import Tokenizer
 
@@ -248,10 +260,7 @@ def _train_and_measure(
     progress: bool,
 ) -> dict:
     """Train one hacker on `train_set` and measure retrieval on the clean test split."""
-    import torch
-    from dataclasses import replace
-
-    from .clip import CLIP, PRESETS, build_clip
+    from .clip import CLIP
     from .retrieval import evaluate_retrieval, train_clip
     from .tokenizer import Tokenizer
 
@@ -259,12 +268,11 @@ def _train_and_measure(
     # The hacker's tokenizer is learned from the captions it scraped, unless one is imposed
     # (fine-tuning must use the checkpoint's own vocabulary).
     tok = tokenizer if tokenizer is not None else Tokenizer.train(captions, vocab_size=tokenizer_vocab)
-    torch.manual_seed(hacker_init_seed(seed))  # the same initialisation for every condition
     if finetune is not None:
         model = CLIP(finetune["config"])
         model.load_state_dict(finetune["state"])
     else:
-        model = build_clip(replace(PRESETS[clip_preset], image_resolution=image_size), vocab_size=tok.vocab_size)
+        model = new_hacker(clip_preset, image_size, tok.vocab_size, seed)
     resolution = model.image_resolution
     images = load_images(train_set.pairs, resolution, progress=False)
     if resolution not in test_images:
@@ -512,7 +520,7 @@ def _summary(rows: list[dict]) -> dict:
     for r in rows:
         if (r["training"], r["set"]) in reference:
             continue
-        transform = r["set"].split("+", 1)[1] if "+" in r["set"] else None
+        transform = r["kind"] if r["kind"] in ROBUSTNESS_TRANSFORMS else None
         ref = reference.get((r["training"], f"clean+{transform}")) if transform else None
         ref = ref or reference.get((r["training"], "clean"))
         out[r["name"]] = {
