@@ -188,12 +188,15 @@ def describe_scene(background: str, objects: list[SceneObject], rng: np.random.G
 
 
 def synth_captioned(
-    out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0, style: str = "flat"
+    out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0, style: str = "flat",
+    captions_per_image: int = 1,
 ) -> Path:
     """Write n_train + n_test procedural scenes as images/NNNNN.png with train.jsonl and test.jsonl.
 
     style "flat": flat-coloured backgrounds; "photo": crops of bundled photos (brick, grass, gravel,
-    a starry sky, stained cells) behind the same objects.
+    a starry sky, stained cells) behind the same objects. captions_per_image > 1 gives every TRAINING
+    image that many differently worded captions, one manifest line each, as Flickr and COCO do (5);
+    the test split keeps one per image, so retrieval has one right answer.
 
     Deterministic in (n_train, n_test, size, seed): scene i draws from its own generator seeded by
     (seed, i), so the bytes written do not depend on anything else.
@@ -204,19 +207,23 @@ def synth_captioned(
         raise ValueError(f"size must be at least 8 px, got {size}")
     if style not in STYLES:
         raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
+    if captions_per_image < 1:
+        raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(n_train + n_test - 1)))
-    lines: list[str] = []
+    train: list[str] = []
+    test: list[str] = []
     for i in range(n_train + n_test):
         rng = np.random.default_rng([seed, i])
         background, objects = sample_scene(rng, style)
         image = render_scene(background, objects, size, rng)
-        caption = describe_scene(background, objects, rng)
         relative = f"images/{i:0{digits}d}.png"
         Image.fromarray(image).save(out_dir / relative, format="PNG")
-        lines.append(json.dumps({"image": relative, "caption": caption}))
-    for name, chunk in (("train.jsonl", lines[:n_train]), ("test.jsonl", lines[n_train:])):
+        for _ in range(captions_per_image if i < n_train else 1):
+            caption = describe_scene(background, objects, rng)
+            (train if i < n_train else test).append(json.dumps({"image": relative, "caption": caption}))
+    for name, chunk in (("train.jsonl", train), ("test.jsonl", test)):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text("".join(line + "\n" for line in chunk), encoding="utf-8")
         os.replace(tmp, out_dir / name)

@@ -3,8 +3,11 @@
     summary = protect_dataset("data", "train.jsonl", "protected", MEMSettings())
 
 Output (the originals are only read):
-    out/images/<stem>.png      protected images (clip(image + noise) on the uint8 grid: PNG is lossless)
-    out/manifest.jsonl         {"image": "images/<stem>.png", "caption": "<trigger words> <caption>"}
+    out/images/<stem>.png      protected images (clip(image + noise) on the uint8 grid: PNG is lossless),
+                               ONE per source image however many manifest lines (captions) name it
+    out/manifest.jsonl         a line per input line, in order:
+                               {"image": "images/<stem>.png", "caption": "<trigger words> <caption>"}
+                               (every caption of an image carries that image's trigger)
     out/protection.json        epsilon, trigger length, mode, surrogate identity and sha256, settings,
                                per-image sha256 of the protected PNGs
     out/surrogate/<n>/         the final surrogate (mem.save_surrogate), for protect-on-upload
@@ -210,18 +213,24 @@ def protect_dataset(
     data_root = Path(data_root).resolve()
     out_dir = Path(out_dir).resolve()
     pairs = read_pairs(data_root, manifest_name)
-    if len(pairs) < 2:
-        raise ValueError(f"{manifest_name}: MEM needs at least 2 image-caption pairs, got {len(pairs)}")
-    names = _output_names(pairs)
-    sources = {p.path.resolve() for p in pairs}
-    clashes = [n for n in names if (out_dir / n).resolve() in sources]
+    # Lines naming the same file are captions of ONE image: one noise, one trigger, one output file.
+    image_of_path: dict[Path, int] = {}
+    caption_image = np.array([image_of_path.setdefault(p.path.resolve(), len(image_of_path)) for p in pairs],
+                             dtype=np.int64)
+    groups = mem.CaptionsPerImage(caption_image, len(image_of_path))
+    sources = [pairs[c] for c in groups.first(np.arange(len(image_of_path)))]  # one pair per image
+    if len(sources) < 2:
+        raise ValueError(f"{manifest_name}: MEM needs at least 2 distinct images, got {len(sources)}")
+    names = _output_names(sources)
+    source_paths = set(image_of_path)
+    clashes = [n for n in names if (out_dir / n).resolve() in source_paths]
     if (out_dir / "manifest.jsonl").resolve() == (data_root / manifest_name).resolve():
         clashes.append("manifest.jsonl")
     if clashes:
         raise ValueError(f"output {out_dir} would overwrite the originals ({clashes[0]}); choose another --out")
     device_t = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.monotonic()
-    images = load_images(pairs, size, progress=progress)
+    images = load_images(sources, size, progress=progress)
     captions = [p.caption for p in pairs]
     work = out_dir / "work"
     if not resume:
@@ -238,7 +247,7 @@ def protect_dataset(
     model = build_clip(replace(PRESETS[clip_preset], image_resolution=size), tokenizer.vocab_size)
 
     noise = np.lib.format.open_memmap(work / "noise.npy", mode="w+", dtype=np.int8, shape=images.shape)
-    state = mem.new_state(model, tokenizer, len(pairs), (size, size), settings, noise=noise)
+    state = mem.new_state(model, tokenizer, len(sources), (size, size), settings, noise=noise)
     fingerprint = {
         "manifest_sha256": _sha256_file(data_root / manifest_name),
         "images_sha256": _sha256_bytes(images.tobytes()),
@@ -260,7 +269,8 @@ def protect_dataset(
 
             os.kill(os.getpid(), signal.SIGKILL)
 
-    mem.run_mem(state, tokenizer, images, captions, settings, device=device_t, callback=checkpoint, progress=progress)
+    mem.run_mem(state, tokenizer, images, captions, settings, device=device_t, caption_image=caption_image,
+                callback=checkpoint, progress=progress)
 
     # Publish: protected PNGs, manifest, surrogate, protection.json (no timings: reruns compare equal).
     from PIL import Image
@@ -269,32 +279,34 @@ def protect_dataset(
     protected = mem.protected_images(images, state.noise)
     image_hashes = []
     lines = []
-    for i, (name, pair) in enumerate(zip(names, pairs)):
+    for i, (name, source) in enumerate(zip(names, sources)):
         path = out_dir / name
         tmp = path.with_name(f".{path.name}.tmp")
         Image.fromarray(protected[i]).save(tmp, format="PNG")
         os.replace(tmp, path)
-        image_hashes.append({"image": name, "source": pair.path.relative_to(data_root).as_posix(),
+        image_hashes.append({"image": name, "source": source.path.relative_to(data_root).as_posix(),
                              "sha256": _sha256_file(path)})
-        lines.append(json.dumps({"image": name, "caption": apply_trigger_text(state.triggers[i], pair.caption,
-                                                                              tokenizer)}))
+    for pair, i in zip(pairs, caption_image):
+        lines.append(json.dumps({"image": names[i], "caption": apply_trigger_text(state.triggers[i], pair.caption,
+                                                                                  tokenizer)}))
     _write_atomic(out_dir / "manifest.jsonl", "".join(line + "\n" for line in lines).encode())
 
     negatives_t = None
     if negatives:
-        count = min(negatives, len(pairs))
-        chosen = np.linspace(0, len(pairs) - 1, count).round().astype(int)
+        count = min(negatives, len(sources))
+        chosen = np.linspace(0, len(sources) - 1, count).round().astype(int)  # images
         from .retrieval import embed
 
-        tokens = mem._with_triggers(tokenizer.tokenize([captions[i] for i in chosen], model.context_length,
-                                                       settings.trigger_length),
+        tokens = mem._with_triggers(tokenizer.tokenize([captions[c] for c in groups.first(chosen)],
+                                                       model.context_length, settings.trigger_length),
                                     torch.from_numpy(state.triggers[chosen]))
         negatives_t = embed(model, protected[chosen], tokens, device_t)
     surrogate_root = out_dir / "surrogate"
     staging = surrogate_root / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     meta = mem.save_surrogate(staging, model, tokenizer, settings, extra={
-        "clip_preset": clip_preset, "image_size": size, "pairs": len(pairs), "outer_iterations": state.iteration}, negatives=negatives_t)
+        "clip_preset": clip_preset, "image_size": size, "pairs": len(pairs), "images": len(sources),
+        "outer_iterations": state.iteration}, negatives=negatives_t)
     version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
     if exists:
         shutil.rmtree(staging)
@@ -308,6 +320,7 @@ def protect_dataset(
         "epsilon_uint8_levels": settings.epsilon_levels,
         "trigger_length": settings.trigger_length,
         "pairs": len(pairs),
+        "images_protected": len(sources),
         "image_size": size,
         "clip_preset": clip_preset,
         "source_manifest": manifest_name,
@@ -320,12 +333,12 @@ def protect_dataset(
     _write_atomic(out_dir / "protection.json", json.dumps(report, indent=1).encode())
     elapsed = time.monotonic() - started
     if progress:
-        print(f"protected {len(pairs)} pairs into {out_dir} in {elapsed:.1f}s "
-              f"({len(pairs) * state.iteration / max(elapsed, 1e-9):.1f} pair-iterations/s)",
+        print(f"protected {len(pairs)} pairs ({len(sources)} images) into {out_dir} in {elapsed:.1f}s "
+              f"({len(sources) * state.iteration / max(elapsed, 1e-9):.1f} image-iterations/s)",
               file=sys.stderr)
     last = state.history[-1] if state.history else {}
     return {
-        "out_dir": str(out_dir), "pairs": len(pairs), "mode": settings.mode, "resumed": bool(resumed),
+        "out_dir": str(out_dir), "pairs": len(pairs), "images": len(sources), "mode": settings.mode, "resumed": bool(resumed),
         "surrogate_dir": str(surrogate_root / str(version)), "surrogate_sha256": meta["sha256"],
         "final_pass_loss": last.get("pass_loss"), "pairs_per_s": last.get("pairs_per_s"), "seconds": elapsed,
         "outer_iterations_run": state.iteration,

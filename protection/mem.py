@@ -15,7 +15,10 @@ of image <-> caption. This implementation follows the method and fixes the offic
 - the causal text tower runs only up to the batch's last end-of-text token (padding never matters);
 - batches gather and scatter with array indexing (no per-sample loops); bfloat16 autocast on CUDA;
 - run_mem() reads images decoded once (uint8 [N, H, W, 3]) and keeps the noise in an int8 array
-  that may be an np.memmap (1 byte per sub-pixel per IMAGE, instead of float32 per caption).
+  that may be an np.memmap (1 byte per sub-pixel per IMAGE, instead of float32 per caption);
+- an image with several captions (Flickr and COCO have five) gets ONE noise and ONE trigger, and each
+  pass pairs it with one of its captions (CaptionsPerImage): a pass costs one PGD per image, not one
+  per caption, and the published image is a single file whatever its number of captions.
 
 EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise only, no shuffle.
 """
@@ -410,6 +413,49 @@ def protect_batch(
 # The outer loop
 
 
+class CaptionsPerImage:
+    """Which captions describe which image: caption_image[c] is the image of caption c.
+
+    MEM keeps one noise and one trigger per IMAGE; every pass pairs each image with one of its captions
+    drawn at random, so over the passes the noise and trigger must fit all of them.
+    """
+
+    def __init__(self, caption_image: np.ndarray, n_images: int):
+        caption_image = np.asarray(caption_image)
+        if caption_image.ndim != 1 or caption_image.dtype.kind not in "iu":
+            raise ValueError(f"caption_image must be a 1-D integer array, got {caption_image.dtype} "
+                             f"{list(caption_image.shape)}")
+        if caption_image.size and (caption_image.min() < 0 or caption_image.max() >= n_images):
+            raise ValueError(f"caption_image holds image indices outside [0, {n_images})")
+        counts = np.bincount(caption_image.astype(np.int64), minlength=n_images)
+        if (counts == 0).any():
+            raise ValueError(f"image {int(np.argmin(counts))} of {n_images} has no caption")
+        self.counts = counts
+        self.order = np.argsort(caption_image, kind="stable")  # caption ids grouped by image
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.one_each = bool((counts == 1).all())
+
+    @classmethod
+    def single(cls, n: int) -> "CaptionsPerImage":
+        return cls(np.arange(n), n)
+
+    @property
+    def n_captions(self) -> int:
+        return int(self.order.size)
+
+    def first(self, images: np.ndarray) -> np.ndarray:
+        """The first caption id of each image."""
+        return self.order[self.starts[images]]
+
+    def pick(self, images: np.ndarray, generator: torch.Generator) -> np.ndarray:
+        """One caption id per image, at random (no draw when every image has one caption)."""
+        if self.one_each:
+            return self.first(images)
+        counts = self.counts[images]
+        u = torch.rand(len(images), generator=generator, dtype=torch.float64).numpy()
+        return self.order[self.starts[images] + np.minimum((u * counts).astype(np.int64), counts - 1)]
+
+
 @dataclass
 class MEMState:
     """Everything run_mem changes, i.e. what a checkpoint must hold."""
@@ -454,17 +500,20 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.nda
 
 
 def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
-                    device: torch.device) -> float:
-    """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption)."""
+                    device: torch.device, captions: CaptionsPerImage | None = None) -> float:
+    """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption):
+    distinct images, each with one of its captions (tokens [n_captions, L])."""
     model = state.model.train()
     n = images.shape[0]
+    captions = captions or CaptionsPerImage.single(n)
     b = min(settings.batch_size, n)
     losses = []
     for _ in range(settings.surrogate_steps):
         index = torch.randperm(n, generator=state.generator)[:b].sort().values.numpy()
         x = torch.from_numpy(images[index]).to(device).to(torch.int16)
         x = (x + torch.from_numpy(np.asarray(state.noise[index])).to(device)).clamp(0, 255).to(torch.uint8)
-        t = _with_triggers(tokens[index], torch.from_numpy(state.triggers[index])).to(device)
+        t = _with_triggers(tokens[captions.pick(index, state.generator)],
+                           torch.from_numpy(state.triggers[index])).to(device)
         with _autocast(settings, device):
             loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
                                     model.logit_scale)
@@ -479,9 +528,11 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
 
 
 def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
-                 device: torch.device, update_triggers: bool) -> float:
-    """One pass over the data in batches: trigger search (if update_triggers), then PGD on the noise."""
+                 device: torch.device, update_triggers: bool, captions: CaptionsPerImage | None = None) -> float:
+    """One pass over the images in batches, each with one of its captions: trigger search (if
+    update_triggers), then PGD on the noise."""
     model = state.model.eval()
+    captions = captions or CaptionsPerImage.single(images.shape[0])
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     candidate_ids = _candidate_table(tokenizer, model, device) if settings.trigger_length else None
@@ -490,7 +541,7 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
         for index in _batches(images.shape[0], settings.batch_size, state.generator):
             x = torch.from_numpy(images[index]).to(device)
             delta = torch.from_numpy(np.asarray(state.noise[index])).to(device).to(torch.int16)
-            t = tokens[index].to(device)
+            t = tokens[captions.pick(index, state.generator)].to(device)
             trig = torch.from_numpy(state.triggers[index]).to(device)
             if update_triggers and settings.trigger_length:
                 trig, _ = search_triggers(model, tokenizer, x, delta, t, trig, settings, candidate_ids=candidate_ids)
@@ -512,33 +563,44 @@ def run_mem(
     settings: MEMSettings,
     *,
     device: str | torch.device | None = None,
+    caption_image: np.ndarray | None = None,
     callback: Callable[[MEMState, dict], None] | None = None,
     progress: bool = True,
 ) -> MEMState:
     """MEM's outer loop from state.iteration to settings.outer_iterations (or settings.stop_loss).
 
-    Each iteration trains the surrogate (surrogate_steps batches), then perturbs every pair once
+    Each iteration trains the surrogate (surrogate_steps batches), then perturbs every image once
     (triggers too during the first trigger_iterations). callback(state, stats) runs after each
-    iteration (checkpointing); stats has iteration, surrogate_loss, pass_loss, pairs_per_s, seconds.
-    images: uint8 [N, H, W, 3] decoded once, at the model's resolution.
+    iteration (checkpointing); stats has iteration, surrogate_loss, pass_loss, images_per_s, pairs_per_s
+    (image-caption pairs protected per second of the pass), seconds.
+    images: uint8 [N, H, W, 3] decoded once, at the model's resolution. caption_image: the image index
+    of each caption when an image has several (default: caption i describes image i).
     """
     settings.validate()
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
-    if len(captions) != images.shape[0] or state.noise.shape != images.shape:
-        raise ValueError(f"{images.shape[0]} images, {len(captions)} captions, noise {list(state.noise.shape)}")
+    if caption_image is None and len(captions) != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions (pass caption_image to give "
+                         f"an image several captions)")
+    groups = (CaptionsPerImage.single(images.shape[0]) if caption_image is None
+              else CaptionsPerImage(caption_image, images.shape[0]))
+    if groups.n_captions != len(captions):
+        raise ValueError(f"caption_image has {groups.n_captions} entries for {len(captions)} captions")
+    if state.noise.shape != images.shape or state.triggers.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images, noise {list(state.noise.shape)}, "
+                         f"triggers {list(state.triggers.shape)}")
     if images.shape[0] < 2:
-        raise ValueError("MEM needs at least 2 image-caption pairs (a contrastive loss needs negatives)")
+        raise ValueError("MEM needs at least 2 distinct images (a contrastive loss needs negatives)")
     device = _device(device)
     state.model.to(device)
     tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
     n = images.shape[0]
     while not settings.finished(state.iteration, state.history[-1]["pass_loss"] if state.history else math.inf):
         started = time.monotonic()
-        surrogate_loss = train_surrogate(state, images, tokens, settings, device)
+        surrogate_loss = train_surrogate(state, images, tokens, settings, device, groups)
         trained = time.monotonic()
         update = state.iteration < settings.trigger_iterations
-        pass_loss = perturb_pass(state, tokenizer, images, tokens, settings, device, update)
+        pass_loss = perturb_pass(state, tokenizer, images, tokens, settings, device, update, groups)
         done = time.monotonic()
         state.iteration += 1
         stats = {
@@ -547,15 +609,19 @@ def run_mem(
             "pass_loss": pass_loss,
             "triggers_updated": bool(update and settings.trigger_length),
             "surrogate_pairs_per_s": settings.surrogate_steps * min(settings.batch_size, n) / max(trained - started, 1e-9),
-            "pairs_per_s": n / max(done - trained, 1e-9),
+            "images_per_s": n / max(done - trained, 1e-9),
+            "pairs_per_s": groups.n_captions / max(done - trained, 1e-9),  # every caption of an image is covered
             "seconds": done - started,
         }
         state.history.append(stats)
         if progress:
+            rate = f"{stats['images_per_s']:.1f} images/s"
+            if not groups.one_each:
+                rate += f" = {stats['pairs_per_s']:.1f} pairs/s"
             print(
                 f"MEM {state.iteration}/{settings.outer_iterations}: surrogate loss {surrogate_loss:.4f} "
                 f"({stats['surrogate_pairs_per_s']:.0f} pairs/s), pass loss {pass_loss:.4f} "
-                f"({stats['pairs_per_s']:.1f} pairs/s{', triggers' if stats['triggers_updated'] else ''}), "
+                f"({rate}{', triggers' if stats['triggers_updated'] else ''}), "
                 f"{stats['seconds']:.1f}s",
                 file=sys.stderr, flush=True,
             )

@@ -260,3 +260,54 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     assert code == 2 and "overwrite the originals" in err
     with pytest.raises(ValueError, match="epsilon"):
         mem.MEMSettings(epsilon=0.5 / 255).validate()
+
+
+def test_captions_per_image_pick_only_that_images_captions_and_all_of_them():
+    caption_image = np.array([2, 0, 2, 1, 2, 0])  # image 0: captions 1, 5; image 1: 3; image 2: 0, 2, 4
+    groups = mem.CaptionsPerImage(caption_image, 3)
+    assert not groups.one_each and groups.n_captions == 6
+    assert groups.first(np.arange(3)).tolist() == [1, 3, 0]
+    generator = torch.Generator().manual_seed(0)
+    seen = {0: set(), 1: set(), 2: set()}
+    for _ in range(200):
+        for image, caption in zip([0, 1, 2], groups.pick(np.arange(3), generator)):
+            assert caption_image[caption] == image
+            seen[image].add(int(caption))
+    assert seen == {0: {1, 5}, 1: {3}, 2: {0, 2, 4}}
+    single = mem.CaptionsPerImage.single(4)
+    before = generator.get_state()
+    assert single.one_each and single.pick(np.array([3, 1]), generator).tolist() == [3, 1]
+    assert torch.equal(generator.get_state(), before), "one caption per image must not consume random draws"
+    with pytest.raises(ValueError, match="image 1 of 3 has no caption"):
+        mem.CaptionsPerImage(np.array([0, 2]), 3)
+    with pytest.raises(ValueError, match="outside"):
+        mem.CaptionsPerImage(np.array([0, 3]), 3)
+
+
+def test_an_image_with_several_captions_gets_one_noise_one_trigger_one_file(tmp_path):
+    """Flickr/COCO layout: 3 manifest lines per image -> one protected PNG per image, every line kept in
+    order, all captions of an image carrying the same trigger."""
+    data = synth_captioned(tmp_path / "data", 6, 0, size=SIZE, seed=7, captions_per_image=3)
+    pairs = read_pairs(data, "train.jsonl")
+    assert len(pairs) == 18 and len({p.path for p in pairs}) == 6
+    assert len({p.caption for p in pairs}) > 6, "the captions of an image should be worded differently"
+    out = tmp_path / "out"
+    result = _protect(data, out)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["pairs"] == 18 and summary["images"] == 6
+    published = _published(out)
+    assert [" ".join(e["caption"].split(" ")[3:]) for e in published] == [p.caption for p in pairs]
+    assert len(list((out / "images").glob("*.png"))) == 6
+    report = json.loads((out / "protection.json").read_text())
+    assert report["pairs"] == 18 and report["images_protected"] == 6 and len(report["images"]) == 6
+    trigger_of: dict[str, str] = {}
+    for entry in published:
+        trigger = " ".join(entry["caption"].split(" ")[:3])
+        assert trigger_of.setdefault(entry["image"], trigger) == trigger, "one image, two triggers"
+    originals = {p.path.name: o for p, o in zip(pairs, load_images(pairs, SIZE, progress=False))}
+    for entry, pair in zip(published, pairs):
+        delta = np.asarray(Image.open(out / entry["image"]).convert("RGB")).astype(int) - originals[pair.path.name]
+        assert 1 <= np.abs(delta).max() <= 8
+    noise = np.load(out / "work" / "noise.npy", mmap_mode="r")
+    assert noise.shape == (6, SIZE, SIZE, 3) and noise.dtype == np.int8  # one noise per image, not per caption
