@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             f"its own ({cpi} trigger searches and {cpi} PGDs per image per pass, and {cpi} different protected copies",
             "of one image to publish); ours keeps one noise and one trigger per image and pairs it with one of its",
             "captions each pass, so a pass covers every pair at the cost of one PGD per image.", ""]
-    if device.type == "cpu":
+    if device.type == "cpu" and cpi == 1:
         lines += [
             "On a CPU both paths run the same text-tower forwards (B x (candidates + 1) sequences per trigger slot)",
             "and the same PGD forward/backward passes; what the fixes remove here is the image tower re-run per",

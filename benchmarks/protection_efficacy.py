@@ -3,6 +3,7 @@
     python benchmarks/protection_efficacy.py                    # defaults below, CPU or CUDA
     python benchmarks/protection_efficacy.py --train 800 --outer 8
     python benchmarks/protection_efficacy.py --style photo      # objects on crops of bundled photos
+    python benchmarks/protection_efficacy.py --epsilon 32       # a larger budget (uint8 levels; default 8)
 
 1. writes the captioned set (protection.captions.synth_captioned) under --work;
 2. protects its training split twice with the protection job: MEM (noise + 3-token trigger) and EM
@@ -11,7 +12,7 @@
    random noise of the same epsilon, EM, MEM, and EM/MEM after JPEG (quality 75) and grayscale
    re-encoding; reports image->text and text->image Recall@1/5/10 on the clean test split beside chance,
    and PSNR; re-encoded sets beside the clean set re-encoded the same way; three hackers per condition,
-   the median reported. Writes benchmarks/results/protection_efficacy[_photo].{json,md} and the example sheet.
+   the median reported. Writes benchmarks/results/protection_efficacy[_photo][_eps<N>].{json,md} and the example sheet.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--surrogate-steps", type=int, default=2)
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
+    parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")
     parser.add_argument("--trigger-length", type=int, default=3, help="MEM-3 (default) or MEM-5")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
                         "(the paper: 5; a quarter of --outer measured the same)")
@@ -62,24 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     from aigis.protection.job import protect_dataset
     from aigis.protection.mem import MEMSettings
 
+    if not 1 <= args.epsilon <= 255:
+        parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
     suffix = "" if args.style == "flat" else f"_{args.style}"  # flat keeps the original names
-    name = f"protection_efficacy{suffix}"
+    budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
+    name = f"protection_efficacy{suffix}{budget}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
         synth_captioned(data, n_train=args.train, n_test=args.test, size=args.size, style=args.style)
     protected, jobs = {}, {}
     for mode, trigger in (("mem", args.trigger_length), ("em", 0)):
-        settings = MEMSettings(trigger_length=trigger, outer_iterations=args.outer, surrogate_steps=args.surrogate_steps,
+        settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
+                               surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
                                trigger_iterations=args.trigger_iterations, lr=5e-4, stop_loss=args.stop_loss)
         t0 = time.perf_counter()
-        summary = protect_dataset(data, "train.jsonl", work / mode, settings, clip_preset=args.clip,
+        summary = protect_dataset(data, "train.jsonl", work / f"{mode}{budget}", settings, clip_preset=args.clip,
                                   image_size=args.size, device=args.device)
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
-        protected[mode] = work / mode
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / "evaluation",
+        protected[mode] = work / f"{mode}{budget}"
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}",
                                  clip_preset=args.clip, image_size=args.size, epochs=args.hacker_epochs,
                                  hackers=args.hackers, device=args.device)
     table = markdown_table(report)
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
               f"Command: python benchmarks/protection_efficacy.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"{args.train} training / {args.test} test pairs ({args.style} scenes) at {args.size} px, surrogate and hackers `{args.clip}`; "
-              f"MEM-{args.trigger_length}/EM: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
+              f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
