@@ -500,19 +500,19 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.nda
 
 
 def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
-                    device: torch.device, captions: CaptionsPerImage | None = None) -> float:
+                    device: torch.device, groups: CaptionsPerImage | None = None) -> float:
     """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption):
     distinct images, each with one of its captions (tokens [n_captions, L])."""
     model = state.model.train()
     n = images.shape[0]
-    captions = captions or CaptionsPerImage.single(n)
+    groups = groups or CaptionsPerImage.single(n)
     b = min(settings.batch_size, n)
     losses = []
     for _ in range(settings.surrogate_steps):
         index = torch.randperm(n, generator=state.generator)[:b].sort().values.numpy()
         x = torch.from_numpy(images[index]).to(device).to(torch.int16)
         x = (x + torch.from_numpy(np.asarray(state.noise[index])).to(device)).clamp(0, 255).to(torch.uint8)
-        t = _with_triggers(tokens[captions.pick(index, state.generator)],
+        t = _with_triggers(tokens[groups.pick(index, state.generator)],
                            torch.from_numpy(state.triggers[index])).to(device)
         with _autocast(settings, device):
             loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
@@ -528,11 +528,11 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
 
 
 def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
-                 device: torch.device, update_triggers: bool, captions: CaptionsPerImage | None = None) -> float:
+                 device: torch.device, update_triggers: bool, groups: CaptionsPerImage | None = None) -> float:
     """One pass over the images in batches, each with one of its captions: trigger search (if
     update_triggers), then PGD on the noise."""
     model = state.model.eval()
-    captions = captions or CaptionsPerImage.single(images.shape[0])
+    groups = groups or CaptionsPerImage.single(images.shape[0])
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     candidate_ids = _candidate_table(tokenizer, model, device) if settings.trigger_length else None
@@ -541,7 +541,7 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
         for index in _batches(images.shape[0], settings.batch_size, state.generator):
             x = torch.from_numpy(images[index]).to(device)
             delta = torch.from_numpy(np.asarray(state.noise[index])).to(device).to(torch.int16)
-            t = tokens[captions.pick(index, state.generator)].to(device)
+            t = tokens[groups.pick(index, state.generator)].to(device)
             trig = torch.from_numpy(state.triggers[index]).to(device)
             if update_triggers and settings.trigger_length:
                 trig, _ = search_triggers(model, tokenizer, x, delta, t, trig, settings, candidate_ids=candidate_ids)
