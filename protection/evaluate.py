@@ -173,10 +173,13 @@ def write_random_set(clean_pairs: list[Pair], out_dir: str | Path, levels: int, 
     clipped to [0, 255] and written as PNG -- the same budget as the protection, with no structure."""
     out_dir = Path(out_dir)
     rng = np.random.default_rng([seed, 8_675_309])
-    images = []
-    for image in _native_images(clean_pairs):
-        noise = rng.integers(-levels, levels + 1, size=image.shape, dtype=np.int16)
-        images.append(np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8))
+    noisy: dict[Path, np.ndarray] = {}  # one noise per image, however many captions name it (as the job does)
+    for pair in clean_pairs:
+        if pair.path not in noisy:
+            image = load_image(pair.path)
+            noise = rng.integers(-levels, levels + 1, size=image.shape, dtype=np.int16)
+            noisy[pair.path] = np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+    images = [noisy[pair.path] for pair in clean_pairs]
     meta = {"mode": "random", "epsilon": levels / 255, "epsilon_levels": levels, "seed": seed}
     _write_set(out_dir, _stems(clean_pairs), images, [p.caption for p in clean_pairs], meta, "png")
     return TrainingSet("random", "random", out_dir, read_pairs(out_dir, PROTECTED_MANIFEST), meta, source="uniform noise")
