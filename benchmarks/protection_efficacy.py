@@ -4,6 +4,7 @@
     python benchmarks/protection_efficacy.py --train 800 --outer 8
     python benchmarks/protection_efficacy.py --style photo      # objects on crops of bundled photos
     python benchmarks/protection_efficacy.py --epsilon 32       # a larger budget (uint8 levels; default 8)
+    python benchmarks/protection_efficacy.py --captions-per-image 5   # the Flickr/COCO layout
 
 1. writes the captioned set (protection.captions.synth_captioned) under --work;
 2. protects its training split twice with the protection job: MEM (noise + 3-token trigger) and EM
@@ -36,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="default runs/bench/protection (style flat) or protection_photo")
     parser.add_argument("--style", choices=STYLES, default="flat",
                         help="procedural scenes on flat colours (default) or on crops of bundled photos")
-    parser.add_argument("--train", type=int, default=400)
+    parser.add_argument("--train", type=int, default=400, help="training images")
+    parser.add_argument("--captions-per-image", type=int, default=1,
+                        help="captions per training image (5 = Flickr/COCO); one noise and trigger per image")
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--clip", default="rn_tiny")
@@ -66,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
-    suffix = "" if args.style == "flat" else f"_{args.style}"  # flat keeps the original names
+    suffix = ("" if args.style == "flat" else f"_{args.style}") + (  # flat, 1 caption keeps the original names
+        "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}")
     budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
     name = f"protection_efficacy{suffix}{budget}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
-        synth_captioned(data, n_train=args.train, n_test=args.test, size=args.size, style=args.style)
+        synth_captioned(data, n_train=args.train, n_test=args.test, size=args.size, style=args.style,
+                        captions_per_image=args.captions_per_image)
     protected, jobs = {}, {}
     for mode, trigger in (("mem", args.trigger_length), ("em", 0)):
         settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
     header = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
               f"Command: python benchmarks/protection_efficacy.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
-              f"{args.train} training / {args.test} test pairs ({args.style} scenes) at {args.size} px, surrogate and hackers `{args.clip}`; "
+              f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
+              f"at {args.size} px, surrogate and hackers `{args.clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
