@@ -214,15 +214,12 @@ def protect_dataset(
     out_dir = Path(out_dir).resolve()
     pairs = read_pairs(data_root, manifest_name)
     # Lines naming the same file are captions of ONE image: one noise, one trigger, one output file.
-    image_of_path: dict[Path, int] = {}
-    caption_image = np.array([image_of_path.setdefault(p.path.resolve(), len(image_of_path)) for p in pairs],
-                             dtype=np.int64)
-    groups = mem.CaptionsPerImage(caption_image, len(image_of_path))
-    sources = [pairs[c] for c in groups.first(np.arange(len(image_of_path)))]  # one pair per image
+    groups = mem.CaptionsPerImage.by_key([p.path.resolve() for p in pairs])
+    sources = [pairs[c] for c in groups.first(np.arange(groups.n_images))]  # one pair per image
     if len(sources) < 2:
         raise ValueError(f"{manifest_name}: MEM needs at least 2 distinct images, got {len(sources)}")
     names = _output_names(sources)
-    source_paths = set(image_of_path)
+    source_paths = {p.path.resolve() for p in sources}
     clashes = [n for n in names if (out_dir / n).resolve() in source_paths]
     if (out_dir / "manifest.jsonl").resolve() == (data_root / manifest_name).resolve():
         clashes.append("manifest.jsonl")
@@ -269,8 +266,8 @@ def protect_dataset(
 
             os.kill(os.getpid(), signal.SIGKILL)
 
-    mem.run_mem(state, tokenizer, images, captions, settings, device=device_t, caption_image=caption_image,
-                callback=checkpoint, progress=progress)
+    mem.run_mem(state, tokenizer, images, captions, settings, device=device_t, groups=groups, callback=checkpoint,
+                progress=progress)
 
     # Publish: protected PNGs, manifest, surrogate, protection.json (no timings: reruns compare equal).
     from PIL import Image
@@ -286,7 +283,7 @@ def protect_dataset(
         os.replace(tmp, path)
         image_hashes.append({"image": name, "source": source.path.relative_to(data_root).as_posix(),
                              "sha256": _sha256_file(path)})
-    for pair, i in zip(pairs, caption_image):
+    for pair, i in zip(pairs, groups.image_of):
         lines.append(json.dumps({"image": names[i], "caption": apply_trigger_text(state.triggers[i], pair.caption,
                                                                                   tokenizer)}))
     _write_atomic(out_dir / "manifest.jsonl", "".join(line + "\n" for line in lines).encode())

@@ -430,6 +430,7 @@ class CaptionsPerImage:
         counts = np.bincount(caption_image.astype(np.int64), minlength=n_images)
         if (counts == 0).any():
             raise ValueError(f"image {int(np.argmin(counts))} of {n_images} has no caption")
+        self.image_of = caption_image  # image index of each caption
         self.counts = counts
         self.order = np.argsort(caption_image, kind="stable")  # caption ids grouped by image
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -439,9 +440,20 @@ class CaptionsPerImage:
     def single(cls, n: int) -> "CaptionsPerImage":
         return cls(np.arange(n), n)
 
+    @classmethod
+    def by_key(cls, keys: list) -> "CaptionsPerImage":
+        """Captions with equal keys (e.g. resolved image paths) describe one image; images are numbered in
+        order of first appearance."""
+        index: dict = {}
+        return cls(np.array([index.setdefault(k, len(index)) for k in keys], dtype=np.int64), len(index))
+
     @property
     def n_captions(self) -> int:
         return int(self.order.size)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.counts.size)
 
     def first(self, images: np.ndarray) -> np.ndarray:
         """The first caption id of each image."""
@@ -563,7 +575,7 @@ def run_mem(
     settings: MEMSettings,
     *,
     device: str | torch.device | None = None,
-    caption_image: np.ndarray | None = None,
+    groups: CaptionsPerImage | None = None,
     callback: Callable[[MEMState, dict], None] | None = None,
     progress: bool = True,
 ) -> MEMState:
@@ -573,19 +585,16 @@ def run_mem(
     (triggers too during the first trigger_iterations). callback(state, stats) runs after each
     iteration (checkpointing); stats has iteration, surrogate_loss, pass_loss, images_per_s, pairs_per_s
     (image-caption pairs protected per second of the pass), seconds.
-    images: uint8 [N, H, W, 3] decoded once, at the model's resolution. caption_image: the image index
-    of each caption when an image has several (default: caption i describes image i).
+    images: uint8 [N, H, W, 3] decoded once, at the model's resolution. groups: which captions describe
+    which image when an image has several (default: caption i describes image i).
     """
     settings.validate()
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
-    if caption_image is None and len(captions) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(captions)} captions (pass caption_image to give "
-                         f"an image several captions)")
-    groups = (CaptionsPerImage.single(images.shape[0]) if caption_image is None
-              else CaptionsPerImage(caption_image, images.shape[0]))
-    if groups.n_captions != len(captions):
-        raise ValueError(f"caption_image has {groups.n_captions} entries for {len(captions)} captions")
+    groups = groups or CaptionsPerImage.single(images.shape[0])
+    if groups.n_images != images.shape[0] or groups.n_captions != len(captions):
+        raise ValueError(f"{images.shape[0]} images and {len(captions)} captions, but the caption groups cover "
+                         f"{groups.n_images} images and {groups.n_captions} captions")
     if state.noise.shape != images.shape or state.triggers.shape[0] != images.shape[0]:
         raise ValueError(f"{images.shape[0]} images, noise {list(state.noise.shape)}, "
                          f"triggers {list(state.triggers.shape)}")
