@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Fashion-MNIST for the "fashion" captioned scenes (protection/fashion.py): Debian's package, unpacked
+# under runs/assets without installing it (apt-get download needs no root; the files are 30 MB).
+FASHION := runs/assets/fashion-mnist
+fashion-mnist:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST already installed in /usr/share/datasets/fashion-mnist"; else \
+		rm -rf runs/assets/.fashion-deb && mkdir -p runs/assets/.fashion-deb $(FASHION) && \
+		cd runs/assets/.fashion-deb && apt-get download dataset-fashion-mnist && \
+		dpkg-deb -x dataset-fashion-mnist_*.deb root && \
+		cp root/usr/share/datasets/fashion-mnist/*.gz ../fashion-mnist/ && cd .. && rm -rf .fashion-deb && \
+		echo "Fashion-MNIST in $(FASHION)"; fi
 
 clean:
 	rm -rf runs .pytest_cache

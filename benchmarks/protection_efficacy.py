@@ -3,6 +3,7 @@
     python benchmarks/protection_efficacy.py                    # defaults below, CPU or CUDA
     python benchmarks/protection_efficacy.py --train 800 --outer 8
     python benchmarks/protection_efficacy.py --style photo      # objects on crops of bundled photos
+    python benchmarks/protection_efficacy.py --style fashion    # Fashion-MNIST items (`make fashion-mnist`)
     python benchmarks/protection_efficacy.py --epsilon 32       # a larger budget (uint8 levels; default 8)
     python benchmarks/protection_efficacy.py --captions-per-image 5   # the Flickr/COCO layout
 

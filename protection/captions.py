@@ -39,7 +39,8 @@ BACKGROUNDS = {
 PHOTO_BACKGROUNDS = {
     "brick": "brick", "grass": "grass", "gravel": "gravel", "starry": "hubble_deep_field", "cell": "immunohistochemistry",
 }
-STYLES = ("flat", "photo")
+# style "fashion": Fashion-MNIST clothing items on a 2x2 grid, named by kind (fashion.py) -- shape, not colour.
+STYLES = ("flat", "photo", "fashion")
 SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings", "star": "stars"}
 SIZES = {"small": 0.24, "large": 0.44}  # radius as a fraction of a grid cell
 # grid cell (row, col) -> ways to say where it is
@@ -85,6 +86,8 @@ def sample_scene(rng: np.random.Generator, style: str = "flat") -> tuple[str, li
     look a quarter of the time, so counts ("two red stars") occur."""
     if style not in STYLES:
         raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
+    if style == "fashion":
+        raise ValueError("fashion scenes come from fashion.sample_fashion_scene (they need the item catalogue)")
     background = str(rng.choice(list(BACKGROUNDS if style == "flat" else PHOTO_BACKGROUNDS)))
     count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
     cells = [list(POSITIONS)[i] for i in rng.choice(len(POSITIONS), size=count, replace=False)]
@@ -189,16 +192,17 @@ def describe_scene(background: str, objects: list[SceneObject], rng: np.random.G
 
 def synth_captioned(
     out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0, style: str = "flat",
-    captions_per_image: int = 1,
+    captions_per_image: int = 1, fashion_root: str | Path | None = None,
 ) -> Path:
     """Write n_train + n_test procedural scenes as images/NNNNN.png with train.jsonl and test.jsonl.
 
     style "flat": flat-coloured backgrounds; "photo": crops of bundled photos (brick, grass, gravel,
-    a starry sky, stained cells) behind the same objects. captions_per_image > 1 gives every TRAINING
+    a starry sky, stained cells) behind the same objects; "fashion": Fashion-MNIST items on a 2x2 grid
+    (fashion.py; fashion_root: where its files are). captions_per_image > 1 gives every TRAINING
     image that many differently worded captions, one manifest line each, as Flickr and COCO do (5);
     the test split keeps one per image, so retrieval has one right answer.
 
-    Deterministic in (n_train, n_test, size, seed): scene i draws from its own generator seeded by
+    Deterministic in (n_train, n_test, size, seed, style): scene i draws from its own generator seeded by
     (seed, i), so the bytes written do not depend on anything else.
     """
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
@@ -209,6 +213,10 @@ def synth_captioned(
         raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
+    if style == "fashion":
+        from . import fashion
+
+        catalogues = {split: fashion.load_catalogue(split, fashion_root) for split in ("train", "test")}
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     digits = max(5, len(str(n_train + n_test - 1)))
@@ -216,12 +224,19 @@ def synth_captioned(
     test: list[str] = []
     for i in range(n_train + n_test):
         rng = np.random.default_rng([seed, i])
-        background, objects = sample_scene(rng, style)
-        image = render_scene(background, objects, size, rng)
+        if style == "fashion":
+            catalogue = catalogues["train" if i < n_train else "test"]  # test scenes show unseen items
+            backdrop, placed = fashion.sample_fashion_scene(rng, catalogue)
+            image = fashion.render_fashion_scene(backdrop, placed, catalogue, size, rng)
+            describe = lambda: fashion.describe_fashion_scene(placed, rng)  # noqa: E731
+        else:
+            background, objects = sample_scene(rng, style)
+            image = render_scene(background, objects, size, rng)
+            describe = lambda: describe_scene(background, objects, rng)  # noqa: E731
         relative = f"images/{i:0{digits}d}.png"
         Image.fromarray(image).save(out_dir / relative, format="PNG")
         for _ in range(captions_per_image if i < n_train else 1):
-            caption = describe_scene(background, objects, rng)
+            caption = describe()
             (train if i < n_train else test).append(json.dumps({"image": relative, "caption": caption}))
     for name, chunk in (("train.jsonl", train), ("test.jsonl", test)):
         tmp = out_dir / f".{name}.tmp"
