@@ -202,8 +202,9 @@ def synth_captioned(
     image that many differently worded captions, one manifest line each, as Flickr and COCO do (5);
     the test split keeps one per image, so retrieval has one right answer.
 
-    Deterministic in (n_train, n_test, size, seed, style): scene i draws from its own generator seeded by
-    (seed, i), so the bytes written do not depend on anything else.
+    Deterministic in (n_train, n_test, size, seed, style) -- and for "fashion" the Fashion-MNIST files:
+    scene i draws from its own generator seeded by (seed, i), so the bytes written do not depend on
+    anything else.
     """
     if n_train < 0 or n_test < 0 or n_train + n_test == 0:
         raise ValueError(f"need a positive number of images, got n_train={n_train}, n_test={n_test}")
@@ -216,6 +217,8 @@ def synth_captioned(
     if style == "fashion":
         from . import fashion
 
+        if size < fashion.MIN_SIZE:
+            raise ValueError(f"fashion scenes need at least {fashion.MIN_SIZE} px, got {size}")
         catalogues = {split: fashion.load_catalogue(split, fashion_root) for split in ("train", "test")}
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
