@@ -25,6 +25,8 @@ from PIL import Image, ImageDraw
 
 from aigis.preprocess import BadImageError, load_image
 
+from . import fashion
+
 # name -> RGB; backgrounds have words of their own, so "red" always means an object.
 COLOURS = {
     "red": (215, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 215, 40),
@@ -55,7 +57,7 @@ POSITIONS = {
     (2, 1): ("at the bottom", "in the bottom middle"),
     (2, 2): ("in the bottom right corner", "at the bottom right"),
 }
-COUNT_WORDS = {1: "a", 2: "two", 3: "three"}
+COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
 
 
@@ -190,6 +192,31 @@ def describe_scene(background: str, objects: list[SceneObject], rng: np.random.G
     return f"{things}, {background} background"
 
 
+def describe_fashion_scene(placed: list[fashion.PlacedItem], rng: np.random.Generator) -> str:
+    """Items of one kind grouped and counted ("two sneakers at the top left and in the lower right"),
+    order and wording varied; the tint is never named."""
+    cells_of: dict[int, list[tuple[int, int]]] = {}
+    for item in placed:
+        cells_of.setdefault(item.label, []).append(item.cell)
+    phrases = []
+    for label, cells in cells_of.items():
+        singular, plural = fashion.CLASSES[label]
+        count = COUNT_WORDS[len(cells)]
+        if count == "a" and singular[0] in "aeiou":
+            count = "an"
+        wheres = _join([fashion.CELLS[c][int(rng.integers(2))] for c in cells])
+        phrases.append(f"{count} {singular if len(cells) == 1 else plural} {wheres}")
+    things = _join([phrases[i] for i in rng.permutation(len(phrases))])
+    template = int(rng.integers(4))
+    if template == 0:
+        return things
+    if template == 1:
+        return f"a dark picture with {things}"
+    if template == 2:
+        return f"you can see {things}"
+    return f"clothes laid out: {things}"
+
+
 def synth_captioned(
     out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0, style: str = "flat",
     captions_per_image: int = 1, fashion_root: str | Path | None = None,
@@ -215,8 +242,6 @@ def synth_captioned(
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
     if style == "fashion":
-        from . import fashion
-
         if size < fashion.MIN_SIZE:
             raise ValueError(f"fashion scenes need at least {fashion.MIN_SIZE} px, got {size}")
         catalogues = {split: fashion.load_catalogue(split, fashion_root) for split in ("train", "test")}
@@ -231,7 +256,7 @@ def synth_captioned(
             catalogue = catalogues["train" if i < n_train else "test"]  # test scenes show unseen items
             backdrop, placed = fashion.sample_fashion_scene(rng, catalogue)
             image = fashion.render_fashion_scene(backdrop, placed, catalogue, size, rng)
-            describe = lambda: fashion.describe_fashion_scene(placed, rng)  # noqa: E731
+            describe = lambda: describe_fashion_scene(placed, rng)  # noqa: E731
         else:
             background, objects = sample_scene(rng, style)
             image = render_scene(background, objects, size, rng)

@@ -5,9 +5,9 @@ pixels almost linearly -- so a from-scratch CLIP learns them within a few steps,
 pick up a protection noise (BENCHMARKS.md, "Sizes"). Real photographs are the opposite: what a caption
 names (a dog, a bicycle) takes learned shape features. These scenes sit in between: two to four
 clothing items (t-shirt, sneaker, bag, ...) drawn from Fashion-MNIST, each in a random tint the caption
-does NOT name, on a dark backdrop; the caption names each item and its cell. Training scenes draw
-items from Fashion-MNIST's training split, test scenes from its test split, so retrieval is measured
-on unseen items.
+does NOT name, on a dark backdrop; the caption (captions.describe_fashion_scene) names each item
+and its cell. Training scenes draw items from Fashion-MNIST's training split, test scenes from its
+test split, so retrieval is measured on unseen items.
 
 Fashion-MNIST installs offline from Debian (`apt-get install dataset-fashion-mnist`, files under
 /usr/share/datasets/fashion-mnist) or `make fashion-mnist` (unpacks that package into
@@ -36,7 +36,6 @@ CELLS = {
     (1, 0): ("at the bottom left", "in the lower left"),
     (1, 1): ("at the bottom right", "in the lower right"),
 }
-COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 SPLIT_FILES = {"train": "train", "test": "t10k"}  # <prefix>-images-idx3-ubyte.gz, <prefix>-labels-idx1-ubyte.gz
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 LOCAL_DIR = Path(__file__).resolve().parent.parent / "runs" / "assets" / "fashion-mnist"
@@ -137,32 +136,3 @@ def render_fashion_scene(backdrop: float, placed: list[PlacedItem], catalogue: C
         region[:] = region * (1.0 - alpha) + alpha * np.asarray(item.tint, dtype=np.float32)
     canvas = canvas + rng.normal(0.0, 3.0, size=canvas.shape)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-
-
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def describe_fashion_scene(placed: list[PlacedItem], rng: np.random.Generator) -> str:
-    """Items of one kind grouped and counted ("two sneakers at the top left and in the lower right"),
-    order and wording varied; the tint is never named."""
-    cells_of: dict[int, list[tuple[int, int]]] = {}
-    for item in placed:
-        cells_of.setdefault(item.label, []).append(item.cell)
-    phrases = []
-    for label, cells in cells_of.items():
-        singular, plural = CLASSES[label]
-        count = COUNT_WORDS[len(cells)]
-        if count == "a" and singular[0] in "aeiou":
-            count = "an"
-        wheres = _join([CELLS[c][int(rng.integers(2))] for c in cells])
-        phrases.append(f"{count} {singular if len(cells) == 1 else plural} {wheres}")
-    things = _join([phrases[i] for i in rng.permutation(len(phrases))])
-    template = int(rng.integers(4))
-    if template == 0:
-        return things
-    if template == 1:
-        return f"a dark picture with {things}"
-    if template == 2:
-        return f"you can see {things}"
-    return f"clothes laid out: {things}"
