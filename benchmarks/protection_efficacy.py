@@ -6,6 +6,7 @@
     python benchmarks/protection_efficacy.py --style fashion    # Fashion-MNIST items (`make fashion-mnist`)
     python benchmarks/protection_efficacy.py --epsilon 32       # a larger budget (uint8 levels; default 8)
     python benchmarks/protection_efficacy.py --captions-per-image 5   # the Flickr/COCO layout
+    python benchmarks/protection_efficacy.py --conditions clean,mem --robustness none --name partial  # quicker
 
 1. writes the captioned set (protection.captions.synth_captioned) under --work;
 2. protects its training split twice with the protection job: MEM (noise + 3-token trigger) and EM
@@ -14,7 +15,8 @@
    random noise of the same epsilon, EM, MEM, and EM/MEM after JPEG (quality 75) and grayscale
    re-encoding; reports image->text and text->image Recall@1/5/10 on the clean test split beside chance,
    and PSNR; re-encoded sets beside the clean set re-encoded the same way; three hackers per condition,
-   the median reported. Writes benchmarks/results/protection_efficacy[_photo][_eps<N>].{json,md} and the example sheet.
+   the median reported. Writes benchmarks/results/protection_efficacy[_<style>][_cap<N>][_<size>px][_eps<N>].{json,md}
+   and the example sheet. --conditions / --robustness train fewer hackers (a job not asked for is not run).
 """
 
 from __future__ import annotations
@@ -61,19 +63,33 @@ def main(argv: list[str] | None = None) -> int:
     # One hacker's R@1 on 200 test pairs swings widely between seeds (session 7: clean 4.0-33.5x chance over ten
     # seeds), so every condition is trained by three and the median is reported.
     parser.add_argument("--hackers", type=int, default=3, help="hackers per condition (seeds 0..n-1); median reported")
+    parser.add_argument("--conditions", default="clean,random,mem,em",
+                        help="comma-separated subset of clean, random, mem, em (default: all)")
+    parser.add_argument("--robustness", default="jpeg75,gray",
+                        help="re-encodings of each protected set (and of clean), comma-separated, or 'none'")
+    parser.add_argument("--name", default=None, help="result file stem under benchmarks/results/ (default: from the "
+                        "style, captions, size and epsilon; name a partial run so it does not replace a full table)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    from aigis.protection.evaluate import evaluate_protection, markdown_table
+    from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
     from aigis.protection.job import protect_dataset
     from aigis.protection.mem import MEMSettings
 
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
+    conditions = [c for c in args.conditions.split(",") if c]
+    if not conditions or any(c not in ("clean", "random", "mem", "em") for c in conditions):
+        parser.error(f"--conditions: a comma-separated subset of clean, random, mem, em; got {args.conditions!r}")
+    robustness = [] if args.robustness == "none" else [r for r in args.robustness.split(",") if r]
+    if any(r not in ROBUSTNESS_TRANSFORMS for r in robustness):
+        parser.error(f"--robustness: a comma-separated subset of {', '.join(ROBUSTNESS_TRANSFORMS)}, or none; "
+                     f"got {args.robustness!r}")
     suffix = ("" if args.style == "flat" else f"_{args.style}") + (  # flat, 1 caption keeps the original names
-        "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}")
+        "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}") + (
+        "" if args.size == 32 else f"_{args.size}px")
     budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
-    name = f"protection_efficacy{suffix}{budget}"
+    name = args.name or f"protection_efficacy{suffix}{budget}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
@@ -81,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                         captions_per_image=args.captions_per_image)
     protected, jobs = {}, {}
     for mode, trigger in (("mem", args.trigger_length), ("em", 0)):
+        if mode not in conditions:
+            continue
         settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
                                surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
@@ -92,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
         protected[mode] = work / f"{mode}{budget}"
     report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}",
-                                 clip_preset=args.clip, image_size=args.size, epochs=args.hacker_epochs,
-                                 hackers=args.hackers, device=args.device)
+                                 conditions=conditions, robustness=robustness, clip_preset=args.clip,
+                                 image_size=args.size, epochs=args.hacker_epochs, hackers=args.hackers,
+                                 device=args.device, epsilon=args.epsilon / 255)
     table = markdown_table(report)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
