@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")
     parser.add_argument("--trigger-length", type=int, default=3, help="MEM-3 (default) or MEM-5")
+    parser.add_argument("--trigger-words", type=int, default=None,
+                        help="made-up trigger words (default: the job's; 0: triggers from caption words)")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
                         "(the paper: 5; a quarter of --outer measured the same)")
     parser.add_argument("--stop-loss", type=float, default=None, help="MEMSettings.stop_loss (default: none)")
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
-    from aigis.protection.job import protect_dataset
+    from aigis.protection.job import DEFAULT_TRIGGER_WORDS, protect_dataset
     from aigis.protection.mem import MEMSettings
 
     if not 1 <= args.epsilon <= 255:
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                trigger_iterations=args.trigger_iterations, lr=5e-4, stop_loss=args.stop_loss)
         t0 = time.perf_counter()
         summary = protect_dataset(data, "train.jsonl", work / f"{mode}{budget}", settings, clip_preset=args.clip,
-                                  image_size=args.size, device=args.device)
+                                  image_size=args.size, device=args.device, trigger_words=(
+                                      DEFAULT_TRIGGER_WORDS if args.trigger_words is None else args.trigger_words))
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
         protected[mode] = work / f"{mode}{budget}"

@@ -22,6 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("mem", "em"), default="mem", help="mem: noise + trigger; em: noise only")
     p.add_argument("--epsilon", type=float, default=8, help="L-inf noise budget in /255 units (default 8)")
     p.add_argument("--trigger-length", type=int, default=3, help="trigger words for --mode mem (default 3)")
+    p.add_argument("--trigger-words", type=int, default=None,
+                   help="made-up words added to the tokenizer for triggers to use (default "
+                        "protection.job.DEFAULT_TRIGGER_WORDS; 0: triggers from the captions' own words)")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
@@ -45,7 +48,7 @@ def _protect(args: argparse.Namespace) -> int:
     from aigis.preprocess import BadImageError
 
     from .captions import ManifestError
-    from .job import protect_dataset
+    from .job import DEFAULT_TRIGGER_WORDS, protect_dataset
     from .mem import MEMSettings
 
     try:
@@ -61,6 +64,7 @@ def _protect(args: argparse.Namespace) -> int:
         summary = protect_dataset(
             args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
             device=args.device, resume=not args.no_resume, progress=not args.quiet,
+            trigger_words=DEFAULT_TRIGGER_WORDS if args.trigger_words is None else args.trigger_words,
         )
     except (ManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
         print(f"aigis protect: error: {exc}", file=sys.stderr)

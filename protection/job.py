@@ -38,6 +38,9 @@ CHECKPOINT_FORMAT = "aigis-mem-checkpoint-1"
 PROTECTION_FORMAT = "aigis-protection-1"
 # Test hook: after writing the checkpoint of this outer iteration the process SIGKILLs itself.
 KILL_ENV = "AIGIS_PROTECT_KILL_AFTER"
+# Made-up words the job's tokenizer adds for triggers to use, so a trigger carries no caption content
+# (BENCHMARKS.md, session 10: 0.27 of clean vs 0.33 with caption words at MEM-3, 0.23 vs 0.44 at MEM-5).
+DEFAULT_TRIGGER_WORDS = 400
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -191,13 +194,16 @@ def protect_dataset(
     resume: bool = True,
     progress: bool = True,
     vocab_size: int = 4096,
+    trigger_words: int = DEFAULT_TRIGGER_WORDS,
     negatives: int = 256,
 ) -> dict:
     """Run MEM over data_root/manifest_name and write the protected copy to out_dir; returns a summary.
 
     image_size defaults to the preset's resolution (images are resized short-side + centre-cropped to it,
-    once). The tokenizer is trained on the captions (deterministic). `negatives` pairs' embeddings are
-    stored with the surrogate so protect-on-upload of a single image has a contrastive loss.
+    once). The tokenizer is trained on the captions (deterministic), plus `trigger_words` made-up words
+    that the triggers are restricted to in MEM mode (0: triggers from the caption words). `negatives`
+    pairs' embeddings are stored with the surrogate so protect-on-upload of a single image has a
+    contrastive loss.
     """
     import torch
 
@@ -234,12 +240,14 @@ def protect_dataset(
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
+    if trigger_words < 0:
+        raise ValueError(f"trigger_words must be >= 0, got {trigger_words}")
+    made_up = trigger_words if settings.trigger_length else 0  # EM has no trigger to draw words for
     tokenizer_path = work / "tokenizer.json"
-    if resume and tokenizer_path.is_file() and _checkpoints(work):
-        tokenizer = Tokenizer.load(tokenizer_path)
-    else:
-        tokenizer = Tokenizer.train(captions, vocab_size)
-        tokenizer.save(tokenizer_path)
+    tokenizer = Tokenizer.load(tokenizer_path) if resume and tokenizer_path.is_file() and _checkpoints(work) else None
+    if tokenizer is None or len(tokenizer.trigger_words or ()) != made_up:
+        tokenizer = Tokenizer.train(captions, vocab_size, trigger_words=made_up)
+        tokenizer.save(tokenizer_path)  # a new tokenizer changes the fingerprint: old checkpoints are not resumed
     torch.manual_seed(settings.seed)
     model = build_clip(replace(PRESETS[clip_preset], image_resolution=size), tokenizer.vocab_size)
 
@@ -252,6 +260,7 @@ def protect_dataset(
         "clip_preset": clip_preset,
         "image_size": size,
         "tokenizer_sha256": _sha256_file(tokenizer_path),
+        "trigger_words": made_up,
         "device_type": device_t.type,
     }
     resumed = resume and load_checkpoint(work, state, fingerprint)
@@ -316,6 +325,8 @@ def protect_dataset(
         "epsilon": settings.epsilon,
         "epsilon_uint8_levels": settings.epsilon_levels,
         "trigger_length": settings.trigger_length,
+        "trigger_words": (None if not settings.trigger_length else
+                          "caption words" if made_up == 0 else f"{made_up} made-up words"),
         "pairs": len(pairs),
         "images_protected": len(sources),
         "image_size": size,

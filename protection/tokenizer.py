@@ -8,11 +8,18 @@ finds where to pool. Padding is id 0, as in CLIP.
 
 MEM's text trigger is published as TEXT in front of the caption, so the trigger tokens must survive
 decode -> prepend -> encode unchanged; trigger_candidates() lists only tokens that do.
+
+A vocabulary trained on the captions alone has only caption words to offer a trigger -- content the
+model learns from anyway ("pullover sandals right"), which weakens the shortcut. train() can therefore
+add made-up words (made_up_words()) that become tokens of their own, and restrict triggers to them, as
+CLIP's 49k-token vocabulary offers words no caption uses. The restriction is saved with the merges, so
+served protection searches the same words as the job.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import heapq
 import html
 import json
@@ -34,6 +41,8 @@ FORMAT = "aigis-bpe-1"
 _WORD_RE = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+""")
 _WHITESPACE_RE = re.compile(r"\s+")
 _TRIGGER_WORD_RE = re.compile(r"[a-z]+")
+_CONSONANTS = "bdfgklmnprstvz"
+_VOWELS = "aeiou"
 
 
 @lru_cache(maxsize=1)
@@ -69,10 +78,36 @@ def _word_symbols(word: str) -> tuple[str, ...]:
     return (*symbols[:-1], symbols[-1] + END_OF_WORD)
 
 
+def made_up_words(count: int, avoid: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """count distinct pronounceable non-words ("dova", "kelitu"), the same list on every machine.
+
+    Two or three consonant-vowel syllables drawn from a hash of the word's index (no RNG whose stream
+    could change between Python versions); words in `avoid` (e.g. every caption word) are skipped.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    words: list[str] = []
+    seen = set(avoid)
+    index = 0
+    while len(words) < count:
+        digest = hashlib.sha256(f"aigis-trigger-word-{index}".encode()).digest()
+        index += 1
+        syllables = 2 + digest[0] % 2
+        word = "".join(_CONSONANTS[digest[1 + 2 * i] % len(_CONSONANTS)] + _VOWELS[digest[2 + 2 * i] % len(_VOWELS)]
+                       for i in range(syllables))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+        if index > 1000 * (count + 10):
+            raise ValueError(f"cannot make {count} distinct words outside the {len(avoid)} to avoid")
+    return words
+
+
 class Tokenizer:
     """Byte-level BPE with CLIP's id layout; see the module docstring."""
 
-    def __init__(self, merges: list[tuple[str, str]]):
+    def __init__(self, merges: list[tuple[str, str]], trigger_words: list[str] | None = None):
+        """trigger_words: when given, triggers may use only these words (those that are single tokens)."""
         base = [symbol for _, symbol in _byte_table()]
         vocab = base + [s + END_OF_WORD for s in base] + ["".join(pair) for pair in merges] + [SOT_TEXT, EOT_TEXT]
         self.merges = [tuple(pair) for pair in merges]
@@ -88,6 +123,11 @@ class Tokenizer:
         self._cache: dict[str, list[str]] = {}
         self._candidates: torch.Tensor | None = None
         self._candidate_set: frozenset[int] = frozenset()
+        if trigger_words is not None:
+            bad = [w for w in trigger_words if not isinstance(w, str) or not _TRIGGER_WORD_RE.fullmatch(w)]
+            if bad:
+                raise ValueError(f"trigger words must be lower-case ASCII words, got {bad[:5]}")
+        self.trigger_words: frozenset[str] | None = None if trigger_words is None else frozenset(trigger_words)
         self.placeholder_id = self._choose_placeholder()
 
     # -- encoding ------------------------------------------------------------------------------
@@ -168,11 +208,14 @@ class Tokenizer:
         word = token[: -len(END_OF_WORD)]
         if not _TRIGGER_WORD_RE.fullmatch(word):
             return False
+        if self.trigger_words is not None and word not in self.trigger_words:
+            return False
         # BPE on the word alone must give back exactly this one token (not every vocabulary entry does).
         return self.encode(word) == [token_id]
 
     def trigger_candidates(self) -> torch.Tensor:
-        """Ids a trigger may use: whole lower-case ASCII words that encode back to themselves.
+        """Ids a trigger may use: whole lower-case ASCII words that encode back to themselves (and are
+        among trigger_words when the tokenizer has them).
 
         Words are pre-tokenized at spaces, so any sequence of these, decoded and followed by a space
         and a caption, tokenizes to the same ids. Never SOT, EOT or pad.
@@ -190,7 +233,8 @@ class Tokenizer:
         return int(token_id) in self._candidate_set
 
     def _choose_placeholder(self) -> int:
-        """A common, meaning-poor word for the trigger slots before a trigger is chosen."""
+        """A common, meaning-poor word for the trigger slots before a trigger is chosen (a candidate, so
+        that a trigger never searched still publishes as text that round-trips)."""
         for word in ("the", "a", "of", "and"):
             ids = self.encode(word)
             if len(ids) == 1 and self._is_trigger_candidate(ids[0]):
@@ -231,14 +275,19 @@ class Tokenizer:
         return cls(merges)
 
     @classmethod
-    def train(cls, captions: list[str], vocab_size: int = 4096) -> Tokenizer:
+    def train(cls, captions: list[str], vocab_size: int = 4096, trigger_words: int = 0) -> Tokenizer:
         """Learn merges on the captions until vocab_size or until every word is one token.
 
-        Deterministic: the most frequent pair wins, ties go to the lexicographically smallest pair.
+        trigger_words > 0 adds that many made-up words (made_up_words(), none of them a caption word)
+        to the training words and restricts triggers to them; those the vocabulary size leaves split
+        are simply not candidates. Deterministic: the most frequent pair wins, ties go to the
+        lexicographically smallest pair.
         """
         if vocab_size < 515:
             raise ValueError(f"vocab_size must exceed the 514 byte and special tokens, got {vocab_size}")
         counts = Counter(word for caption in captions for word in _words(caption))
+        extra = made_up_words(trigger_words, avoid=set(counts)) if trigger_words else None
+        counts.update(extra or ())
         words = [list(_word_symbols(w)) for w in sorted(counts)]
         freqs = [counts[w] for w in sorted(counts)]
         pair_counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -283,11 +332,14 @@ class Tokenizer:
             for p in touched:
                 if pair_counts.get(p, 0) > 0:
                     heapq.heappush(heap, (-pair_counts[p], p))
-        return cls(merges)
+        return cls(merges, trigger_words=extra)
 
     def save(self, path: str | Path) -> None:
-        """JSON: the format tag and the merges in rank order (everything else follows from them)."""
+        """JSON: the format tag, the merges in rank order and the trigger words, if any (everything else
+        follows from them)."""
         payload = {"format": FORMAT, "vocab_size": self.vocab_size, "merges": [list(p) for p in self.merges]}
+        if self.trigger_words is not None:
+            payload["trigger_words"] = sorted(self.trigger_words)
         Path(path).write_text(json.dumps(payload, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
@@ -304,7 +356,12 @@ class Tokenizer:
             isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) and s for s in p) for p in merges
         ):
             raise ValueError(f"{path}: 'merges' must be a list of [str, str] pairs")
-        tokenizer = cls([tuple(p) for p in merges])
+        trigger_words = payload.get("trigger_words")
+        if trigger_words is not None and not (
+            isinstance(trigger_words, list) and all(isinstance(w, str) and _TRIGGER_WORD_RE.fullmatch(w) for w in trigger_words)
+        ):
+            raise ValueError(f"{path}: 'trigger_words' must be a list of lower-case ASCII words")
+        tokenizer = cls([tuple(p) for p in merges], trigger_words=trigger_words)
         if payload.get("vocab_size") not in (None, tokenizer.vocab_size):
             raise ValueError(f"{path}: vocab_size {payload['vocab_size']} != {tokenizer.vocab_size} from its merges")
         return tokenizer

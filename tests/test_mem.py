@@ -21,7 +21,7 @@ from PIL import Image
 from aigis.protection import mem
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import build_clip, contrastive_loss, normalize_images
-from aigis.protection.job import KILL_ENV
+from aigis.protection.job import DEFAULT_TRIGGER_WORDS, KILL_ENV
 from aigis.protection.tokenizer import Tokenizer
 
 N_IMAGES = 12
@@ -93,6 +93,7 @@ def test_triggers_survive_as_text_and_hold_no_special_tokens(job, data):
     out = job["out"]
     _, tokenizer, _ = mem.load_surrogate(out / "surrogate" / "1")
     originals = [p.caption for p in read_pairs(data, "train.jsonl")]
+    caption_words = {w for c in originals for w in c.split(" ")}
     triggers = set()
     for entry, original in zip(_published(out), originals):
         words = entry["caption"].split(" ")
@@ -104,7 +105,11 @@ def test_triggers_survive_as_text_and_hold_no_special_tokens(job, data):
         row = tokenizer.tokenize(entry["caption"], 40)[0]
         assert row[1:4].tolist() == ids  # the model sees exactly the trigger after SOT
         triggers.add(tuple(ids))
+        # The job's default: made-up trigger words, none of them a word any caption uses.
+        assert not set(words[:3]) & caption_words and set(words[:3]) <= tokenizer.trigger_words
     assert len(triggers) > 1, "every pair got the same trigger: the search did nothing"
+    report = json.loads((out / "protection.json").read_text())
+    assert report["trigger_words"] == f"{DEFAULT_TRIGGER_WORDS} made-up words"
 
 
 def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
@@ -120,6 +125,9 @@ def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
     expected = published(_tree_hashes(job["out"]))
     assert published(_tree_hashes(out)) == expected
     assert any(k.startswith("images/") for k in expected) and "surrogate/1/model.safetensors" in expected
+    # Its checkpoints are not resumed by a job with other trigger words: the error says what changed.
+    other = _protect(data, out, "--trigger-words", "0")
+    assert other.returncode == 2 and "trigger_words" in other.stderr and "--no-resume" in other.stderr, other.stderr
 
 
 def test_batched_candidate_scoring_equals_one_at_a_time(tiny):

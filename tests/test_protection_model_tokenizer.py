@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import json
 import random
 
 import pytest
 import torch
 
 from aigis.protection.captions import describe_scene, sample_scene
-from aigis.protection.tokenizer import Tokenizer, apply_trigger_text, clean_text
+from aigis.protection.tokenizer import Tokenizer, apply_trigger_text, clean_text, made_up_words
 
 import numpy as np
 
@@ -144,3 +145,44 @@ def test_clip_vocab_file_format(tmp_path, captions):
     _check_candidates(loaded, captions[:50])
     with pytest.raises(ValueError, match="merges"):
         Tokenizer.from_clip_vocab(path, vocab_size=reference.vocab_size + 10)
+
+
+def test_made_up_words_are_distinct_stable_and_avoid_what_they_must():
+    words = made_up_words(300)
+    assert len(set(words)) == 300 and all(w.isascii() and w.isalpha() and w.islower() for w in words)
+    assert made_up_words(300) == words and made_up_words(50) == words[:50]  # a prefix: the same on every run
+    avoided = made_up_words(300, avoid=set(words[:10]))
+    assert not set(words[:10]) & set(avoided) and avoided[:290] == words[10:]
+    assert made_up_words(0) == []
+    with pytest.raises(ValueError, match="count"):
+        made_up_words(-1)
+
+
+def test_triggers_from_made_up_words_only(tmp_path, captions):
+    """With trigger_words, every candidate is a made-up word no caption uses, survives as text, and the
+    restriction is saved with the merges (served protection must search the same words)."""
+    tokenizer = Tokenizer.train(captions, vocab_size=3000, trigger_words=200)
+    caption_words = {w for c in captions for w in clean_text(c).split()}
+    words = [tokenizer.decode([i]) for i in tokenizer.trigger_candidates().tolist()]
+    assert len(words) >= 190, f"only {len(words)} of 200 made-up words became single tokens"
+    assert set(words) <= tokenizer.trigger_words and not set(words) & caption_words
+    assert not tokenizer.trigger_words & caption_words
+    assert tokenizer.decode([tokenizer.placeholder_id]) in tokenizer.trigger_words
+    _check_candidates(tokenizer, captions)
+    # The captions themselves still tokenize to whole words.
+    assert len(tokenizer.encode("a large red circle")) == 4
+
+    path = tmp_path / "tok.json"
+    tokenizer.save(path)
+    loaded = Tokenizer.load(path)
+    assert loaded.trigger_words == tokenizer.trigger_words
+    assert torch.equal(loaded.trigger_candidates(), tokenizer.trigger_candidates())
+    plain = tmp_path / "plain.json"
+    Tokenizer.train(captions, vocab_size=3000).save(plain)
+    assert Tokenizer.load(plain).trigger_words is None  # no restriction: every round-tripping word
+
+    payload = json.loads(path.read_text())
+    payload["trigger_words"] = ["ok", "Not-A-Word"]
+    (tmp_path / "bad.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="trigger_words"):
+        Tokenizer.load(tmp_path / "bad.json")
