@@ -222,16 +222,19 @@ def hacker_init_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 0x4AC6E5]).generate_state(1)[0])
 
 
-def new_hacker(clip_preset: str, image_size: int, vocab_size: int, seed: int):
+def new_hacker(clip_preset: str, image_size: int, vocab_size: int, seed: int, context_length: int = 0):
     """A from-scratch hacker CLIP: the preset at image_size px, weights drawn with hacker_init_seed(seed)
-    (the same for every condition given the seed, never a surrogate's)."""
+    (the same for every condition given the seed, never a surrogate's). context_length, when longer than
+    the preset's, widens the text context so that no training caption is cut."""
     import torch
     from dataclasses import replace
 
     from .clip import PRESETS, build_clip
 
+    preset = PRESETS[clip_preset]
+    config = replace(preset, image_resolution=image_size, context_length=max(preset.context_length, context_length))
     torch.manual_seed(hacker_init_seed(seed))
-    return build_clip(replace(PRESETS[clip_preset], image_resolution=image_size), vocab_size=vocab_size)
+    return build_clip(config, vocab_size=vocab_size)
 
 
 def _load_tokenizer(path: str | Path):
@@ -275,7 +278,10 @@ def _train_and_measure(
         model = CLIP(finetune["config"])
         model.load_state_dict(finetune["state"])
     else:
-        model = new_hacker(clip_preset, image_size, tok.vocab_size, seed)
+        # A real hacker's CLIP (77 tokens) fits a caption and its trigger whole; a small preset's context
+        # must not cut the protected captions' ends, or the trigger would take content away from the hacker.
+        longest = max(len(tok.encode(c)) for c in captions) + 2  # + start and end of text
+        model = new_hacker(clip_preset, image_size, tok.vocab_size, seed, context_length=longest)
     resolution = model.image_resolution
     images = load_images(train_set.pairs, resolution, progress=False)
     if resolution not in test_images:
@@ -286,7 +292,7 @@ def _train_and_measure(
     seconds, cpu_seconds = time.monotonic() - start, time.process_time() - cpu
     retrieval = evaluate_retrieval(model, test_images[resolution], test_captions, tok, device=device)
     return {"retrieval": retrieval, "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
-            "tokenizer_vocab": tok.vocab_size, "image_size": resolution}
+            "tokenizer_vocab": tok.vocab_size, "image_size": resolution, "context_length": model.context_length}
 
 
 def _x_chance(retrieval: dict) -> dict:

@@ -245,6 +245,7 @@ def test_train_clip_reports_every_step_in_order(data):
     from aigis.protection.captions import load_images
     from aigis.protection.clip import PRESETS, build_clip
     from aigis.protection.retrieval import train_clip
+    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB
     from aigis.protection.tokenizer import Tokenizer
 
     pairs = read_pairs(data, "train.jsonl")[:40]
@@ -302,3 +303,26 @@ def test_a_hacker_never_starts_from_a_surrogates_initial_weights():
         hacker = first_conv(hacker_init_seed(seed))
         assert hacker_init_seed(seed) == hacker_init_seed(seed) and hacker_init_seed(seed) != seed
         assert not any(torch.equal(hacker, s) for s in surrogates), seed
+
+
+def test_the_hackers_context_fits_every_protected_caption_whole(data, tmp_path):
+    """A long trigger must not push the caption's end out of a small preset's 40-token context (that would
+    take content away from the hacker and flatter the protection): the hacker's context widens to fit."""
+    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB
+    from aigis.protection.tokenizer import Tokenizer
+
+    out = tmp_path / "long"
+    shutil.copytree(data / "images", out / "images")
+    pairs = read_pairs(data, "train.jsonl")
+    filler = " ".join(f"zq{a}{b}" for a in "aeiou" for b in "bdfgk")  # 25 made-up words
+    lines = [{"image": p.path.relative_to(data).as_posix(), "caption": f"{filler} {p.caption}"} for p in pairs]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (out / "protection.json").write_text(json.dumps({"mode": "copy", "epsilon": 0.0}))
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"long": out}, out_dir=tmp_path / "eval",
+                                 conditions=["clean", "long"], robustness=(), progress=False,
+                                 **{**FAST, "epochs": 1})
+    captions = [line["caption"] for line in lines]
+    longest = max(len(Tokenizer.train(captions, HACKER_TOKENIZER_VOCAB).encode(c)) for c in captions) + 2
+    assert longest > 40
+    assert _row(report, "long")["context_length"] == longest
+    assert _row(report, "clean")["context_length"] == 40  # never narrower than the preset
