@@ -38,8 +38,9 @@ CHECKPOINT_FORMAT = "aigis-mem-checkpoint-1"
 PROTECTION_FORMAT = "aigis-protection-1"
 # Test hook: after writing the checkpoint of this outer iteration the process SIGKILLs itself.
 KILL_ENV = "AIGIS_PROTECT_KILL_AFTER"
-# Made-up words the job's tokenizer adds for triggers to use, so a trigger carries no caption content
-# (BENCHMARKS.md, session 10: 0.27 of clean vs 0.33 with caption words at MEM-3, 0.23 vs 0.44 at MEM-5).
+# Made-up words the job's tokenizer adds for triggers to use, as CLIP's vocabulary offers words no caption
+# uses: a trigger then reads as a tag and does not add content words that change what the published caption
+# says. Protection measured the same as with caption words, within the hackers' spread (BENCHMARKS.md).
 DEFAULT_TRIGGER_WORDS = 400
 
 
