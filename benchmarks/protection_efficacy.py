@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
-    from aigis.protection.job import DEFAULT_TRIGGER_WORDS, protect_dataset
+    from aigis.protection.job import protect_dataset
     from aigis.protection.mem import MEMSettings
 
     if not 1 <= args.epsilon <= 255:
@@ -107,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                                trigger_iterations=args.trigger_iterations, lr=5e-4, stop_loss=args.stop_loss)
         t0 = time.perf_counter()
         summary = protect_dataset(data, "train.jsonl", work / f"{mode}{budget}", settings, clip_preset=args.clip,
-                                  image_size=args.size, device=args.device, trigger_words=(
-                                      DEFAULT_TRIGGER_WORDS if args.trigger_words is None else args.trigger_words))
+                                  image_size=args.size, device=args.device, trigger_words=args.trigger_words)
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
         protected[mode] = work / f"{mode}{budget}"

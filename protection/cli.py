@@ -48,7 +48,7 @@ def _protect(args: argparse.Namespace) -> int:
     from aigis.preprocess import BadImageError
 
     from .captions import ManifestError
-    from .job import DEFAULT_TRIGGER_WORDS, protect_dataset
+    from .job import protect_dataset
     from .mem import MEMSettings
 
     try:
@@ -64,7 +64,7 @@ def _protect(args: argparse.Namespace) -> int:
         summary = protect_dataset(
             args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
             device=args.device, resume=not args.no_resume, progress=not args.quiet,
-            trigger_words=DEFAULT_TRIGGER_WORDS if args.trigger_words is None else args.trigger_words,
+            trigger_words=args.trigger_words,
         )
     except (ManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
         print(f"aigis protect: error: {exc}", file=sys.stderr)

@@ -195,16 +195,16 @@ def protect_dataset(
     resume: bool = True,
     progress: bool = True,
     vocab_size: int = 4096,
-    trigger_words: int = DEFAULT_TRIGGER_WORDS,
+    trigger_words: int | None = None,
     negatives: int = 256,
 ) -> dict:
     """Run MEM over data_root/manifest_name and write the protected copy to out_dir; returns a summary.
 
     image_size defaults to the preset's resolution (images are resized short-side + centre-cropped to it,
     once). The tokenizer is trained on the captions (deterministic), plus `trigger_words` made-up words
-    that the triggers are restricted to in MEM mode (0: triggers from the caption words). `negatives`
-    pairs' embeddings are stored with the surrogate so protect-on-upload of a single image has a
-    contrastive loss.
+    that the triggers are restricted to in MEM mode (None: DEFAULT_TRIGGER_WORDS; 0: triggers from the
+    caption words). `negatives` pairs' embeddings are stored with the surrogate so protect-on-upload of
+    a single image has a contrastive loss.
     """
     import torch
 
@@ -241,6 +241,8 @@ def protect_dataset(
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
+    if trigger_words is None:
+        trigger_words = DEFAULT_TRIGGER_WORDS
     if trigger_words < 0:
         raise ValueError(f"trigger_words must be >= 0, got {trigger_words}")
     made_up = trigger_words if settings.trigger_length else 0  # EM has no trigger to draw words for

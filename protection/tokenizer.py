@@ -357,11 +357,12 @@ class Tokenizer:
         ):
             raise ValueError(f"{path}: 'merges' must be a list of [str, str] pairs")
         trigger_words = payload.get("trigger_words")
-        if trigger_words is not None and not (
-            isinstance(trigger_words, list) and all(isinstance(w, str) and _TRIGGER_WORD_RE.fullmatch(w) for w in trigger_words)
-        ):
-            raise ValueError(f"{path}: 'trigger_words' must be a list of lower-case ASCII words")
-        tokenizer = cls([tuple(p) for p in merges], trigger_words=trigger_words)
+        if trigger_words is not None and not isinstance(trigger_words, list):
+            raise ValueError(f"{path}: 'trigger_words' must be a list of words")
+        try:
+            tokenizer = cls([tuple(p) for p in merges], trigger_words=trigger_words)
+        except ValueError as exc:
+            raise ValueError(f"{path}: 'trigger_words': {exc}") from exc
         if payload.get("vocab_size") not in (None, tokenizer.vocab_size):
             raise ValueError(f"{path}: vocab_size {payload['vocab_size']} != {tokenizer.vocab_size} from its merges")
         return tokenizer

@@ -245,7 +245,6 @@ def test_train_clip_reports_every_step_in_order(data):
     from aigis.protection.captions import load_images
     from aigis.protection.clip import PRESETS, build_clip
     from aigis.protection.retrieval import train_clip
-    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB
     from aigis.protection.tokenizer import Tokenizer
 
     pairs = read_pairs(data, "train.jsonl")[:40]
