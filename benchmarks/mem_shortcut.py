@@ -29,7 +29,14 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-CHECKPOINTS = (4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80)
+EARLY_CHECKPOINTS = (4, 8, 16, 24, 32, 40, 48, 56, 64, 72, 80)  # where the shortcut and the content take off
+LATE_EVERY = 40  # then every this many steps to the end: content can creep in long after the shortcut
+
+
+def checkpoints(total_steps: int) -> set[int]:
+    """Dense early steps, sparser later ones, and always the last step."""
+    late = range(EARLY_CHECKPOINTS[-1] + LATE_EVERY, total_steps + 1, LATE_EVERY)
+    return {s for s in EARLY_CHECKPOINTS if s <= total_steps} | set(late) | {total_steps}
 
 
 def split_triggers(protected: list[str], clean: list[str]) -> list[str]:
@@ -44,20 +51,21 @@ def split_triggers(protected: list[str], clean: list[str]) -> list[str]:
 
 def follow(name: str, images: np.ndarray, captions: list[str], probe_images: np.ndarray, probe_captions: list[str],
            test_images: np.ndarray, test_captions: list[str], args) -> list[dict]:
-    """Train one hacker on (images, captions); at CHECKPOINTS measure clean-test and shortcut retrieval."""
+    """Train one hacker on (images, captions); at checkpoints() measure clean-test and shortcut retrieval."""
     from aigis.protection.evaluate import HACKER_BATCH_SIZE, HACKER_LR, HACKER_TOKENIZER_VOCAB, new_hacker
-    from aigis.protection.retrieval import evaluate_retrieval, train_clip
+    from aigis.protection.retrieval import batches_per_epoch, evaluate_retrieval, train_clip
     from aigis.protection.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train(captions, vocab_size=HACKER_TOKENIZER_VOCAB)
     model = new_hacker(args.clip, args.size, tokenizer.vocab_size, args.seed)  # as the efficacy hacker, never a surrogate
     curve: list[dict] = []
+    marks = checkpoints(args.epochs * batches_per_epoch(len(images), HACKER_BATCH_SIZE))
 
     def x_chance(result: dict) -> float:
         return result["mean_r1"] / result["chance_r1"]
 
     def on_step(step: int, loss: float) -> None:
-        if step not in CHECKPOINTS:
+        if step not in marks:
             return
         test = evaluate_retrieval(model, test_images, test_captions, tokenizer, device=args.device)
         probe = evaluate_retrieval(model, probe_images, probe_captions, tokenizer, device=args.device)
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---:|---:|---:|---:|"]
     for name, curve in runs.items():
         for c in curve:
-            if c["step"] in (8, 16, 24, 32, 48, 80):
+            if c["step"] in (8, 16, 32, 48, 80) or (c["step"] > 80 and c["step"] % 80 == 0) or c is curve[-1]:
                 lines.append(f"| {name} | {c['step']} | {c['loss']:.2f} | {c['test_x_chance']:.1f} | "
                              f"{c['shortcut_x_chance']:.1f} |")
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")

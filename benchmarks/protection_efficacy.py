@@ -6,6 +6,7 @@
     python benchmarks/protection_efficacy.py --style fashion    # Fashion-MNIST items (`make fashion-mnist`)
     python benchmarks/protection_efficacy.py --epsilon 32       # a larger budget (uint8 levels; default 8)
     python benchmarks/protection_efficacy.py --captions-per-image 5   # the Flickr/COCO layout
+    python benchmarks/protection_efficacy.py --trigger-length 8 --noise-grid 4   # MEM-8, noise on 4 x 4 cells
     python benchmarks/protection_efficacy.py --conditions clean,mem --robustness none --name partial  # quicker
 
 1. writes the captioned set (protection.captions.synth_captioned) under --work;
@@ -15,7 +16,7 @@
    random noise of the same epsilon, EM, MEM, and EM/MEM after JPEG (quality 75) and grayscale
    re-encoding; reports image->text and text->image Recall@1/5/10 on the clean test split beside chance,
    and PSNR; re-encoded sets beside the clean set re-encoded the same way; three hackers per condition,
-   the median reported. Writes benchmarks/results/protection_efficacy[_<style>][_cap<N>][_<size>px][_eps<N>].{json,md}
+   the median reported. Writes benchmarks/results/protection_efficacy[_<style>][_cap<N>][_<size>px][_eps<N>][_mem<K>][_grid<N>].{json,md}
    and the example sheet. --conditions / --robustness train fewer hackers (a job not asked for is not run).
 """
 
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="made-up trigger words (default: the job's; 0: triggers from caption words)")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
                         "(the paper: 5; a quarter of --outer measured the same)")
+    parser.add_argument("--noise-grid", type=int, default=0,
+                        help="MEMSettings.noise_grid: N x N cells of one noise value each (default 0: per pixel)")
     parser.add_argument("--stop-loss", type=float, default=None, help="MEMSettings.stop_loss (default: none)")
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--hacker-epochs", type=int, default=10)
@@ -91,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}") + (
         "" if args.size == 32 else f"_{args.size}px")
     budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
-    name = args.name or f"protection_efficacy{suffix}{budget}"
+    grid = f"_grid{args.noise_grid}" if args.noise_grid else ""  # variants get their own jobs, beside the same data
+    variant = ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
+    name = args.name or f"protection_efficacy{suffix}{budget}{variant}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
@@ -104,14 +109,16 @@ def main(argv: list[str] | None = None) -> int:
         settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
                                surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
-                               trigger_iterations=args.trigger_iterations, lr=5e-4, stop_loss=args.stop_loss)
+                               trigger_iterations=args.trigger_iterations, lr=5e-4, stop_loss=args.stop_loss,
+                               noise_grid=args.noise_grid)
         t0 = time.perf_counter()
-        summary = protect_dataset(data, "train.jsonl", work / f"{mode}{budget}", settings, clip_preset=args.clip,
+        job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else grid}"
+        summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
                                   image_size=args.size, device=args.device, trigger_words=args.trigger_words)
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
-        protected[mode] = work / f"{mode}{budget}"
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}",
+        protected[mode] = job_dir
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}{variant}",
                                  conditions=conditions, robustness=robustness, clip_preset=args.clip,
                                  image_size=args.size, epochs=args.hacker_epochs, hackers=args.hackers,
                                  device=args.device, epsilon=args.epsilon / 255)
@@ -123,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate and hackers `{args.clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
-              f"{args.pgd_steps} PGD steps, {args.candidates} candidates; hackers: {args.hacker_epochs} epochs from scratch, "
+              f"{args.pgd_steps} PGD steps, {args.candidates} candidates"
+              f"{f', noise on a {args.noise_grid} x {args.noise_grid} grid of cells' if args.noise_grid else ''}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"jobs": jobs, "report": report}, indent=2,

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
+    p.add_argument("--noise-grid", type=int, default=0,
+                   help="cut each image into N x N cells of one noise value each: a low-frequency noise that a "
+                        "fresh model picks up sooner (BENCHMARKS.md, session 12); default 0: per-pixel noise")
     p.add_argument("--pgd-steps", type=int, default=8, help="PGD steps per pass (default 8)")
     p.add_argument("--candidates", type=int, default=16, help="HotFlip candidates per trigger slot (default 16)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
@@ -56,7 +59,7 @@ def _protect(args: argparse.Namespace) -> int:
             epsilon=args.epsilon / 255, trigger_length=0 if args.mode == "em" else args.trigger_length,
             candidates=args.candidates, outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
             surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
-            seed=args.seed, stop_loss=args.stop_loss,
+            seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
         )
         settings.validate()
         if args.mode == "mem" and args.trigger_length < 1:

@@ -80,6 +80,10 @@ class MEMSettings:
     weight_decay: float = 0.2
     amp: str = "auto"
     seed: int = 0
+    # noise_grid N > 0 cuts every image into N x N cells and PGD moves each cell's noise as one: a
+    # low-frequency code (cell colours) that a fresh model reads from its first steps, as it reads colour.
+    # 0: every pixel on its own (the reference's noise). Relative to the image, so any upload size works.
+    noise_grid: int = 0
     # Stop early once a pass's loss (each image against shuffled captions carrying its own trigger, i.e.
     # how well noise + trigger alone identify the pair) is at most this, triggers done. None: never.
     stop_loss: float | None = None
@@ -95,6 +99,8 @@ class MEMSettings:
         for name in ("pgd_steps", "trigger_length", "surrogate_steps", "trigger_iterations"):
             if int(getattr(self, name)) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.noise_grid < 0:
+            problems.append(f"noise_grid must be >= 0 (0: per-pixel noise), got {self.noise_grid}")
         if self.candidates < 1:
             problems.append(f"candidates must be >= 1, got {self.candidates}")
         if self.outer_iterations < 1:
@@ -316,6 +322,18 @@ def search_triggers(
     return current, loss
 
 
+def _cell_mean(grad_nhwc: Tensor, grid: int) -> Tensor:
+    """Each pixel's gradient replaced by the mean over its cell of a grid x grid cut of the image.
+
+    Cells are ceil(H / grid) x ceil(W / grid) pixels; the last row and column of cells may be narrower.
+    """
+    g = grad_nhwc.permute(0, 3, 1, 2)
+    h, w = g.shape[-2:]
+    bh, bw = -(-h // grid), -(-w // grid)
+    mean = F.avg_pool2d(g, (bh, bw), ceil_mode=True)
+    return mean.repeat_interleave(bh, -2).repeat_interleave(bw, -1)[..., :h, :w].permute(0, 2, 3, 1)
+
+
 def pgd_noise(
     model: CLIP, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor, settings: MEMSettings,
     steps: int, generator: torch.Generator, negatives: tuple[Tensor, Tensor] | None = None,
@@ -344,6 +362,8 @@ def pgd_noise(
             loss = pair_losses(model.encode_image(_images_for_model(model, x)), text_features, model.logit_scale,
                                negatives).mean()
         (grad,) = torch.autograd.grad(loss, x)
+        if settings.noise_grid:
+            grad = _cell_mean(grad, settings.noise_grid)
         delta = (delta - step * grad.sign().to(torch.int16)).clamp(-eps, eps)
         delta = (image + delta).clamp(0, 255) - image
         loss_value = float(loss.detach())

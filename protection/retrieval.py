@@ -67,6 +67,12 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch of train_clip: a last batch of one pair is skipped (no negatives)."""
+    batch_size = min(batch_size, n)
+    return n // batch_size + (1 if n % batch_size >= 2 else 0)
+
+
 def train_clip(
     model: CLIP,
     images_uint8: np.ndarray,
@@ -99,8 +105,8 @@ def train_clip(
     images = torch.from_numpy(images_uint8)  # stays uint8 on the host; batches are normalised on the fly
     n = len(captions)
     batch_size = min(batch_size, n)
-    batches_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
-    total = epochs * batches_per_epoch
+    per_epoch = batches_per_epoch(n, batch_size)
+    total = epochs * per_epoch
     warmup = max(1, round(warmup_fraction * total))
 
     model.to(device).train()
@@ -112,7 +118,7 @@ def train_clip(
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         losses = []
-        for b in range(batches_per_epoch):
+        for b in range(per_epoch):
             index = order[b * batch_size : (b + 1) * batch_size]
             x = normalize_images(images[index].to(device, non_blocking=True))
             t = tokens[index].to(device, non_blocking=True)
@@ -126,10 +132,10 @@ def train_clip(
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             if on_step is not None:
-                on_step(epoch * batches_per_epoch + b + 1, losses[-1])
+                on_step(epoch * per_epoch + b + 1, losses[-1])
         if progress:
             elapsed = time.monotonic() - start
-            done = (epoch + 1) * batches_per_epoch * batch_size
+            done = (epoch + 1) * per_epoch * batch_size
             print(
                 f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, "
                 f"{done / elapsed:.0f} pairs/s, {elapsed:.1f}s",

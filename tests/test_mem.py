@@ -210,6 +210,30 @@ def test_em_mode_gives_no_trigger(tiny):
     assert texts == captions
 
 
+def test_grid_noise_moves_whole_cells_within_epsilon_on_the_uint8_grid(tiny):
+    model, tokenizer, images, captions = tiny
+    images = np.clip(images, 20, 235)  # away from 0/255, where clipping would cut a block's noise unevenly
+    tokens = tokenizer.tokenize(captions, model.context_length, 2)
+    triggers = torch.full((len(captions), 2), tokenizer.placeholder_id, dtype=torch.long)
+
+    def noise(grid: int) -> np.ndarray:
+        settings = mem.MEMSettings(trigger_length=2, pgd_steps=6, noise_grid=grid, amp="off")
+        delta = torch.zeros(images.shape, dtype=torch.int16)
+        delta, _ = mem.pgd_noise(model, torch.from_numpy(images), delta, tokens, triggers, settings, 6,
+                                 torch.Generator().manual_seed(0))
+        return delta.numpy()
+
+    for grid, block in ((8, 4), (3, 11)):  # 3 does not divide 32: cells of 11 px, the last ones 10 px
+        d = noise(grid)
+        assert 1 <= np.abs(d).max() <= 6  # 6 steps of one level, inside epsilon (8 levels)
+        cells = [d[:, r:r + block, c:c + block] for r in range(0, SIZE, block) for c in range(0, SIZE, block)]
+        assert all((cell == cell[:, :1, :1]).all() for cell in cells), f"grid {grid}: a cell holds two values"
+    per_pixel = noise(0)
+    assert not (per_pixel[:, ::4, ::4].repeat(4, 1).repeat(4, 2) == per_pixel).all()
+    with pytest.raises(ValueError, match="noise_grid"):
+        mem.MEMSettings(noise_grid=-1).validate()
+
+
 def test_stop_loss_ends_the_outer_loop_once_the_shortcut_holds_but_not_before_the_triggers(tiny):
     _, tokenizer, images, captions = tiny
     base = dict(trigger_length=1, outer_iterations=4, trigger_iterations=2, surrogate_steps=1, pgd_steps=1,
@@ -248,9 +272,9 @@ def test_surrogate_artefact_refuses_tampering(tiny, tmp_path):
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     from aigis.cli import main
 
-    def run(root, manifest, out=None):
+    def run(root, manifest, out=None, *extra):
         code = main(["protect", "--data", str(root), "--manifest", manifest, "--out", str(out or tmp_path / "o"),
-                     *JOB_ARGS])
+                     *JOB_ARGS, *extra])
         return code, capsys.readouterr().err
 
     code, err = run(tmp_path, "absent.jsonl")
@@ -266,6 +290,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     assert code == 2 and "broken.png" in err
     code, err = run(data, "train.jsonl", out=data)
     assert code == 2 and "overwrite the originals" in err
+    code, err = run(data, "train.jsonl", None, "--noise-grid", "-2")
+    assert code == 2 and "noise_grid must be >= 0" in err
     with pytest.raises(ValueError, match="epsilon"):
         mem.MEMSettings(epsilon=0.5 / 255).validate()
 
