@@ -244,9 +244,10 @@ def test_train_clip_reports_every_step_in_order(data):
 
     from aigis.protection.captions import load_images
     from aigis.protection.clip import PRESETS, build_clip
-    from aigis.protection.retrieval import train_clip
+    from aigis.protection.retrieval import batches_per_epoch, train_clip
     from aigis.protection.tokenizer import Tokenizer
 
+    assert [batches_per_epoch(n, 16) for n in (40, 33, 32, 5)] == [3, 2, 2, 1]  # a last batch of one is skipped
     pairs = read_pairs(data, "train.jsonl")[:40]
     captions = [p.caption for p in pairs]
     tokenizer = Tokenizer.train(captions, vocab_size=800)
@@ -255,7 +256,7 @@ def test_train_clip_reports_every_step_in_order(data):
     train_clip(model, load_images(pairs, SIZE, progress=False), captions, tokenizer, epochs=2, batch_size=16,
                device="cpu", progress=False, on_step=lambda step, loss: seen.append((step, loss)))
     # 40 pairs in batches of 16: 16, 16, 8 -> 3 steps an epoch
-    assert [step for step, _ in seen] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in seen] == list(range(1, 2 * batches_per_epoch(40, 16) + 1)) == [1, 2, 3, 4, 5, 6]
     assert all(math.isfinite(loss) and loss > 0 for _, loss in seen)
 
 
