@@ -125,13 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(report)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
     header = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
               f"Command: python benchmarks/protection_efficacy.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate and hackers `{args.clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
-              f"{args.pgd_steps} PGD steps, {args.candidates} candidates"
-              f"{f', noise on a {args.noise_grid} x {args.noise_grid} grid of cells' if args.noise_grid else ''}; hackers: {args.hacker_epochs} epochs from scratch, "
+              f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"jobs": jobs, "report": report}, indent=2,
