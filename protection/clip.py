@@ -5,7 +5,7 @@ load it (the fine-tune threat model), and the from-scratch threat model (MEM's m
 very same architecture with random weights. Attention is written out by hand (so nothing depends on
 nn.MultiheadAttention's internals) but its parameters are named like nn.MultiheadAttention's.
 
-Small presets ("rn_tiny", "vit_tiny") train on a CPU in minutes at 32-64 px; "RN50" and "ViT-B/32"
+Small presets ("rn_tiny", "rn_wide", "vit_tiny") train on a CPU in minutes at 32-64 px; "RN50" and "ViT-B/32"
 are OpenAI's sizes.
 """
 
@@ -84,6 +84,13 @@ PRESETS: dict[str, CLIPConfig] = {
     # CPU-trainable sizes. vocab_size is CLIP's; pass the tokenizer's to build_clip for a smaller table.
     "rn_tiny": CLIPConfig(
         embed_dim=128, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=16,
+        vision_patch_size=None, context_length=40, vocab_size=OPENAI_VOCAB_SIZE,
+        transformer_width=128, transformer_heads=2, transformer_layers=2,
+    ),
+    # rn_tiny's image tower four times as wide (15x the parameters): a hacker with more capacity to
+    # memorise a per-image noise, for checking that protection does not rest on a tiny model.
+    "rn_wide": CLIPConfig(
+        embed_dim=128, image_resolution=32, vision_layers=(1, 1, 1, 1), vision_width=64,
         vision_patch_size=None, context_length=40, vocab_size=OPENAI_VOCAB_SIZE,
         transformer_width=128, transformer_heads=2, transformer_layers=2,
     ),

@@ -206,7 +206,7 @@ def test_normalize_images_uint8_and_float_agree_and_differentiate():
         normalize_images(torch.zeros(2, 3, 4, 5, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("preset", ["rn_tiny", "vit_tiny"])
+@pytest.mark.parametrize("preset", ["rn_tiny", "rn_wide", "vit_tiny"])
 def test_tiny_presets_run_at_their_resolution_and_name_a_wrong_one(preset):
     model = build_clip(preset, vocab_size=600).eval()
     assert model.token_embedding.num_embeddings == 600
