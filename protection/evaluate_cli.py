@@ -30,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also fine-tune this OpenAI-format CLIP state dict on each condition (needs --tokenizer)")
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON (default: trained per condition)")
-    p.add_argument("--clip", default="rn_tiny", metavar="PRESET", help="hacker architecture: rn_tiny (default), rn_wide, vit_tiny, RN50, ViT-B/32")
+    p.add_argument("--clip", default="rn_tiny", metavar="PRESET",
+                   help="hacker architecture: rn_tiny (default), rn_wide, vit_tiny, RN50, ViT-B/32")
     p.add_argument("--size", type=int, default=32, help="training resolution in px (default 32)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per hacker (default 10)")
     p.add_argument("--batch", type=int, default=50, help="batch size (default 50)")
