@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     size = config.image_resolution
     images = torch.rand(args.batch, 3, size, size, device=device)
     tokens = torch.randint(3, 1000, (args.batch, config.context_length), device=device)
-    tokens[:, -1] = 2  # an end-of-text id so every row has one
+    tokens[:, -1] = config.vocab_size - 1  # the largest id, where CLIP's argmax pooling takes the end of text
     with torch.no_grad():
         text = model.encode_text(tokens)
 
