@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="captions per training image (5 = Flickr/COCO); one noise and trigger per image")
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--clip", default="rn_tiny")
+    parser.add_argument("--clip", default="rn_tiny",
+                        help="surrogate preset, or several joined by '+' for an ensemble (e.g. vit_tiny+rn_tiny)")
+    parser.add_argument("--hacker-clip", default=None, help="the hackers' preset (default: --clip's first)")
     # On 400 pairs the surrogate memorises the data within one of the paper's 200-step rounds; short rounds over
     # many iterations cost less. No schedule tried protected measurably better than another once judged by three
     # hackers (BENCHMARKS.md, session 7).
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
+    hacker_clip = args.hacker_clip or args.clip.split("+")[0]
     conditions = [c for c in args.conditions.split(",") if c]
     if not conditions or any(c not in ("clean", "random", "mem", "em") for c in conditions):
         parser.error(f"--conditions: a comma-separated subset of clean, random, mem, em; got {args.conditions!r}")
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
         protected[mode] = job_dir
     report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}{variant}",
-                                 conditions=conditions, robustness=robustness, clip_preset=args.clip,
+                                 conditions=conditions, robustness=robustness, clip_preset=hacker_clip,
                                  image_size=args.size, epochs=args.hacker_epochs, hackers=args.hackers,
                                  device=args.device, epsilon=args.epsilon / 255)
     table = markdown_table(report)
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
               f"Command: python benchmarks/protection_efficacy.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
-              f"at {args.size} px, surrogate and hackers `{args.clip}`; "
+              f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")

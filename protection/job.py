@@ -61,7 +61,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 # Checkpoints
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, list]:
+def _optimizer_tensors(optimizer, prefix: str = "optim") -> tuple[dict, list]:
     """AdamW state as flat tensors plus its param groups as JSON (no pickle)."""
     import torch
 
@@ -69,17 +69,36 @@ def _optimizer_tensors(optimizer) -> tuple[dict, list]:
     tensors = {}
     for index, entry in state["state"].items():
         for key, value in entry.items():
-            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors[f"{prefix}.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     return tensors, state["param_groups"]
 
 
-def _restore_optimizer(optimizer, tensors: dict, groups: list) -> None:
+def _restore_optimizer(optimizer, tensors: dict, groups: list, prefix: str = "optim") -> None:
     state: dict = {}
     for name, value in tensors.items():
-        if name.startswith("optim."):
+        if name.startswith(prefix + "."):
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _surrogate_prefixes(i: int) -> tuple[str, str]:
+    """Checkpoint key prefixes of surrogate i: the primary's are "model"/"optim" (as before ensembles)."""
+    return ("model", "optim") if i == 0 else (f"model{i}", f"optim{i}")
+
+
+def parse_clip_presets(spec: str) -> list[str]:
+    """"vit_tiny+rn_tiny" -> ["vit_tiny", "rn_tiny"]: an ensemble of surrogates, the first the primary."""
+    from .clip import PRESETS
+
+    names = [name.strip() for name in str(spec).split("+")]
+    unknown = [name for name in names if name not in PRESETS]
+    if unknown or not names:
+        raise ValueError(f"unknown CLIP preset {unknown[0] if unknown else spec!r} in {spec!r}; known: "
+                         f"{', '.join(PRESETS)} (join several with '+' for an ensemble)")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{spec!r} names a preset twice")
+    return names
 
 
 def _checkpoints(work: Path) -> list[tuple[int, Path]]:
@@ -103,9 +122,14 @@ def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
         state.noise.flush()
     noise = np.ascontiguousarray(state.noise)
     _write_atomic(tmp / "noise.int8", noise.tobytes())
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()}
-    optim, groups = _optimizer_tensors(state.optimizer)
-    tensors.update(optim)
+    tensors = {}
+    groups = []
+    for i, (model, optimizer) in enumerate(state.surrogates):
+        model_prefix, optim_prefix = _surrogate_prefixes(i)
+        tensors.update({f"{model_prefix}.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        optim, param_groups = _optimizer_tensors(optimizer, optim_prefix)
+        tensors.update(optim)
+        groups.append(param_groups)
     tensors["triggers"] = torch.from_numpy(np.ascontiguousarray(state.triggers))
     tensors["generator"] = state.generator.get_state()
     save_file(tensors, str(tmp / "state.safetensors"))
@@ -116,7 +140,8 @@ def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
         "noise_shape": list(noise.shape),
         "noise_sha256": _sha256_file(tmp / "noise.int8"),
         "state_sha256": _sha256_file(tmp / "state.safetensors"),
-        "param_groups": groups,
+        "param_groups": groups[0],
+        "extra_param_groups": groups[1:],
         "history": state.history,
     }
     _write_atomic(tmp / "state.json", json.dumps(meta, indent=1).encode())
@@ -149,8 +174,15 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
         if _sha256_file(path / name) != meta[key]:
             raise ValueError(f"{path / name}: sha256 mismatch (corrupt checkpoint); rerun with --no-resume")
     tensors = load_file(str(path / "state.safetensors"))
-    state.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    _restore_optimizer(state.optimizer, tensors, meta["param_groups"])
+    all_groups = [meta["param_groups"], *meta.get("extra_param_groups", [])]
+    if len(all_groups) != len(state.surrogates):
+        raise ValueError(f"{path}: holds {len(all_groups)} surrogates, the job has {len(state.surrogates)}")
+    for i, ((model, optimizer), groups) in enumerate(zip(state.surrogates, all_groups)):
+        model_prefix, optim_prefix = _surrogate_prefixes(i)
+        start = len(model_prefix) + 1
+        model.load_state_dict({k[start:]: v for k, v in tensors.items() if k.startswith(model_prefix + ".")},
+                              strict=True)
+        _restore_optimizer(optimizer, tensors, groups, optim_prefix)
     state.generator.set_state(tensors["generator"])
     state.triggers[...] = tensors["triggers"].numpy()
     noise = np.fromfile(path / "noise.int8", dtype=np.int8).reshape(meta["noise_shape"])
@@ -204,7 +236,8 @@ def protect_dataset(
     once). The tokenizer is trained on the captions (deterministic), plus `trigger_words` made-up words
     that the triggers are restricted to in MEM mode (None: DEFAULT_TRIGGER_WORDS; 0: triggers from the
     caption words). `negatives` pairs' embeddings are stored with the surrogate so protect-on-upload of
-    a single image has a contrastive loss.
+    a single image has a contrastive loss. clip_preset "a+b" runs MEM against an ensemble of surrogates
+    (mem.surrogate_list); the first, the primary, is the one saved for protect-on-upload.
     """
     import torch
 
@@ -214,9 +247,9 @@ def protect_dataset(
     from .tokenizer import Tokenizer, apply_trigger_text
 
     settings.validate()
-    if clip_preset not in PRESETS:
-        raise ValueError(f"unknown CLIP preset {clip_preset!r}; known: {', '.join(PRESETS)}")
-    size = int(image_size or PRESETS[clip_preset].image_resolution)
+    presets = parse_clip_presets(clip_preset)
+    clip_preset = "+".join(presets)
+    size = int(image_size or PRESETS[presets[0]].image_resolution)
     data_root = Path(data_root).resolve()
     out_dir = Path(out_dir).resolve()
     pairs = read_pairs(data_root, manifest_name)
@@ -252,10 +285,11 @@ def protect_dataset(
         tokenizer = Tokenizer.train(captions, vocab_size, trigger_words=made_up)
         tokenizer.save(tokenizer_path)  # a new tokenizer changes the fingerprint: old checkpoints are not resumed
     torch.manual_seed(settings.seed)
-    model = build_clip(replace(PRESETS[clip_preset], image_resolution=size), tokenizer.vocab_size)
+    models = [build_clip(replace(PRESETS[name], image_resolution=size), tokenizer.vocab_size) for name in presets]
+    model = models[0]
 
     noise = np.lib.format.open_memmap(work / "noise.npy", mode="w+", dtype=np.int8, shape=images.shape)
-    state = mem.new_state(model, tokenizer, len(sources), (size, size), settings, noise=noise)
+    state = mem.new_state(models, tokenizer, len(sources), (size, size), settings, noise=noise)
     fingerprint = {
         "manifest_sha256": _sha256_file(data_root / manifest_name),
         "images_sha256": _sha256_bytes(images.tobytes()),
@@ -314,8 +348,9 @@ def protect_dataset(
     staging = surrogate_root / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     meta = mem.save_surrogate(staging, model, tokenizer, settings, extra={
-        "clip_preset": clip_preset, "image_size": size, "pairs": len(pairs), "images": len(sources),
-        "outer_iterations": state.iteration}, negatives=negatives_t)
+        "clip_preset": presets[0], "image_size": size, "pairs": len(pairs), "images": len(sources),
+        "outer_iterations": state.iteration, **({"ensemble": presets} if len(presets) > 1 else {})},
+        negatives=negatives_t)
     version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
     if exists:
         shutil.rmtree(staging)

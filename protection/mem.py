@@ -21,6 +21,11 @@ of image <-> caption. This implementation follows the method and fixes the offic
   per caption, and the published image is a single file whatever its number of captions.
 
 EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise only, no shuffle.
+
+Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given wherever a model is: the noise and
+the triggers then minimise the MEAN of their losses, and each surrogate trains on the same batches. A
+hacker's architecture is unknown to the data owner; noise made against one architecture transfers only
+partly to another (BENCHMARKS.md, session 13), and an ensemble asks it to fool both at once.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -145,6 +150,20 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
+def surrogate_list(model: CLIP | Sequence[CLIP]) -> list[CLIP]:
+    """One CLIP or an ensemble of them, as a non-empty list whose models agree on what they read."""
+    models = [model] if isinstance(model, CLIP) else list(model)
+    if not models:
+        raise ValueError("need at least one surrogate CLIP")
+    first = models[0]
+    for other in models[1:]:
+        if (other.image_resolution, other.context_length) != (first.image_resolution, first.context_length):
+            raise ValueError(f"an ensemble's surrogates must share image resolution and context length, got "
+                             f"{first.image_resolution} px / {first.context_length} and "
+                             f"{other.image_resolution} px / {other.context_length}")
+    return models
+
+
 def _autocast(settings: MEMSettings, device: torch.device):
     on = settings.amp == "on" or (settings.amp == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
@@ -224,30 +243,42 @@ def _with_triggers(tokens: Tensor, triggers: Tensor) -> Tensor:
     return tokens
 
 
-def _candidate_table(tokenizer: Tokenizer, model: CLIP, device: torch.device) -> Tensor:
+def _candidate_table(tokenizer: Tokenizer, model: CLIP | Sequence[CLIP], device: torch.device) -> Tensor:
     ids = tokenizer.trigger_candidates()
-    ids = ids[ids < model.vocab_size]
+    ids = ids[ids < min(m.vocab_size for m in surrogate_list(model))]
     if ids.numel() == 0:
         raise ValueError("the tokenizer has no trigger candidates (whole lower-case words) within the model's vocabulary")
     return ids.to(device)
 
 
-def hotflip_candidates(
-    model: CLIP, tokens: Tensor, image_features: Tensor, trigger_length: int, candidate_ids: Tensor, k: int,
+def hotflip_scores(
+    model: CLIP, tokens: Tensor, image_features: Tensor, trigger_length: int, candidate_ids: Tensor,
     negatives: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """Top-k replacement ids [B, trigger_length, k] per trigger slot by HotFlip (-grad . E^T), on the device.
-
-    One gradient of the batch loss with respect to the trigger slots' token embeddings; the dot
-    product with each candidate's embedding estimates how much swapping it in lowers the loss.
-    """
+    """HotFlip's estimate [B, trigger_length, C] of how much writing each candidate into each trigger slot
+    LOWERS the loss: -grad . E^T, from one gradient of the batch loss w.r.t. the slots' token embeddings."""
     embeddings = model.token_embedding(tokens).detach().requires_grad_(True)
     loss = pair_losses(image_features, encode_text_trimmed(model, tokens, embeddings), model.logit_scale,
                        negatives).mean()
     (grad,) = torch.autograd.grad(loss, embeddings)
     grad = grad[:, 1 : 1 + trigger_length].float()  # [B, k, W]
     table = model.token_embedding.weight.detach()[candidate_ids].float()  # [C, W]
-    scores = -grad @ table.t()  # [B, k, C]
+    return -grad @ table.t()
+
+
+def hotflip_candidates(
+    model: CLIP | Sequence[CLIP], tokens: Tensor, image_features: Tensor | Sequence[Tensor], trigger_length: int,
+    candidate_ids: Tensor, k: int, negatives: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Top-k replacement ids [B, trigger_length, k] per trigger slot by HotFlip, on the device.
+
+    With an ensemble (image_features one tensor per model), each model's estimate is summed: the
+    candidates expected to lower the mean loss.
+    """
+    models = surrogate_list(model)
+    features = [image_features] if isinstance(image_features, Tensor) else list(image_features)
+    scores = sum(hotflip_scores(m, tokens, f, trigger_length, candidate_ids, negatives)
+                 for m, f in zip(models, features, strict=True))
     top = scores.topk(min(k, candidate_ids.numel()), dim=-1).indices
     return candidate_ids[top]
 
@@ -288,7 +319,7 @@ def score_position_looped(
 
 
 def search_triggers(
-    model: CLIP, tokenizer: Tokenizer, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor,
+    model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor,
     settings: MEMSettings, negatives: tuple[Tensor, Tensor] | None = None, candidate_ids: Tensor | None = None,
     _looped: bool = False,
 ) -> tuple[Tensor, Tensor]:
@@ -296,16 +327,20 @@ def search_triggers(
 
     tokens: caption tokens [B, L] with k trigger slots; triggers [B, k] the current ids. Each slot's
     options are the current id plus the top `candidates` HotFlip ids; each pair keeps its best option.
+    With an ensemble of models, options are scored by the mean of their losses.
     """
+    models = surrogate_list(model)
+    if negatives is not None and len(models) > 1:
+        raise ValueError("negatives belong to one surrogate; an ensemble search takes none")
     k = triggers.shape[1]
     device = images_u8.device
     if candidate_ids is None:
-        candidate_ids = _candidate_table(tokenizer, model, device)
+        candidate_ids = _candidate_table(tokenizer, models, device)
     with _autocast(settings, device):
         with torch.no_grad():
-            image_features = _encode_images(model, images_u8, delta)
+            image_features = [_encode_images(m, images_u8, delta) for m in models]
         current = triggers.clone()
-        proposals = hotflip_candidates(model, _with_triggers(tokens, current), image_features, k, candidate_ids,
+        proposals = hotflip_candidates(models, _with_triggers(tokens, current), image_features, k, candidate_ids,
                                        settings.candidates, negatives)
         loss = None
         with torch.no_grad():
@@ -313,9 +348,11 @@ def search_triggers(
                 options = torch.cat([current[:, j : j + 1], proposals[:, j]], dim=1)  # [B, 1 + K]
                 base = _with_triggers(tokens, current)
                 if _looped:
-                    losses = score_position_looped(model, images_u8, delta, base, 1 + j, options, negatives)
+                    losses = sum(score_position_looped(m, images_u8, delta, base, 1 + j, options, negatives)
+                                 for m in models) / len(models)
                 else:
-                    losses = score_position(model, base, image_features, 1 + j, options, negatives)
+                    losses = sum(score_position(m, base, f, 1 + j, options, negatives)
+                                 for m, f in zip(models, image_features)) / len(models)
                 best = losses.argmin(dim=0)  # ties keep the current token (option 0)
                 current[:, j] = options.gather(1, best[:, None]).squeeze(1)
                 loss = losses.gather(0, best[None]).squeeze(0)
@@ -335,15 +372,19 @@ def _cell_mean(grad_nhwc: Tensor, grid: int) -> Tensor:
 
 
 def pgd_noise(
-    model: CLIP, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor, settings: MEMSettings,
+    model: CLIP | Sequence[CLIP], images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor, settings: MEMSettings,
     steps: int, generator: torch.Generator, negatives: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, float]:
     """Error-MINIMISING PGD on the uint8 grid, warm-started from delta (int16 [B, H, W, 3]).
 
     With a trigger, every step pairs each image with a randomly chosen caption of the batch carrying
     THAT image's trigger, so the noise learns to match the trigger, not the caption. Returns the new
-    delta (|delta| <= epsilon levels, image + delta within [0, 255]) and the last step's loss.
+    delta (|delta| <= epsilon levels, image + delta within [0, 255]) and the last step's loss (with an
+    ensemble, the mean of the models' losses: the noise follows the sign of their summed gradients).
     """
+    models = surrogate_list(model)
+    if negatives is not None and len(models) > 1:
+        raise ValueError("negatives belong to one surrogate; an ensemble PGD takes none")
     eps, step = settings.epsilon_levels, settings.step_levels
     image = images_u8.to(torch.int16)
     delta = delta.to(torch.int16)
@@ -356,11 +397,11 @@ def pgd_noise(
             order = torch.randperm(b, generator=generator).to(tokens.device) if shuffle else None
             text_tokens = _with_triggers(tokens[order] if shuffle else tokens, triggers)
             with torch.no_grad(), _autocast(settings, images_u8.device):
-                text_features = encode_text_trimmed(model, text_tokens)
+                text_features = [encode_text_trimmed(m, text_tokens) for m in models]
         x = ((image + delta).float() / 255.0).requires_grad_(True)
         with _autocast(settings, images_u8.device):
-            loss = pair_losses(model.encode_image(_images_for_model(model, x)), text_features, model.logit_scale,
-                               negatives).mean()
+            loss = sum(pair_losses(m.encode_image(_images_for_model(m, x)), t, m.logit_scale, negatives).mean()
+                       for m, t in zip(models, text_features)) / len(models)
         (grad,) = torch.autograd.grad(loss, x)
         if settings.noise_grid:
             grad = _cell_mean(grad, settings.noise_grid)
@@ -492,13 +533,23 @@ class CaptionsPerImage:
 class MEMState:
     """Everything run_mem changes, i.e. what a checkpoint must hold."""
 
-    model: CLIP
+    model: CLIP  # the primary surrogate: the one saved for protect-on-upload
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # CPU generator: batch sampling, pass order, caption shuffles
     noise: np.ndarray  # int8 [N, H, W, 3], may be an np.memmap
     triggers: np.ndarray  # int64 [N, trigger_length]
     iteration: int = 0  # outer iterations completed
     history: list[dict] = field(default_factory=list)
+    # Further surrogates of an ensemble, each with its own optimiser; trained on the same batches.
+    extra_surrogates: list[tuple[CLIP, torch.optim.Optimizer]] = field(default_factory=list)
+
+    @property
+    def surrogates(self) -> list[tuple[CLIP, torch.optim.Optimizer]]:
+        return [(self.model, self.optimizer), *self.extra_surrogates]
+
+    @property
+    def models(self) -> list[CLIP]:
+        return [m for m, _ in self.surrogates]
 
 
 def make_optimizer(model: CLIP, settings: MEMSettings) -> torch.optim.Optimizer:
@@ -508,10 +559,12 @@ def make_optimizer(model: CLIP, settings: MEMSettings) -> torch.optim.Optimizer:
     return torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def new_state(model: CLIP, tokenizer: Tokenizer, n: int, image_shape: tuple[int, int], settings: MEMSettings,
-              noise: np.ndarray | None = None) -> MEMState:
-    """A fresh state: zero noise (or the given int8 array, e.g. a memmap, zeroed), placeholder triggers."""
+def new_state(model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, n: int, image_shape: tuple[int, int],
+              settings: MEMSettings, noise: np.ndarray | None = None) -> MEMState:
+    """A fresh state: zero noise (or the given int8 array, e.g. a memmap, zeroed), placeholder triggers.
+    model may be an ensemble (a list; the first is the primary surrogate)."""
     settings.validate()
+    models = surrogate_list(model)
     shape = (n, *image_shape, 3)
     if noise is None:
         noise = np.zeros(shape, dtype=np.int8)
@@ -520,8 +573,8 @@ def new_state(model: CLIP, tokenizer: Tokenizer, n: int, image_shape: tuple[int,
             raise ValueError(f"noise store must be int8 {list(shape)}, got {noise.dtype} {list(noise.shape)}")
         noise[...] = 0
     triggers = np.full((n, settings.trigger_length), tokenizer.placeholder_id, dtype=np.int64)
-    return MEMState(model, make_optimizer(model, settings), torch.Generator().manual_seed(settings.seed), noise,
-                    triggers)
+    return MEMState(models[0], make_optimizer(models[0], settings), torch.Generator().manual_seed(settings.seed),
+                    noise, triggers, extra_surrogates=[(m, make_optimizer(m, settings)) for m in models[1:]])
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
@@ -534,8 +587,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.nda
 def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
                     device: torch.device, groups: CaptionsPerImage | None = None) -> float:
     """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption):
-    distinct images, each with one of its captions (tokens [n_captions, L])."""
-    model = state.model.train()
+    distinct images, each with one of its captions (tokens [n_captions, L]). Every surrogate of an
+    ensemble takes a step on each batch; the returned loss is their mean."""
     n = images.shape[0]
     groups = groups or CaptionsPerImage.single(n)
     b = min(settings.batch_size, n)
@@ -546,16 +599,21 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
         x = (x + torch.from_numpy(np.asarray(state.noise[index])).to(device)).clamp(0, 255).to(torch.uint8)
         t = _with_triggers(tokens[groups.pick(index, state.generator)],
                            torch.from_numpy(state.triggers[index])).to(device)
-        with _autocast(settings, device):
-            loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
-                                    model.logit_scale)
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
-        losses.append(float(loss.detach()))
-    model.eval()
+        step_losses = []
+        for model, optimizer in state.surrogates:
+            model.train()
+            with _autocast(settings, device):
+                loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
+                                        model.logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
+            step_losses.append(float(loss.detach()))
+        losses.append(float(np.mean(step_losses)))
+    for model in state.models:
+        model.eval()
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -563,11 +621,12 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
                  device: torch.device, update_triggers: bool, groups: CaptionsPerImage | None = None) -> float:
     """One pass over the images in batches, each with one of its captions: trigger search (if
     update_triggers), then PGD on the noise."""
-    model = state.model.eval()
+    models = [m.eval() for m in state.models]
     groups = groups or CaptionsPerImage.single(images.shape[0])
-    for parameter in model.parameters():
+    parameters = [p for m in models for p in m.parameters()]
+    for parameter in parameters:
         parameter.requires_grad_(False)
-    candidate_ids = _candidate_table(tokenizer, model, device) if settings.trigger_length else None
+    candidate_ids = _candidate_table(tokenizer, models, device) if settings.trigger_length else None
     losses = []
     try:
         for index in _batches(images.shape[0], settings.batch_size, state.generator):
@@ -576,13 +635,13 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
             t = tokens[groups.pick(index, state.generator)].to(device)
             trig = torch.from_numpy(state.triggers[index]).to(device)
             if update_triggers and settings.trigger_length:
-                trig, _ = search_triggers(model, tokenizer, x, delta, t, trig, settings, candidate_ids=candidate_ids)
+                trig, _ = search_triggers(models, tokenizer, x, delta, t, trig, settings, candidate_ids=candidate_ids)
                 state.triggers[index] = trig.cpu().numpy()
-            delta, loss = pgd_noise(model, x, delta, t, trig, settings, settings.pgd_steps, state.generator)
+            delta, loss = pgd_noise(models, x, delta, t, trig, settings, settings.pgd_steps, state.generator)
             state.noise[index] = delta.to(torch.int8).cpu().numpy()
             losses.append(loss)
     finally:
-        for parameter in model.parameters():
+        for parameter in parameters:
             parameter.requires_grad_(True)
     return float(np.mean(losses))
 
@@ -621,7 +680,8 @@ def run_mem(
     if images.shape[0] < 2:
         raise ValueError("MEM needs at least 2 distinct images (a contrastive loss needs negatives)")
     device = _device(device)
-    state.model.to(device)
+    for model in state.models:
+        model.to(device)
     tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
     n = images.shape[0]
     while not settings.finished(state.iteration, state.history[-1]["pass_loss"] if state.history else math.inf):

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 
 from aigis.protection import mem
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
-from aigis.protection.clip import build_clip, contrastive_loss, normalize_images
+from aigis.protection.clip import PRESETS, build_clip, contrastive_loss, normalize_images
 from aigis.protection.job import DEFAULT_TRIGGER_WORDS, KILL_ENV
 from aigis.protection.tokenizer import Tokenizer
 
@@ -292,8 +293,80 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     assert code == 2 and "overwrite the originals" in err
     code, err = run(data, "train.jsonl", None, "--noise-grid", "-2")
     assert code == 2 and "noise_grid must be >= 0" in err
+    code, err = run(data, "train.jsonl", None, "--clip", "rn_tiny+nope")
+    assert code == 2 and "unknown CLIP preset 'nope'" in err
     with pytest.raises(ValueError, match="epsilon"):
         mem.MEMSettings(epsilon=0.5 / 255).validate()
+
+
+def test_an_ensemble_of_one_model_twice_searches_and_perturbs_as_that_model_alone(tiny):
+    # The ensemble's mean loss of two copies IS the model's loss: same triggers, same noise, same loss.
+    model, tokenizer, images_np, captions = tiny
+    images = torch.from_numpy(images_np)
+    delta = torch.zeros(images.shape, dtype=torch.int16)
+    tokens = tokenizer.tokenize(captions, model.context_length, 3)
+    settings = mem.MEMSettings(candidates=3, amp="off")
+    start = torch.full((len(captions), 3), tokenizer.placeholder_id)
+    alone, alone_loss = mem.search_triggers(model, tokenizer, images, delta, tokens, start, settings)
+    twice, twice_loss = mem.search_triggers([model, model], tokenizer, images, delta, tokens, start, settings)
+    assert torch.equal(alone, twice) and not torch.equal(alone, start)
+    torch.testing.assert_close(alone_loss, twice_loss)
+    noise_alone, _ = mem.pgd_noise(model, images, delta, tokens, alone, settings, 3, torch.Generator().manual_seed(0))
+    noise_twice, _ = mem.pgd_noise([model, model], images, delta, tokens, alone, settings, 3,
+                                   torch.Generator().manual_seed(0))
+    assert torch.equal(noise_alone, noise_twice) and noise_alone.abs().max() == 3
+    with pytest.raises(ValueError, match="negatives"):
+        mem.pgd_noise([model, model], images, delta, tokens, alone, settings, 1, torch.Generator(),
+                      negatives=(torch.zeros(2, 128), torch.zeros(2, 128)))
+
+
+def test_ensemble_noise_lowers_every_members_loss(tiny):
+    # EM-style noise (no trigger, no shuffle) made against a ResNet and a ViT together: each member's loss on
+    # the noisy batch ends below its loss on the clean batch, and below that of random noise of the same size.
+    resnet, tokenizer, images_np, captions = tiny
+    torch.manual_seed(1)
+    vit = build_clip("vit_tiny", tokenizer.vocab_size).eval()
+    images = torch.from_numpy(images_np)
+    tokens = tokenizer.tokenize(captions, resnet.context_length)
+    none = torch.zeros((len(captions), 0), dtype=torch.long)
+    settings = mem.MEMSettings(trigger_length=0, amp="off")
+    delta, _ = mem.pgd_noise([resnet, vit], images, torch.zeros(images.shape, dtype=torch.int16), tokens, none,
+                             settings, 8, torch.Generator().manual_seed(0))
+    random = torch.randint(-8, 9, images.shape, generator=torch.Generator().manual_seed(2))
+    for model in (resnet, vit):
+        with torch.no_grad():
+            text = model.encode_text(tokens)
+            loss = {name: float(mem.pair_losses(mem._encode_images(model, images, d), text, model.logit_scale).mean())
+                    for name, d in (("clean", torch.zeros_like(delta)), ("ensemble", delta), ("random", random))}
+        assert loss["ensemble"] < loss["clean"] and loss["ensemble"] < loss["random"], (type(model.visual), loss)
+    with pytest.raises(ValueError, match="resolution"):
+        mem.surrogate_list([resnet, build_clip(replace(PRESETS["vit_tiny"], image_resolution=48), tokenizer.vocab_size)])
+
+
+def test_ensemble_job_checkpoints_every_surrogate_and_resumes_to_the_same_output(data, tmp_path):
+    ensemble = ("--clip", "rn_tiny+vit_tiny")
+    whole = _protect(data, tmp_path / "whole", *ensemble)
+    assert whole.returncode == 0, whole.stderr
+    killed = _protect(data, tmp_path / "killed", *ensemble, env={KILL_ENV: "1"})
+    assert killed.returncode == -9, killed.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "killed" / "work" / "ckpt-1" / "state.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert any(k.startswith("model.visual.layer1") for k in keys)  # the ResNet, primary
+    assert any(k.startswith("model1.visual.transformer") for k in keys) and any(k.startswith("optim1.") for k in keys)
+    resumed = _protect(data, tmp_path / "killed", *ensemble)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
+    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
+    assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
+    report = json.loads((tmp_path / "whole" / "protection.json").read_text())
+    assert report["clip_preset"] == "rn_tiny+vit_tiny"
+    model, _, meta = mem.load_surrogate(tmp_path / "whole" / report["surrogate"]["path"])
+    assert meta["extra"]["ensemble"] == ["rn_tiny", "vit_tiny"] and meta["extra"]["clip_preset"] == "rn_tiny"
+    assert model.config.is_resnet  # the primary is what protect-on-upload serves
+    # ... and a single-surrogate job does not resume the ensemble's checkpoints.
+    single = _protect(data, tmp_path / "killed", "--outer", "3")
+    assert single.returncode == 2 and "clip_preset" in single.stderr, single.stderr
 
 
 def test_captions_per_image_pick_only_that_images_captions_and_all_of_them():
