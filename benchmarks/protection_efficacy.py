@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     # hackers (BENCHMARKS.md, session 7).
     parser.add_argument("--outer", type=int, default=60)
     parser.add_argument("--surrogate-steps", type=int, default=2)
+    parser.add_argument("--surrogate-lr", type=float, default=5e-4, help="the surrogate's AdamW learning rate")
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
                                surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
-                               trigger_iterations=args.trigger_iterations, lr=5e-4, stop_loss=args.stop_loss,
+                               trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else grid}"
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
               f"Command: python benchmarks/protection_efficacy.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
-              f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps, "
+              f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
+              f"(lr {args.surrogate_lr:g}), "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)
