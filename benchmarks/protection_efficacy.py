@@ -81,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
-    from aigis.protection.job import protect_dataset
+    from aigis.protection.clip import PRESETS
+    from aigis.protection.job import parse_clip_presets, protect_dataset
     from aigis.protection.mem import MEMSettings
 
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
-    hacker_clip = args.hacker_clip or args.clip.split("+")[0]
+    try:
+        surrogates = parse_clip_presets(args.clip)
+    except ValueError as exc:
+        parser.error(f"--clip: {exc}")
+    hacker_clip = args.hacker_clip or surrogates[0]
+    if hacker_clip not in PRESETS:
+        parser.error(f"--hacker-clip: unknown preset {hacker_clip!r}; known: {', '.join(PRESETS)}")
     conditions = [c for c in args.conditions.split(",") if c]
     if not conditions or any(c not in ("clean", "random", "mem", "em") for c in conditions):
         parser.error(f"--conditions: a comma-separated subset of clean, random, mem, em; got {args.conditions!r}")
@@ -99,8 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         "" if args.size == 32 else f"_{args.size}px")
     budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
     grid = f"_grid{args.noise_grid}" if args.noise_grid else ""  # variants get their own jobs, beside the same data
-    variant = ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
-    name = args.name or f"protection_efficacy{suffix}{budget}{variant}"
+    # Another surrogate (or lr) gets its own job folder and result name; rn_tiny at the default lr keeps the old ones.
+    surrogate_tag = "" if surrogates == ["rn_tiny"] else "_" + "_".join(surrogates).replace("/", "").replace("-", "")
+    surrogate_tag += "" if args.surrogate_lr == 5e-4 else f"_lr{args.surrogate_lr:g}"
+    hacker_tag = "" if hacker_clip == surrogates[0] else f"_hacker_{hacker_clip}".replace("/", "").replace("-", "")
+    variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
+    name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
     if not (data / "train.jsonl").is_file():
@@ -116,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid)
         t0 = time.perf_counter()
-        job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else grid}"
+        job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
                                   image_size=args.size, device=args.device, trigger_words=args.trigger_words)
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
         protected[mode] = job_dir
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}{variant}",
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}{variant}{hacker_tag}",
                                  conditions=conditions, robustness=robustness, clip_preset=hacker_clip,
                                  image_size=args.size, epochs=args.hacker_epochs, hackers=args.hackers,
                                  device=args.device, epsilon=args.epsilon / 255)

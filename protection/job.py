@@ -10,10 +10,11 @@ Output (the originals are only read):
                                (every caption of an image carries that image's trigger)
     out/protection.json        epsilon, trigger length, mode, surrogate identity and sha256, settings,
                                per-image sha256 of the protected PNGs
-    out/surrogate/<n>/         the final surrogate (mem.save_surrogate), for protect-on-upload
+    out/surrogate/<n>/         the final surrogate (mem.save_surrogate; of an ensemble, the primary), for
+                               protect-on-upload
     out/work/                  the noise memmap, tokenizer and checkpoints (ckpt-<iteration>/)
 
-A checkpoint after every outer iteration holds the noise, triggers, surrogate weights, optimiser
+A checkpoint after every outer iteration holds the noise, triggers, every surrogate's weights and optimiser
 state and the RNG state (safetensors + raw int8 + JSON, no pickle); a restarted job continues from the
 newest complete one and, on the CPU, ends with byte-identical output to an uninterrupted run.
 """
@@ -93,8 +94,8 @@ def parse_clip_presets(spec: str) -> list[str]:
 
     names = [name.strip() for name in str(spec).split("+")]
     unknown = [name for name in names if name not in PRESETS]
-    if unknown or not names:
-        raise ValueError(f"unknown CLIP preset {unknown[0] if unknown else spec!r} in {spec!r}; known: "
+    if unknown:
+        raise ValueError(f"unknown CLIP preset {unknown[0]!r} in {spec!r}; known: "
                          f"{', '.join(PRESETS)} (join several with '+' for an ensemble)")
     if len(set(names)) != len(names):
         raise ValueError(f"{spec!r} names a preset twice")
@@ -250,6 +251,14 @@ def protect_dataset(
     presets = parse_clip_presets(clip_preset)
     clip_preset = "+".join(presets)
     size = int(image_size or PRESETS[presets[0]].image_resolution)
+    for name in presets:  # before any image is read: every member must take this size and the primary's captions
+        try:
+            replace(PRESETS[name], image_resolution=size).validate()
+        except ValueError as exc:
+            raise ValueError(f"image size {size} with preset {name}: {exc}") from None
+        if PRESETS[name].context_length != PRESETS[presets[0]].context_length:
+            raise ValueError(f"{clip_preset}: {name} reads {PRESETS[name].context_length} tokens, {presets[0]} "
+                             f"{PRESETS[presets[0]].context_length}; an ensemble's members must agree")
     data_root = Path(data_root).resolve()
     out_dir = Path(out_dir).resolve()
     pairs = read_pairs(data_root, manifest_name)

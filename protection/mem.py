@@ -22,8 +22,9 @@ of image <-> caption. This implementation follows the method and fixes the offic
 
 EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise only, no shuffle.
 
-Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given wherever a model is: the noise and
-the triggers then minimise the MEAN of their losses, and each surrogate trains on the same batches. A
+Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
+pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
+surrogate trains on the same batches. protect_batch and save_surrogate take one model (the primary). A
 hacker's architecture is unknown to the data owner; noise made against one architecture transfers only
 partly to another (BENCHMARKS.md, session 13), and an ensemble asks it to fool both at once.
 """
@@ -152,7 +153,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def surrogate_list(model: CLIP | Sequence[CLIP]) -> list[CLIP]:
     """One CLIP or an ensemble of them, as a non-empty list whose models agree on what they read."""
-    models = [model] if isinstance(model, CLIP) else list(model)
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models:
         raise ValueError("need at least one surrogate CLIP")
     first = models[0]
@@ -565,6 +566,8 @@ def new_state(model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, n: int, image_
     model may be an ensemble (a list; the first is the primary surrogate)."""
     settings.validate()
     models = surrogate_list(model)
+    if len({id(m) for m in models}) != len(models):
+        raise ValueError("an ensemble names the same model twice (it would train twice per batch)")
     shape = (n, *image_shape, 3)
     if noise is None:
         noise = np.zeros(shape, dtype=np.int8)
@@ -660,7 +663,7 @@ def run_mem(
 ) -> MEMState:
     """MEM's outer loop from state.iteration to settings.outer_iterations (or settings.stop_loss).
 
-    Each iteration trains the surrogate (surrogate_steps batches), then perturbs every image once
+    Each iteration trains the surrogate(s) (surrogate_steps batches), then perturbs every image once
     (triggers too during the first trigger_iterations). callback(state, stats) runs after each
     iteration (checkpointing); stats has iteration, surrogate_loss, pass_loss, images_per_s, pairs_per_s
     (image-caption pairs protected per second of the pass), seconds.

@@ -295,6 +295,10 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     assert code == 2 and "noise_grid must be >= 0" in err
     code, err = run(data, "train.jsonl", None, "--clip", "rn_tiny+nope")
     assert code == 2 and "unknown CLIP preset 'nope'" in err
+    code, err = run(data, "train.jsonl", None, "--clip", "vit_tiny+rn_tiny", "--size", "48")
+    assert code == 2 and "image size 48 with preset rn_tiny" in err
+    code, err = run(data, "train.jsonl", None, "--clip", "rn_tiny+RN50")
+    assert code == 2 and "RN50 reads 77 tokens" in err
     with pytest.raises(ValueError, match="epsilon"):
         mem.MEMSettings(epsilon=0.5 / 255).validate()
 
@@ -318,11 +322,14 @@ def test_an_ensemble_of_one_model_twice_searches_and_perturbs_as_that_model_alon
     with pytest.raises(ValueError, match="negatives"):
         mem.pgd_noise([model, model], images, delta, tokens, alone, settings, 1, torch.Generator(),
                       negatives=(torch.zeros(2, 128), torch.zeros(2, 128)))
+    with pytest.raises(ValueError, match="twice"):  # a job must not step one model's weights twice per batch
+        mem.new_state([model, model], tokenizer, len(captions), (SIZE, SIZE), settings)
 
 
 def test_ensemble_noise_lowers_every_members_loss(tiny):
     # EM-style noise (no trigger, no shuffle) made against a ResNet and a ViT together: each member's loss on
-    # the noisy batch ends below its loss on the clean batch, and below that of random noise of the same size.
+    # the noisy batch ends below its loss on the clean batch, and below that of random noise of the same size;
+    # and the ViT's loss is lower than under noise made against the ResNet alone (the ViT was heard).
     resnet, tokenizer, images_np, captions = tiny
     torch.manual_seed(1)
     vit = build_clip("vit_tiny", tokenizer.vocab_size).eval()
@@ -330,15 +337,20 @@ def test_ensemble_noise_lowers_every_members_loss(tiny):
     tokens = tokenizer.tokenize(captions, resnet.context_length)
     none = torch.zeros((len(captions), 0), dtype=torch.long)
     settings = mem.MEMSettings(trigger_length=0, amp="off")
-    delta, _ = mem.pgd_noise([resnet, vit], images, torch.zeros(images.shape, dtype=torch.int16), tokens, none,
-                             settings, 8, torch.Generator().manual_seed(0))
+    zero = torch.zeros(images.shape, dtype=torch.int16)
+    delta, _ = mem.pgd_noise([resnet, vit], images, zero, tokens, none, settings, 8, torch.Generator().manual_seed(0))
+    resnet_only, _ = mem.pgd_noise(resnet, images, zero, tokens, none, settings, 8, torch.Generator().manual_seed(0))
     random = torch.randint(-8, 9, images.shape, generator=torch.Generator().manual_seed(2))
+    losses = {}
     for model in (resnet, vit):
         with torch.no_grad():
             text = model.encode_text(tokens)
             loss = {name: float(mem.pair_losses(mem._encode_images(model, images, d), text, model.logit_scale).mean())
-                    for name, d in (("clean", torch.zeros_like(delta)), ("ensemble", delta), ("random", random))}
+                    for name, d in (("clean", zero), ("ensemble", delta), ("random", random),
+                                    ("resnet_only", resnet_only))}
         assert loss["ensemble"] < loss["clean"] and loss["ensemble"] < loss["random"], (type(model.visual), loss)
+        losses[model is vit] = loss
+    assert losses[True]["ensemble"] < losses[True]["resnet_only"], losses[True]
     with pytest.raises(ValueError, match="resolution"):
         mem.surrogate_list([resnet, build_clip(replace(PRESETS["vit_tiny"], image_resolution=48), tokenizer.vocab_size)])
 
@@ -365,7 +377,7 @@ def test_ensemble_job_checkpoints_every_surrogate_and_resumes_to_the_same_output
     assert meta["extra"]["ensemble"] == ["rn_tiny", "vit_tiny"] and meta["extra"]["clip_preset"] == "rn_tiny"
     assert model.config.is_resnet  # the primary is what protect-on-upload serves
     # ... and a single-surrogate job does not resume the ensemble's checkpoints.
-    single = _protect(data, tmp_path / "killed", "--outer", "3")
+    single = _protect(data, tmp_path / "killed")
     assert single.returncode == 2 and "clip_preset" in single.stderr, single.stderr
 
 

@@ -141,6 +141,24 @@ def test_psnr_known_cases(tmp_path):
     assert stats["linf_255"] == 48
 
 
+def test_twice_chance_in_float32_is_on_the_target_line_not_under_it():
+    # 2 correct of 200 both ways against chance 1/200: a float32 recall (0.00999999978) gives 1.99999996x, which
+    # must not pass as under 2x.
+    import torch
+
+    from aigis.protection.evaluate import _summary
+
+    def row(name: str, kind: str, hits: int) -> dict:
+        recall = float(torch.tensor([hits / 200, hits / 200], dtype=torch.float32).mean())
+        return {"name": name, "set": name, "kind": kind, "training": "scratch", "r1_x_chance": recall / (1 / 200),
+                "retrieval": {"mean_r1": recall}}
+
+    summary = _summary([row("clean", "clean", 40), row("on_line", "protected", 2), row("under", "protected", 1)])
+    assert summary["on_line"]["r1_x_chance"] == pytest.approx(2.0) and summary["on_line"]["r1_x_chance"] < 2.0
+    assert not summary["on_line"]["below_2x_chance"] and summary["under"]["below_2x_chance"]
+    assert summary["under"]["r1_relative_to_clean"] == pytest.approx(1 / 40)
+
+
 def test_random_noise_set_is_within_epsilon_and_read_back(data, tmp_path):
     clean = read_pairs(data, "train.jsonl")[:20]
     assert epsilon_levels(8 / 255) == epsilon_levels(8) == 8
