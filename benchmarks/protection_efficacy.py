@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
     try:
-        surrogates = parse_clip_presets(args.clip)
+        surrogates = parse_clip_presets(args.clip, args.size)
     except ValueError as exc:
         parser.error(f"--clip: {exc}")
     hacker_clip = args.hacker_clip or surrogates[0]
@@ -107,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
     grid = f"_grid{args.noise_grid}" if args.noise_grid else ""  # variants get their own jobs, beside the same data
     # Another surrogate (or lr) gets its own job folder and result name; rn_tiny at the default lr keeps the old ones.
-    surrogate_tag = "" if surrogates == ["rn_tiny"] else "_" + "_".join(surrogates).replace("/", "").replace("-", "")
+    def tag(names: list[str]) -> str:  # "ViT-B/32" -> "ViTB32": safe in a file name
+        return "_" + "_".join(names).replace("/", "").replace("-", "")
+
+    surrogate_tag = "" if surrogates == ["rn_tiny"] else tag(surrogates)
     surrogate_tag += "" if args.surrogate_lr == 5e-4 else f"_lr{args.surrogate_lr:g}"
-    hacker_tag = "" if hacker_clip == surrogates[0] else f"_hacker_{hacker_clip}".replace("/", "").replace("-", "")
+    hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")

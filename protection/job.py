@@ -88,8 +88,12 @@ def _surrogate_prefixes(i: int) -> tuple[str, str]:
     return ("model", "optim") if i == 0 else (f"model{i}", f"optim{i}")
 
 
-def parse_clip_presets(spec: str) -> list[str]:
-    """"vit_tiny+rn_tiny" -> ["vit_tiny", "rn_tiny"]: an ensemble of surrogates, the first the primary."""
+def parse_clip_presets(spec: str, image_size: int | None = None) -> list[str]:
+    """"vit_tiny+rn_tiny" -> ["vit_tiny", "rn_tiny"]: an ensemble of surrogates, the first the primary.
+
+    Checked before any image is read: every member must take image_size (default: the primary's
+    resolution) and read captions of the primary's context length.
+    """
     from .clip import PRESETS
 
     names = [name.strip() for name in str(spec).split("+")]
@@ -99,6 +103,16 @@ def parse_clip_presets(spec: str) -> list[str]:
                          f"{', '.join(PRESETS)} (join several with '+' for an ensemble)")
     if len(set(names)) != len(names):
         raise ValueError(f"{spec!r} names a preset twice")
+    primary = PRESETS[names[0]]
+    size = int(image_size or primary.image_resolution)
+    for name in names:
+        try:
+            replace(PRESETS[name], image_resolution=size).validate()
+        except ValueError as exc:
+            raise ValueError(f"image size {size} with preset {name}: {exc}") from None
+        if PRESETS[name].context_length != primary.context_length:
+            raise ValueError(f"{spec}: {name} reads {PRESETS[name].context_length} tokens, {names[0]} "
+                             f"{primary.context_length}; an ensemble's members must agree")
     return names
 
 
@@ -248,17 +262,9 @@ def protect_dataset(
     from .tokenizer import Tokenizer, apply_trigger_text
 
     settings.validate()
-    presets = parse_clip_presets(clip_preset)
+    presets = parse_clip_presets(clip_preset, image_size)
     clip_preset = "+".join(presets)
     size = int(image_size or PRESETS[presets[0]].image_resolution)
-    for name in presets:  # before any image is read: every member must take this size and the primary's captions
-        try:
-            replace(PRESETS[name], image_resolution=size).validate()
-        except ValueError as exc:
-            raise ValueError(f"image size {size} with preset {name}: {exc}") from None
-        if PRESETS[name].context_length != PRESETS[presets[0]].context_length:
-            raise ValueError(f"{clip_preset}: {name} reads {PRESETS[name].context_length} tokens, {presets[0]} "
-                             f"{PRESETS[presets[0]].context_length}; an ensemble's members must agree")
     data_root = Path(data_root).resolve()
     out_dir = Path(out_dir).resolve()
     pairs = read_pairs(data_root, manifest_name)

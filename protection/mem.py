@@ -151,11 +151,14 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def surrogate_list(model: CLIP | Sequence[CLIP]) -> list[CLIP]:
-    """One CLIP or an ensemble of them, as a non-empty list whose models agree on what they read."""
+def surrogate_list(model: CLIP | Sequence[CLIP], negatives: tuple[Tensor, Tensor] | None = None) -> list[CLIP]:
+    """One CLIP or an ensemble of them, as a non-empty list whose models agree on what they read.
+    negatives (protect-on-upload's stored embeddings) belong to one model, so they refuse an ensemble."""
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models:
         raise ValueError("need at least one surrogate CLIP")
+    if negatives is not None and len(models) > 1:
+        raise ValueError("negatives belong to one surrogate; an ensemble takes none")
     first = models[0]
     for other in models[1:]:
         if (other.image_resolution, other.context_length) != (first.image_resolution, first.context_length):
@@ -330,9 +333,7 @@ def search_triggers(
     options are the current id plus the top `candidates` HotFlip ids; each pair keeps its best option.
     With an ensemble of models, options are scored by the mean of their losses.
     """
-    models = surrogate_list(model)
-    if negatives is not None and len(models) > 1:
-        raise ValueError("negatives belong to one surrogate; an ensemble search takes none")
+    models = surrogate_list(model, negatives)
     k = triggers.shape[1]
     device = images_u8.device
     if candidate_ids is None:
@@ -383,9 +384,7 @@ def pgd_noise(
     delta (|delta| <= epsilon levels, image + delta within [0, 255]) and the last step's loss (with an
     ensemble, the mean of the models' losses: the noise follows the sign of their summed gradients).
     """
-    models = surrogate_list(model)
-    if negatives is not None and len(models) > 1:
-        raise ValueError("negatives belong to one surrogate; an ensemble PGD takes none")
+    models = surrogate_list(model, negatives)
     eps, step = settings.epsilon_levels, settings.step_levels
     image = images_u8.to(torch.int16)
     delta = delta.to(torch.int16)
@@ -596,6 +595,8 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
     groups = groups or CaptionsPerImage.single(n)
     b = min(settings.batch_size, n)
     losses = []
+    for model in state.models:
+        model.train()
     for _ in range(settings.surrogate_steps):
         index = torch.randperm(n, generator=state.generator)[:b].sort().values.numpy()
         x = torch.from_numpy(images[index]).to(device).to(torch.int16)
@@ -604,7 +605,6 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
                            torch.from_numpy(state.triggers[index])).to(device)
         step_losses = []
         for model, optimizer in state.surrogates:
-            model.train()
             with _autocast(settings, device):
                 loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
                                         model.logit_scale)
