@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", default="rn_tiny",
                    help="surrogate CLIP preset (rn_tiny, rn_wide, vit_tiny, RN50, ViT-B/32), or several joined by '+' "
                         "(e.g. vit_tiny+rn_tiny): an ensemble the noise and triggers must fool together; the first "
-                        "is the surrogate saved for protect-on-upload")
+                        "is the surrogate saved for protect-on-upload; a preset named twice (rn_tiny+rn_tiny) is two "
+                        "independent initialisations")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--no-resume", action="store_true", help="discard checkpoints in --out and start over")

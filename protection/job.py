@@ -91,7 +91,9 @@ def _surrogate_prefixes(i: int) -> tuple[str, str]:
 def parse_clip_presets(spec: str, image_size: int | None = None) -> list[str]:
     """"vit_tiny+rn_tiny" -> ["vit_tiny", "rn_tiny"]: an ensemble of surrogates, the first the primary.
 
-    Checked before any image is read: every member must take image_size (default: the primary's
+    A preset may repeat ("rn_tiny+rn_tiny"): the members are drawn one after another from the job's
+    seed, so each repeat is an independent initialisation of that architecture, which is what an
+    outside hacker's model is. Checked before any image is read: every member must take image_size (default: the primary's
     resolution) and read captions of the primary's context length.
     """
     from .clip import PRESETS
@@ -101,8 +103,6 @@ def parse_clip_presets(spec: str, image_size: int | None = None) -> list[str]:
     if unknown:
         raise ValueError(f"unknown CLIP preset {unknown[0]!r} in {spec!r}; known: "
                          f"{', '.join(PRESETS)} (join several with '+' for an ensemble)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"{spec!r} names a preset twice")
     primary = PRESETS[names[0]]
     size = int(image_size or primary.image_resolution)
     for name in names:
@@ -114,6 +114,17 @@ def parse_clip_presets(spec: str, image_size: int | None = None) -> list[str]:
             raise ValueError(f"{spec}: {name} reads {PRESETS[name].context_length} tokens, {names[0]} "
                              f"{primary.context_length}; an ensemble's members must agree")
     return names
+
+
+def build_surrogates(presets: list[str], image_size: int, vocab_size: int, seed: int) -> list:
+    """Randomly initialised surrogates (the from-scratch threat model), drawn in turn from one seed:
+    the same call gives the same weights, and a preset named twice gives two initialisations."""
+    import torch
+
+    from .clip import PRESETS, build_clip
+
+    torch.manual_seed(seed)
+    return [build_clip(replace(PRESETS[name], image_resolution=image_size), vocab_size) for name in presets]
 
 
 def _checkpoints(work: Path) -> list[tuple[int, Path]]:
@@ -258,7 +269,7 @@ def protect_dataset(
 
     from . import mem
     from .captions import load_images, read_pairs
-    from .clip import PRESETS, build_clip
+    from .clip import PRESETS
     from .tokenizer import Tokenizer, apply_trigger_text
 
     settings.validate()
@@ -299,8 +310,7 @@ def protect_dataset(
     if tokenizer is None or len(tokenizer.trigger_words or ()) != made_up:
         tokenizer = Tokenizer.train(captions, vocab_size, trigger_words=made_up)
         tokenizer.save(tokenizer_path)  # a new tokenizer changes the fingerprint: old checkpoints are not resumed
-    torch.manual_seed(settings.seed)
-    models = [build_clip(replace(PRESETS[name], image_resolution=size), tokenizer.vocab_size) for name in presets]
+    models = build_surrogates(presets, size, tokenizer.vocab_size, settings.seed)
     model = models[0]
 
     noise = np.lib.format.open_memmap(work / "noise.npy", mode="w+", dtype=np.int8, shape=images.shape)

@@ -326,6 +326,23 @@ def test_an_ensemble_of_one_model_twice_searches_and_perturbs_as_that_model_alon
         mem.new_state([model, model], tokenizer, len(captions), (SIZE, SIZE), settings)
 
 
+def test_a_preset_named_twice_is_two_independent_initialisations_drawn_from_the_seed():
+    from aigis.protection.job import build_surrogates, parse_clip_presets
+
+    presets = parse_clip_presets("rn_tiny+rn_tiny")
+    assert presets == ["rn_tiny", "rn_tiny"]
+    first, second = build_surrogates(presets, SIZE, 600, seed=5)
+    again = build_surrogates(presets, SIZE, 600, seed=5)
+    other_seed = build_surrogates(presets, SIZE, 600, seed=6)
+    weights = [dict(m.state_dict()) for m in (first, second, again[0], again[1], other_seed[0])]
+    conv = "visual.conv1.weight"  # the ResNet stem's first convolution, OpenAI's name
+    assert not torch.equal(weights[0][conv], weights[1][conv])  # two draws, not one model twice
+    assert torch.equal(weights[0][conv], weights[2][conv]) and torch.equal(weights[1][conv], weights[3][conv])
+    assert not torch.equal(weights[0][conv], weights[4][conv])
+    mem.new_state([first, second], Tokenizer.train(["a red cat", "a blue dog"], 600), 4, (SIZE, SIZE),
+                  mem.MEMSettings())  # accepted: distinct models
+
+
 def test_ensemble_noise_lowers_every_members_loss(tiny):
     # EM-style noise (no trigger, no shuffle) made against a ResNet and a ViT together: each member's loss on
     # the noisy batch ends below its loss on the clean batch, and below that of random noise of the same size;
