@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -107,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = "" if args.epsilon == 8 else f"_eps{args.epsilon}"  # so does 8/255
     grid = f"_grid{args.noise_grid}" if args.noise_grid else ""  # variants get their own jobs, beside the same data
     # Another surrogate (or lr) gets its own job folder and result name; rn_tiny at the default lr keeps the old ones.
-    def tag(names: list[str]) -> str:  # "ViT-B/32" -> "ViTB32": safe in a file name
-        return "_" + "_".join(names).replace("/", "").replace("-", "")
+    def tag(names: list[str]) -> str:  # "ViT-B/32" -> "ViTB32": safe in a file name; a repeat run -> "rn_tinyx4"
+        runs = [(name, len(list(group))) for name, group in itertools.groupby(names)]
+        joined = "_".join(name if count == 1 else f"{name}x{count}" for name, count in runs)
+        return "_" + joined.replace("/", "").replace("-", "")
 
     surrogate_tag = "" if surrogates == ["rn_tiny"] else tag(surrogates)
     surrogate_tag += "" if args.surrogate_lr == 5e-4 else f"_lr{args.surrogate_lr:g}"
