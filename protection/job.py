@@ -93,8 +93,8 @@ def parse_clip_presets(spec: str, image_size: int | None = None) -> list[str]:
 
     A preset may repeat ("rn_tiny+rn_tiny"): the members are drawn one after another from the job's
     seed, so each repeat is an independent initialisation of that architecture, which is what an
-    outside hacker's model is. Checked before any image is read: every member must take image_size (default: the primary's
-    resolution) and read captions of the primary's context length.
+    outside hacker's model is. Checked before any image is read: every member must take image_size
+    (default: the primary's resolution) and read captions of the primary's context length.
     """
     from .clip import PRESETS
 
