@@ -334,11 +334,11 @@ def test_a_preset_named_twice_is_two_independent_initialisations_drawn_from_the_
     first, second = build_surrogates(presets, SIZE, 600, seed=5)
     again = build_surrogates(presets, SIZE, 600, seed=5)
     other_seed = build_surrogates(presets, SIZE, 600, seed=6)
-    weights = [dict(m.state_dict()) for m in (first, second, again[0], again[1], other_seed[0])]
-    conv = "visual.conv1.weight"  # the ResNet stem's first convolution, OpenAI's name
-    assert not torch.equal(weights[0][conv], weights[1][conv])  # two draws, not one model twice
-    assert torch.equal(weights[0][conv], weights[2][conv]) and torch.equal(weights[1][conv], weights[3][conv])
-    assert not torch.equal(weights[0][conv], weights[4][conv])
+    # the ResNet stem's first convolution (OpenAI's name) stands for each draw's weights
+    conv = [m.state_dict()["visual.conv1.weight"] for m in (first, second, again[0], again[1], other_seed[0])]
+    assert not torch.equal(conv[0], conv[1])  # two draws, not one model twice
+    assert torch.equal(conv[0], conv[2]) and torch.equal(conv[1], conv[3])
+    assert not torch.equal(conv[0], conv[4])
     mem.new_state([first, second], Tokenizer.train(["a red cat", "a blue dog"], 600), 4, (SIZE, SIZE),
                   mem.MEMSettings())  # accepted: distinct models
 
