@@ -9,6 +9,16 @@ interleaved iteration by iteration so that machine load hits both alike.
 
     python benchmarks/mem_speed.py [--pairs 64] [--batch 32] [--outer 2] [--device cpu]
     python benchmarks/mem_speed.py --captions-per-image 5 --name mem_speed_5captions   # Flickr/COCO layout
+    python benchmarks/mem_speed.py --captions-per-image 5 --pairs 448 --paper-schedule coco --outer 6 \
+        --trigger-iterations 2 --name mem_speed_schedule_coco
+
+How much an outer iteration gains depends on how much of it is surrogate training (the same work both
+ways). The paper trains the surrogate 200 minibatches per iteration whatever the dataset, then passes
+over every caption line, so that share shrinks as the dataset grows. --paper-schedule DATASET sets the
+surrogate steps to keep the paper's ratio of surrogate minibatches to the official way's pass
+minibatches for that dataset's training split, at this benchmark's --pairs and --batch; the report
+then also combines the measured medians into a whole job of the paper's schedule (triggers searched in
+the first 5 of 20 outer iterations).
 
 With --captions-per-image c every image has c captions (c manifest lines): the official way treats each
 line as a sample of its own (a noise per caption, c PGDs per image per pass); ours keeps one noise and one
@@ -37,6 +47,41 @@ from aigis.protection.clip import MAX_LOGIT_SCALE, build_clip, contrastive_loss,
 from aigis.protection.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# Karpathy training splits (images, caption lines) and the paper's schedule (mem.md): the surrogate trains
+# 200 minibatches of 128 per outer iteration, then one pass over every caption line in batches of 128;
+# 20 outer iterations, triggers searched in the first 5.
+PAPER_TRAIN_SPLITS = {"flickr8k": (6_000, 30_000), "flickr30k": (29_000, 145_000), "coco": (113_287, 566_747)}
+PAPER_SURROGATE_STEPS, PAPER_BATCH, PAPER_OUTER, PAPER_TRIGGER_ITERATIONS = 200, 128, 20, 5
+
+
+def paper_surrogate_share(dataset: str) -> float:
+    """Surrogate minibatches per official-way pass minibatch in one of the paper's outer iterations."""
+    return PAPER_SURROGATE_STEPS / math.ceil(PAPER_TRAIN_SPLITS[dataset][1] / PAPER_BATCH)
+
+
+def surrogate_steps_for(dataset: str, pass_batches: int) -> int:
+    """Surrogate steps that keep the paper's share for `dataset` beside a pass of `pass_batches`."""
+    return max(1, round(paper_surrogate_share(dataset) * pass_batches))
+
+
+def paper_job_speedup(rows: list[dict]) -> dict | None:
+    """A whole job of the paper's schedule from the measured medians: (5 trigger + 15 noise-only
+    iterations) of the official way over the same of ours, in wall seconds and CPU seconds."""
+    out = {}
+    for kind in ("", "cpu_"):
+        medians = {}
+        for path in ("fast", "naive"):
+            for triggers in (True, False):
+                seconds = [r[f"{path}_{kind}seconds"] for r in rows if r["triggers_updated"] == triggers]
+                if not seconds:
+                    return None
+                medians[path, triggers] = float(np.median(seconds))
+        job = {path: PAPER_TRIGGER_ITERATIONS * medians[path, True]
+               + (PAPER_OUTER - PAPER_TRIGGER_ITERATIONS) * medians[path, False] for path in ("fast", "naive")}
+        out[f"{kind}speedup"] = job["naive"] / job["fast"]
+        out[f"{kind}seconds"] = job
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--outer", type=int, default=2)
     parser.add_argument("--surrogate-steps", type=int, default=4)
+    parser.add_argument("--paper-schedule", choices=sorted(PAPER_TRAIN_SPLITS), default=None,
+                        help="set the surrogate steps to the paper's share of an iteration on this dataset "
+                             "(overrides --surrogate-steps)")
+    parser.add_argument("--trigger-iterations", type=int, default=1, help="leading iterations that search triggers")
     parser.add_argument("--clip", default="rn_tiny")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--device", default=None)
@@ -162,8 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    settings = mem.MEMSettings(outer_iterations=args.outer, trigger_iterations=1, surrogate_steps=args.surrogate_steps,
-                               batch_size=args.batch)
+    if not 0 < args.trigger_iterations <= args.outer:
+        parser.error("--trigger-iterations must be between 1 and --outer")
+    surrogate_steps = args.surrogate_steps
+    if args.paper_schedule:  # the official way's pass: one minibatch per batch of caption lines
+        surrogate_steps = surrogate_steps_for(args.paper_schedule, math.ceil(args.pairs * args.captions_per_image
+                                                                             / args.batch))
+    settings = mem.MEMSettings(outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
+                               surrogate_steps=surrogate_steps, batch_size=args.batch)
 
     with tempfile.TemporaryDirectory() as tmp:
         cpi = args.captions_per_image
@@ -232,11 +287,18 @@ def main(argv: list[str] | None = None) -> int:
         memory["at_224px_5_captions_GiB_per_30k_images"] = {
             "fast": 30000 * 3 * 224 * 224 / 2**30, "naive": 30000 * 5 * 4 * 3 * 224 * 224 / 2**30}
 
+    schedule = None
+    if args.paper_schedule:
+        pass_batches = math.ceil(len(pairs) / settings.batch_size)
+        schedule = {"dataset": args.paper_schedule, "train_split_images_captions": PAPER_TRAIN_SPLITS[args.paper_schedule],
+                    "paper_surrogate_share": paper_surrogate_share(args.paper_schedule),
+                    "surrogate_steps": settings.surrogate_steps, "official_pass_batches": pass_batches,
+                    "share_used": settings.surrogate_steps / pass_batches, "job": paper_job_speedup(rows)}
     result = {
         "device": str(device), "torch_threads": args.threads, "platform": platform.platform(),
         "clip": args.clip, "size": args.size, "images": args.pairs, "captions_per_image": cpi,
         "pairs": len(pairs), "settings": settings.to_dict(),
-        "decode_once_seconds": decode_s, "iterations": rows, "memory": memory,
+        "decode_once_seconds": decode_s, "iterations": rows, "memory": memory, "paper_schedule": schedule,
         "note": "naive = this implementation with each fix switched off (see module docstring); CPU timings on a "
                 "shared machine are noisy, both paths are interleaved per iteration",
     }
@@ -262,6 +324,20 @@ def main(argv: list[str] | None = None) -> int:
               f"| ours (int8 memmap, one per image) | {memory['fast_noise_bytes_per_image']} |",
               f"| official (float32 per caption, {cpi} caption{'s' if cpi > 1 else ''}/image) | "
               f"{memory['naive_noise_bytes_per_image']} ({memory['ratio']:.0f}x) |", ""]
+    if schedule:
+        lines += [
+            f"Paper schedule, {schedule['dataset']} ({schedule['train_split_images_captions'][0]:,} training images, "
+            f"{schedule['train_split_images_captions'][1]:,} caption lines): {PAPER_SURROGATE_STEPS} surrogate minibatches "
+            f"per pass of {math.ceil(schedule['train_split_images_captions'][1] / PAPER_BATCH):,} = "
+            f"{schedule['paper_surrogate_share']:.3f} per pass minibatch; here {schedule['surrogate_steps']} per "
+            f"{schedule['official_pass_batches']} = {schedule['share_used']:.3f}.", ""]
+        if schedule["job"]:
+            job = schedule["job"]
+            lines += [
+                f"A whole job of the paper's schedule ({PAPER_TRIGGER_ITERATIONS} trigger iterations + "
+                f"{PAPER_OUTER - PAPER_TRIGGER_ITERATIONS} noise-only, from the medians above): ours "
+                f"{job['seconds']['fast']:.1f} s, official way {job['seconds']['naive']:.1f} s = "
+                f"**{job['speedup']:.1f}x** ({job['cpu_speedup']:.1f}x per CPU-second).", ""]
     if cpi > 1:
         lines += [
             f"With {cpi} captions per image the official way protects each caption's copy of an image as a sample of",
