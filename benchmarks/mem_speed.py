@@ -9,8 +9,8 @@ interleaved iteration by iteration so that machine load hits both alike.
 
     python benchmarks/mem_speed.py [--pairs 64] [--batch 32] [--outer 2] [--device cpu]
     python benchmarks/mem_speed.py --captions-per-image 5 --name mem_speed_5captions   # Flickr/COCO layout
-    python benchmarks/mem_speed.py --captions-per-image 5 --pairs 448 --paper-schedule coco --outer 6 \
-        --trigger-iterations 2 --name mem_speed_schedule_coco
+    python benchmarks/mem_speed.py --captions-per-image 5 --pairs 448 --paper-schedule coco --outer 5 \
+        --name mem_speed_schedule_coco
 
 How much an outer iteration gains depends on how much of it is surrogate training (the same work both
 ways). The paper trains the surrogate 200 minibatches per iteration whatever the dataset, then passes
