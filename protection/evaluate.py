@@ -605,7 +605,13 @@ def example_sheet(clean_pairs: list[Pair], sets: list[TrainingSet], path: str | 
     n = len(clean_pairs)
     picks = sorted({int(i) for i in np.linspace(0, n - 1, num=min(examples, n))})
     rows = [(s, i) for s in sets for i in picks]
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3.8 * len(rows)), squeeze=False)
+    wrap = 34
+    # A row is as tall as its longest wrapped caption needs: long triggers must not run into the next row.
+    caption_lines = [max(len(textwrap.wrap(c, wrap)) for c in (clean_pairs[i].caption, s.pairs[i].caption))
+                     for s, i in rows]
+    heights = [3.2 + 0.13 * lines for lines in caption_lines]
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for (train_set, i), ax_row in zip(rows, axes):
         changed = load_image(train_set.pairs[i].path)
         original = load_image(clean_pairs[i].path)
@@ -620,10 +626,11 @@ def example_sheet(clean_pairs: list[Pair], sets: list[TrainingSet], path: str | 
         ]
         for ax, (image, title, caption) in zip(ax_row, panels):
             ax.imshow(image, interpolation="nearest")
+            ax.set_anchor("N")  # the image at the top of its cell, the row's spare height below for the caption
             ax.set_title(title, fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_xlabel(textwrap.fill(caption, 34), fontsize=7)
+            ax.set_xlabel(textwrap.fill(caption, wrap), fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)

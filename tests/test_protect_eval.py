@@ -18,12 +18,14 @@ from PIL import Image
 
 from aigis.cli import main
 from aigis.preprocess import load_image
-from aigis.protection.captions import read_pairs, synth_captioned
+from aigis.protection.captions import Pair, read_pairs, synth_captioned
 from aigis.protection.evaluate import (
     EvaluationError,
+    TrainingSet,
     compare_to_clean,
     epsilon_levels,
     evaluate_protection,
+    example_sheet,
     psnr,
     read_protected_set,
     write_random_set,
@@ -344,3 +346,17 @@ def test_the_hackers_context_fits_every_protected_caption_whole(data, tmp_path):
     assert longest > 40
     assert _row(report, "long")["context_length"] == longest
     assert _row(report, "clean")["context_length"] == 40  # never narrower than the preset
+
+
+def test_example_sheet_rows_grow_with_their_captions(tmp_path):
+    """A long trigger wraps onto more lines: its row gets the height, so captions never run into the next row."""
+    image = tmp_path / "a.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(image)
+    clean = [Pair(image, "a red square in the upper left")]
+    heights = {}
+    for words in (0, 40):
+        trigger = " ".join(["porina"] * words)
+        protected = TrainingSet("mem", "protected", tmp_path, [Pair(image, f"{trigger} {clean[0].caption}".strip())])
+        with Image.open(example_sheet(clean, [protected], tmp_path / f"sheet{words}.png", examples=1)) as im:
+            heights[words] = im.height
+    assert heights[40] > heights[0] * 1.2, heights
