@@ -55,9 +55,14 @@ PAPER_TRAIN_SPLITS = {"flickr8k": (6_000, 30_000), "flickr30k": (29_000, 145_000
 PAPER_SURROGATE_STEPS, PAPER_BATCH, PAPER_OUTER, PAPER_TRIGGER_ITERATIONS = 200, 128, 20, 5
 
 
+def paper_pass_batches(dataset: str) -> int:
+    """Minibatches of the official way's pass over `dataset`'s training caption lines."""
+    return math.ceil(PAPER_TRAIN_SPLITS[dataset][1] / PAPER_BATCH)
+
+
 def paper_surrogate_share(dataset: str) -> float:
     """Surrogate minibatches per official-way pass minibatch in one of the paper's outer iterations."""
-    return PAPER_SURROGATE_STEPS / math.ceil(PAPER_TRAIN_SPLITS[dataset][1] / PAPER_BATCH)
+    return PAPER_SURROGATE_STEPS / paper_pass_batches(dataset)
 
 
 def surrogate_steps_for(dataset: str, pass_batches: int) -> int:
@@ -213,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not 0 < args.trigger_iterations <= args.outer:
         parser.error("--trigger-iterations must be between 1 and --outer")
+    pass_batches = math.ceil(args.pairs * args.captions_per_image / args.batch)  # official way: per caption line
     surrogate_steps = args.surrogate_steps
-    if args.paper_schedule:  # the official way's pass: one minibatch per batch of caption lines
-        surrogate_steps = surrogate_steps_for(args.paper_schedule, math.ceil(args.pairs * args.captions_per_image
-                                                                             / args.batch))
+    if args.paper_schedule:
+        surrogate_steps = surrogate_steps_for(args.paper_schedule, pass_batches)
     settings = mem.MEMSettings(outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
                                surrogate_steps=surrogate_steps, batch_size=args.batch)
 
@@ -289,7 +294,6 @@ def main(argv: list[str] | None = None) -> int:
 
     schedule = None
     if args.paper_schedule:
-        pass_batches = math.ceil(len(pairs) / settings.batch_size)
         schedule = {"dataset": args.paper_schedule, "train_split_images_captions": PAPER_TRAIN_SPLITS[args.paper_schedule],
                     "paper_surrogate_share": paper_surrogate_share(args.paper_schedule),
                     "surrogate_steps": settings.surrogate_steps, "official_pass_batches": pass_batches,
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [
             f"Paper schedule, {schedule['dataset']} ({schedule['train_split_images_captions'][0]:,} training images, "
             f"{schedule['train_split_images_captions'][1]:,} caption lines): {PAPER_SURROGATE_STEPS} surrogate minibatches "
-            f"per pass of {math.ceil(schedule['train_split_images_captions'][1] / PAPER_BATCH):,} = "
+            f"per pass of {paper_pass_batches(schedule['dataset']):,} = "
             f"{schedule['paper_surrogate_share']:.3f} per pass minibatch; here {schedule['surrogate_steps']} per "
             f"{schedule['official_pass_batches']} = {schedule['share_used']:.3f}.", ""]
         if schedule["job"]:
