@@ -10,7 +10,7 @@ Output (the originals are only read):
                                (every caption of an image carries that image's trigger)
     out/protection.json        epsilon, trigger length, mode, surrogate identity and sha256, settings,
                                per-image sha256 of the protected PNGs
-    out/surrogate/<n>/         the final surrogate (mem.save_surrogate; of an ensemble, the primary), for
+    out/surrogate/<n>/         the final surrogate (mem.save_surrogate; of an ensemble, every member), for
                                protect-on-upload
     out/work/                  the noise memmap, tokenizer and checkpoints (ckpt-<iteration>/)
 
@@ -263,7 +263,7 @@ def protect_dataset(
     that the triggers are restricted to in MEM mode (None: DEFAULT_TRIGGER_WORDS; 0: triggers from the
     caption words). `negatives` pairs' embeddings are stored with the surrogate so protect-on-upload of
     a single image has a contrastive loss. clip_preset "a+b" runs MEM against an ensemble of surrogates
-    (mem.surrogate_list); the first, the primary, is the one saved for protect-on-upload.
+    (mem.surrogate_list), all saved in the one surrogate artefact for protect-on-upload.
     """
     import torch
 
@@ -359,7 +359,7 @@ def protect_dataset(
                                                                                   tokenizer)}))
     _write_atomic(out_dir / "manifest.jsonl", "".join(line + "\n" for line in lines).encode())
 
-    negatives_t = None
+    negatives_per_model = None
     if negatives:
         count = min(negatives, len(sources))
         chosen = np.linspace(0, len(sources) - 1, count).round().astype(int)  # images
@@ -368,14 +368,14 @@ def protect_dataset(
         tokens = mem._with_triggers(tokenizer.tokenize([captions[c] for c in groups.first(chosen)],
                                                        model.context_length, settings.trigger_length),
                                     torch.from_numpy(state.triggers[chosen]))
-        negatives_t = embed(model, protected[chosen], tokens, device_t)
+        negatives_per_model = [embed(m, protected[chosen], tokens, device_t) for m in models]  # each in its own space
     surrogate_root = out_dir / "surrogate"
     staging = surrogate_root / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
-    meta = mem.save_surrogate(staging, model, tokenizer, settings, extra={
+    meta = mem.save_surrogate(staging, models, tokenizer, settings, extra={
         "clip_preset": presets[0], "image_size": size, "pairs": len(pairs), "images": len(sources),
         "outer_iterations": state.iteration, **({"ensemble": presets} if len(presets) > 1 else {})},
-        negatives=negatives_t)
+        negatives=negatives_per_model)
     version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
     if exists:
         shutil.rmtree(staging)

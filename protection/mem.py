@@ -24,7 +24,8 @@ EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise on
 
 Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
 pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
-surrogate trains on the same batches. protect_batch and save_surrogate take one model (the primary). A
+surrogate trains on the same batches. save_surrogate writes every member into one artefact and
+protect_batch protects against all of them, so protect-on-upload gives what the job gave. A
 hacker's architecture is unknown to the data owner; noise made against one architecture transfers only
 partly to another (BENCHMARKS.md, session 13), and an ensemble asks it to fool both at once.
 """
@@ -151,14 +152,15 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def surrogate_list(model: CLIP | Sequence[CLIP], negatives: tuple[Tensor, Tensor] | None = None) -> list[CLIP]:
-    """One CLIP or an ensemble of them, as a non-empty list whose models agree on what they read.
-    negatives (protect-on-upload's stored embeddings) belong to one model, so they refuse an ensemble."""
+# Protect-on-upload's stored (image [M, D], text [M, D]) embeddings of one surrogate.
+Negatives = tuple[Tensor, Tensor]
+
+
+def surrogate_list(model: CLIP | Sequence[CLIP]) -> list[CLIP]:
+    """One CLIP or an ensemble of them, as a non-empty list whose models agree on what they read."""
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     if not models:
         raise ValueError("need at least one surrogate CLIP")
-    if negatives is not None and len(models) > 1:
-        raise ValueError("negatives belong to one surrogate; an ensemble takes none")
     first = models[0]
     for other in models[1:]:
         if (other.image_resolution, other.context_length) != (first.image_resolution, first.context_length):
@@ -166,6 +168,24 @@ def surrogate_list(model: CLIP | Sequence[CLIP], negatives: tuple[Tensor, Tensor
                              f"{first.image_resolution} px / {first.context_length} and "
                              f"{other.image_resolution} px / {other.context_length}")
     return models
+
+
+def surrogates_and_negatives(
+    model: CLIP | Sequence[CLIP], negatives: Negatives | Sequence[Negatives | None] | None = None,
+) -> tuple[list[CLIP], list[Negatives | None]]:
+    """The surrogates as a list, and each one's negatives. Negatives are embeddings in ONE model's space,
+    so an ensemble takes a list with an entry (or None) per member; a lone (image, text) pair is for a
+    lone model only."""
+    models = surrogate_list(model)
+    if negatives is None:
+        return models, [None] * len(models)
+    if isinstance(negatives, list):
+        if len(negatives) != len(models):
+            raise ValueError(f"{len(negatives)} negatives entries for {len(models)} surrogates: need one per member")
+        return models, list(negatives)
+    if len(models) > 1:
+        raise ValueError("negatives belong to one surrogate; give an ensemble a list with one entry per member")
+    return models, [negatives]
 
 
 def _autocast(settings: MEMSettings, device: torch.device):
@@ -181,7 +201,7 @@ def pair_losses(
     image_features: Tensor,
     text_features: Tensor,
     logit_scale: Tensor,
-    negatives: tuple[Tensor, Tensor] | None = None,
+    negatives: Negatives | None = None,
 ) -> Tensor:
     """Per-pair symmetric InfoNCE: image_features [B, D], text_features [..., B, D] -> [..., B].
 
@@ -257,7 +277,7 @@ def _candidate_table(tokenizer: Tokenizer, model: CLIP | Sequence[CLIP], device:
 
 def hotflip_scores(
     model: CLIP, tokens: Tensor, image_features: Tensor, trigger_length: int, candidate_ids: Tensor,
-    negatives: tuple[Tensor, Tensor] | None = None,
+    negatives: Negatives | None = None,
 ) -> Tensor:
     """HotFlip's estimate [B, trigger_length, C] of how much writing each candidate into each trigger slot
     LOWERS the loss: -grad . E^T, from one gradient of the batch loss w.r.t. the slots' token embeddings."""
@@ -272,24 +292,24 @@ def hotflip_scores(
 
 def hotflip_candidates(
     model: CLIP | Sequence[CLIP], tokens: Tensor, image_features: Tensor | Sequence[Tensor], trigger_length: int,
-    candidate_ids: Tensor, k: int, negatives: tuple[Tensor, Tensor] | None = None,
+    candidate_ids: Tensor, k: int, negatives: Negatives | Sequence[Negatives | None] | None = None,
 ) -> Tensor:
     """Top-k replacement ids [B, trigger_length, k] per trigger slot by HotFlip, on the device.
 
     With an ensemble (image_features one tensor per model), each model's estimate is summed: the
     candidates expected to lower the mean loss.
     """
-    models = surrogate_list(model)
+    models, negs = surrogates_and_negatives(model, negatives)
     features = [image_features] if isinstance(image_features, Tensor) else list(image_features)
-    scores = sum(hotflip_scores(m, tokens, f, trigger_length, candidate_ids, negatives)
-                 for m, f in zip(models, features, strict=True))
+    scores = sum(hotflip_scores(m, tokens, f, trigger_length, candidate_ids, n)
+                 for m, f, n in zip(models, features, negs, strict=True))
     top = scores.topk(min(k, candidate_ids.numel()), dim=-1).indices
     return candidate_ids[top]
 
 
 def score_position(
     model: CLIP, tokens: Tensor, image_features: Tensor, position: int, options: Tensor,
-    negatives: tuple[Tensor, Tensor] | None = None,
+    negatives: Negatives | None = None,
 ) -> Tensor:
     """Per-pair loss [K, B] of writing options[:, c] (ids [B, K]) at token `position`, all K in ONE batch.
 
@@ -308,7 +328,7 @@ def score_position(
 
 def score_position_looped(
     model: CLIP, images_u8: Tensor, delta: Tensor, tokens: Tensor, position: int, options: Tensor,
-    negatives: tuple[Tensor, Tensor] | None = None,
+    negatives: Negatives | None = None,
 ) -> Tensor:
     """The official way of doing score_position (kept for the equality test and the benchmark): one
     candidate at a time on a deep copy of the batch, re-running the image tower every time."""
@@ -324,8 +344,8 @@ def score_position_looped(
 
 def search_triggers(
     model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor,
-    settings: MEMSettings, negatives: tuple[Tensor, Tensor] | None = None, candidate_ids: Tensor | None = None,
-    _looped: bool = False,
+    settings: MEMSettings, negatives: Negatives | Sequence[Negatives | None] | None = None,
+    candidate_ids: Tensor | None = None, _looped: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Greedy left-to-right HotFlip search; returns (new triggers [B, k], per-pair loss [B]).
 
@@ -333,7 +353,7 @@ def search_triggers(
     options are the current id plus the top `candidates` HotFlip ids; each pair keeps its best option.
     With an ensemble of models, options are scored by the mean of their losses.
     """
-    models = surrogate_list(model, negatives)
+    models, negs = surrogates_and_negatives(model, negatives)
     k = triggers.shape[1]
     device = images_u8.device
     if candidate_ids is None:
@@ -343,18 +363,18 @@ def search_triggers(
             image_features = [_encode_images(m, images_u8, delta) for m in models]
         current = triggers.clone()
         proposals = hotflip_candidates(models, _with_triggers(tokens, current), image_features, k, candidate_ids,
-                                       settings.candidates, negatives)
+                                       settings.candidates, negs)
         loss = None
         with torch.no_grad():
             for j in range(k):
                 options = torch.cat([current[:, j : j + 1], proposals[:, j]], dim=1)  # [B, 1 + K]
                 base = _with_triggers(tokens, current)
                 if _looped:
-                    losses = sum(score_position_looped(m, images_u8, delta, base, 1 + j, options, negatives)
-                                 for m in models) / len(models)
+                    losses = sum(score_position_looped(m, images_u8, delta, base, 1 + j, options, n)
+                                 for m, n in zip(models, negs)) / len(models)
                 else:
-                    losses = sum(score_position(m, base, f, 1 + j, options, negatives)
-                                 for m, f in zip(models, image_features)) / len(models)
+                    losses = sum(score_position(m, base, f, 1 + j, options, n)
+                                 for m, f, n in zip(models, image_features, negs)) / len(models)
                 best = losses.argmin(dim=0)  # ties keep the current token (option 0)
                 current[:, j] = options.gather(1, best[:, None]).squeeze(1)
                 loss = losses.gather(0, best[None]).squeeze(0)
@@ -375,7 +395,7 @@ def _cell_mean(grad_nhwc: Tensor, grid: int) -> Tensor:
 
 def pgd_noise(
     model: CLIP | Sequence[CLIP], images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor, settings: MEMSettings,
-    steps: int, generator: torch.Generator, negatives: tuple[Tensor, Tensor] | None = None,
+    steps: int, generator: torch.Generator, negatives: Negatives | Sequence[Negatives | None] | None = None,
 ) -> tuple[Tensor, float]:
     """Error-MINIMISING PGD on the uint8 grid, warm-started from delta (int16 [B, H, W, 3]).
 
@@ -384,7 +404,7 @@ def pgd_noise(
     delta (|delta| <= epsilon levels, image + delta within [0, 255]) and the last step's loss (with an
     ensemble, the mean of the models' losses: the noise follows the sign of their summed gradients).
     """
-    models = surrogate_list(model, negatives)
+    models, negs = surrogates_and_negatives(model, negatives)
     eps, step = settings.epsilon_levels, settings.step_levels
     image = images_u8.to(torch.int16)
     delta = delta.to(torch.int16)
@@ -400,8 +420,8 @@ def pgd_noise(
                 text_features = [encode_text_trimmed(m, text_tokens) for m in models]
         x = ((image + delta).float() / 255.0).requires_grad_(True)
         with _autocast(settings, images_u8.device):
-            loss = sum(pair_losses(m.encode_image(_images_for_model(m, x)), t, m.logit_scale, negatives).mean()
-                       for m, t in zip(models, text_features)) / len(models)
+            loss = sum(pair_losses(m.encode_image(_images_for_model(m, x)), t, m.logit_scale, n).mean()
+                       for m, t, n in zip(models, text_features, negs)) / len(models)
         (grad,) = torch.autograd.grad(loss, x)
         if settings.noise_grid:
             grad = _cell_mean(grad, settings.noise_grid)
@@ -416,7 +436,7 @@ def pgd_noise(
 
 
 def protect_batch(
-    model: CLIP,
+    model: CLIP | Sequence[CLIP],
     tokenizer: Tokenizer,
     images_uint8: np.ndarray,
     captions: list[str],
@@ -424,14 +444,15 @@ def protect_batch(
     *,
     steps: int | None = None,
     device: str | torch.device | None = None,
-    negatives: tuple[Tensor, Tensor] | None = None,
+    negatives: Negatives | Sequence[Negatives | None] | None = None,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Protect one batch with a FROZEN surrogate: trigger search, then `steps` PGD steps (default pgd_steps).
+    """Protect one batch with a FROZEN surrogate (or ensemble): trigger search, then `steps` PGD steps
+    (default pgd_steps).
 
     images_uint8 [N, H, W, 3] of any size (resized differentiably to the model's resolution, so the
     noise is computed at full resolution). Returns (protected uint8 [N, H, W, 3], captions with the
-    trigger text in front, delta int8 [N, H, W, 3]). The model's weights are not changed. negatives
-    default to the ones load_surrogate() attached to the model (model.mem_negatives), if any.
+    trigger text in front, delta int8 [N, H, W, 3]). The models' weights are not changed. negatives
+    default to the ones load_surrogates() attached to each model (model.mem_negatives), if any.
     """
     settings.validate()
     if not isinstance(images_uint8, np.ndarray) or images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 \
@@ -444,26 +465,28 @@ def protect_batch(
         return images_uint8.copy(), [], np.zeros_like(images_uint8, dtype=np.int8)
     device = _device(device)
     if negatives is None:
-        negatives = getattr(model, "mem_negatives", None)
-    if negatives is not None:
-        negatives = (negatives[0].to(device), negatives[1].to(device))
-    elif images_uint8.shape[0] < 2:
+        negatives = [getattr(m, "mem_negatives", None) for m in surrogate_list(model)]
+    models, negs = surrogates_and_negatives(model, list(negatives) if isinstance(negatives, list) else negatives)
+    negs = [None if n is None else (n[0].to(device), n[1].to(device)) for n in negs]
+    if images_uint8.shape[0] < 2 and any(n is None for n in negs):
         raise ValueError("a batch of one image needs negatives (a surrogate saved with them) to have a loss")
-    was_training = model.training
-    model.to(device).eval()
+    was_training = [m.training for m in models]
+    for m in models:
+        m.to(device).eval()
     generator = torch.Generator().manual_seed(settings.seed)
     try:
         k = settings.trigger_length
-        tokens = tokenizer.tokenize(list(captions), model.context_length, k).to(device)
+        tokens = tokenizer.tokenize(list(captions), models[0].context_length, k).to(device)
         images = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
         delta = torch.zeros(images.shape, dtype=torch.int16, device=device)
         triggers = torch.full((len(captions), k), tokenizer.placeholder_id, dtype=torch.long, device=device)
         if k:
-            triggers, _ = search_triggers(model, tokenizer, images, delta, tokens, triggers, settings, negatives)
-        delta, _ = pgd_noise(model, images, delta, tokens, triggers, settings,
-                             settings.pgd_steps if steps is None else int(steps), generator, negatives)
+            triggers, _ = search_triggers(models, tokenizer, images, delta, tokens, triggers, settings, negs)
+        delta, _ = pgd_noise(models, images, delta, tokens, triggers, settings,
+                             settings.pgd_steps if steps is None else int(steps), generator, negs)
     finally:
-        model.train(was_training)
+        for m, mode in zip(models, was_training):
+            m.train(mode)
     protected = (images.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8).cpu().numpy()
     trigger_ids = triggers.cpu().numpy()
     texts = [apply_trigger_text(trigger_ids[i], c, tokenizer) for i, c in enumerate(captions)]
@@ -533,7 +556,7 @@ class CaptionsPerImage:
 class MEMState:
     """Everything run_mem changes, i.e. what a checkpoint must hold."""
 
-    model: CLIP  # the primary surrogate: the one saved for protect-on-upload
+    model: CLIP  # the primary surrogate (an ensemble's first)
     optimizer: torch.optim.Optimizer
     generator: torch.Generator  # CPU generator: batch sampling, pass order, caption shuffles
     noise: np.ndarray  # int8 [N, H, W, 3], may be an np.memmap
@@ -743,47 +766,77 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _member_file(i: int, name: str) -> str:
+    """Ensemble member i's copy of a file name; the primary (0) keeps the plain name."""
+    return name if i == 0 else f"member{i}.{name}"
+
+
 def save_surrogate(
-    directory: str | Path, model: CLIP, tokenizer: Tokenizer, settings: MEMSettings, extra: dict[str, Any] | None = None,
-    negatives: tuple[Tensor, Tensor] | None = None,
+    directory: str | Path, model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, settings: MEMSettings,
+    extra: dict[str, Any] | None = None, negatives: Negatives | Sequence[Negatives | None] | None = None,
 ) -> dict:
     """Write a surrogate artefact: model.safetensors, tokenizer.json, optional negatives, meta.json (last).
 
-    meta.json holds the format tag, the CLIP config, the MEM settings, the sha256 of every file and
-    an identity derived from the weights' hash; `extra` is stored under "extra". No pickle anywhere.
+    An ensemble's primary is written as a lone surrogate is; member i >= 1 adds member<i>.model.safetensors
+    (and its negatives), listed with its config under meta["members"]. meta.json holds the format tag,
+    the primary's CLIP config, the MEM settings, the sha256 of every file, and an identity derived from
+    the weights' hash (an ensemble's: from all members' weights). `extra` is stored under "extra". No
+    pickle anywhere.
     """
     from safetensors.torch import save_file
 
+    models, negs = surrogates_and_negatives(model, negatives)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": SURROGATE_FORMAT})
     tokenizer.save(directory / TOKENIZER_FILE)
-    files = [WEIGHTS_FILE, TOKENIZER_FILE]
-    if negatives is not None:
-        save_file({"image": negatives[0].detach().float().cpu().contiguous(),
-                   "text": negatives[1].detach().float().cpu().contiguous()}, str(directory / NEGATIVES_FILE))
-        files.append(NEGATIVES_FILE)
+    files = [TOKENIZER_FILE]
+    members = []
+    for i, (member, member_negatives) in enumerate(zip(models, negs)):
+        weights = _member_file(i, WEIGHTS_FILE)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in member.state_dict().items()}
+        save_file(state, str(directory / weights), metadata={"format": SURROGATE_FORMAT})
+        files.append(weights)
+        entry = {"config": dataclasses.asdict(member.config), "weights": weights, "negatives": None}
+        if member_negatives is not None:
+            entry["negatives"] = _member_file(i, NEGATIVES_FILE)
+            save_file({"image": member_negatives[0].detach().float().cpu().contiguous(),
+                       "text": member_negatives[1].detach().float().cpu().contiguous()},
+                      str(directory / entry["negatives"]))
+            files.append(entry["negatives"])
+        members.append(entry)
     hashes = {name: file_sha256(directory / name) for name in files}
-    config = dataclasses.asdict(model.config)
+    weight_hashes = [hashes[m["weights"]] for m in members]
+    sha256 = weight_hashes[0] if len(members) == 1 else hashlib.sha256("\n".join(weight_hashes).encode()).hexdigest()
     meta = {
         "format": SURROGATE_FORMAT,
-        "identity": f"mem-surrogate-{hashes[WEIGHTS_FILE][:16]}",
-        "sha256": hashes[WEIGHTS_FILE],
+        "identity": f"mem-surrogate-{sha256[:16]}",
+        "sha256": sha256,
         "files": hashes,
-        "config": config,
+        "config": members[0]["config"],
         "settings": settings.to_dict(),
         "extra": extra or {},
     }
+    if len(members) > 1:
+        meta["members"] = [{"config": m["config"], "weights": m["weights"], "negatives": m["negatives"]}
+                           for m in members[1:]]
     tmp = directory / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
     tmp.replace(directory / META_FILE)
     return meta
 
 
-def load_surrogate(directory: str | Path) -> tuple[CLIP, Tokenizer, dict]:
-    """(model in eval mode on the CPU, tokenizer, meta) from save_surrogate's folder; every file's
-    sha256 is checked. Saved negatives are attached as model.mem_negatives for protect_batch."""
+def _inside(directory: Path, name: str) -> Path:
+    """directory / name, refusing a name from meta.json that would leave the artefact's folder."""
+    path = (directory / name).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise ValueError(f"{directory}: meta.json names {name!r}, outside the artefact")
+    return path
+
+
+def load_surrogates(directory: str | Path) -> tuple[list[CLIP], Tokenizer, dict]:
+    """(every surrogate of the artefact, the primary first, in eval mode on the CPU; tokenizer; meta)
+    from save_surrogate's folder; every file's sha256 is checked. Saved negatives are attached to their
+    model as model.mem_negatives for protect_batch."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -796,20 +849,36 @@ def load_surrogate(directory: str | Path) -> tuple[CLIP, Tokenizer, dict]:
         raise ValueError(f"{meta_path}: not valid JSON ({exc})") from None
     if meta.get("format") != SURROGATE_FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {SURROGATE_FORMAT!r}")
-    for name, expected in meta.get("files", {}).items():
-        path = directory / name
+    files = meta.get("files", {})
+    for name, expected in files.items():
+        path = _inside(directory, name)
         if not path.is_file():
             raise ValueError(f"{directory}: {name} is missing")
         if file_sha256(path) != expected:
             raise ValueError(f"{path}: sha256 does not match meta.json (the artefact was modified or is incomplete)")
-    config = dict(meta["config"])
-    if isinstance(config["vision_layers"], list):
-        config["vision_layers"] = tuple(config["vision_layers"])
-    model = CLIP(CLIPConfig(**config))
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
-    model.eval()
+    primary = {"config": meta["config"], "weights": WEIGHTS_FILE,
+               "negatives": NEGATIVES_FILE if NEGATIVES_FILE in files else None}
+    models = []
+    for entry in [primary, *meta.get("members", [])]:
+        for name in (entry["weights"], entry.get("negatives")):
+            if name is not None and name not in files:
+                raise ValueError(f"{meta_path}: {name} has no sha256 in meta.json")
+        config = dict(entry["config"])
+        if isinstance(config["vision_layers"], list):
+            config["vision_layers"] = tuple(config["vision_layers"])
+        model = CLIP(CLIPConfig(**config))
+        model.load_state_dict(load_file(str(_inside(directory, entry["weights"]))), strict=True)
+        model.eval()
+        if entry.get("negatives") is not None:
+            stored = load_file(str(_inside(directory, entry["negatives"])))
+            model.mem_negatives = (stored["image"], stored["text"])
+        models.append(model)
+    surrogate_list(models)  # members must agree on resolution and context length
     tokenizer = Tokenizer.load(directory / TOKENIZER_FILE)
-    if (directory / NEGATIVES_FILE).is_file():
-        stored = load_file(str(directory / NEGATIVES_FILE))
-        model.mem_negatives = (stored["image"], stored["text"])
-    return model, tokenizer, meta
+    return models, tokenizer, meta
+
+
+def load_surrogate(directory: str | Path) -> tuple[CLIP, Tokenizer, dict]:
+    """The artefact's primary surrogate alone (load_surrogates for an ensemble's every member)."""
+    models, tokenizer, meta = load_surrogates(directory)
+    return models[0], tokenizer, meta

@@ -33,12 +33,12 @@ class _BadRequest(Exception):
 
 
 class TritonPythonModel:
-    """MEM protection of each request's image-caption pairs against the version's frozen surrogate."""
+    """MEM protection of each request's image-caption pairs against the version's frozen surrogate(s)."""
 
     def initialize(self, args: dict) -> None:
         import torch
 
-        from aigis.protection.mem import MEMSettings, load_surrogate
+        from aigis.protection.mem import MEMSettings, load_surrogates
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         self.version = str(args["model_version"])
@@ -51,10 +51,12 @@ class TritonPythonModel:
         self.settings = MEMSettings(**settings["mem"])
         self.steps = settings.get("steps")
         self.max_caption_chars = int(settings.get("max_caption_chars", 1000))
-        self.model, self.tokenizer, self.meta = load_surrogate(version_dir / SURROGATE_DIR)
-        self.model.to(self.device).eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
+        # every member of an ensemble job: the noise is made against all of them, as the job made it
+        self.models, self.tokenizer, self.meta = load_surrogates(version_dir / SURROGATE_DIR)
+        for model in self.models:
+            model.to(self.device).eval()
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
 
     def execute(self, requests: list) -> list:
         from aigis.protection.mem import protect_batch
@@ -77,7 +79,7 @@ class TritonPythonModel:
             images = np.concatenate([parsed[i][0] for i in members])
             captions = [c for i in members for c in parsed[i][1]]
             try:
-                protected, triggered, _ = protect_batch(self.model, self.tokenizer, images, captions, self.settings,
+                protected, triggered, _ = protect_batch(self.models, self.tokenizer, images, captions, self.settings,
                                                         steps=self.steps, device=self.device)
             except Exception as exc:  # a failure of the group fails its requests, not the model
                 for i in members:
@@ -125,4 +127,4 @@ class TritonPythonModel:
         return images, captions, tuple(raw.shape)
 
     def finalize(self) -> None:
-        self.model = None
+        self.models = []

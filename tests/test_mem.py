@@ -270,6 +270,54 @@ def test_surrogate_artefact_refuses_tampering(tiny, tmp_path):
         mem.load_surrogate(tmp_path / "s")
 
 
+def test_an_ensemble_artefact_holds_every_member_and_protects_against_all_of_them(tiny, tmp_path):
+    # Protect-on-upload must give what the ensemble job gave: every member saved, loaded and used.
+    resnet, tokenizer, images, captions = tiny
+    torch.manual_seed(7)
+    vit = build_clip("vit_tiny", tokenizer.vocab_size).eval()
+    tokens = tokenizer.tokenize(captions, resnet.context_length)
+    from aigis.protection.retrieval import embed
+
+    negatives = [embed(m, images[:4], tokens[:4], torch.device("cpu")) for m in (resnet, vit)]
+    meta = mem.save_surrogate(tmp_path / "e", [resnet, vit], tokenizer, mem.MEMSettings(), negatives=negatives)
+    lone = mem.save_surrogate(tmp_path / "lone", resnet, tokenizer, mem.MEMSettings(), negatives=negatives[0])
+    assert meta["sha256"] != lone["sha256"] and [m["config"]["vision_patch_size"] for m in meta["members"]] == [4]
+    models, _, _ = mem.load_surrogates(tmp_path / "e")
+    assert len(models) == 2 and models[1].config == vit.config
+    for loaded, original, own in zip(models, (resnet, vit), negatives):
+        assert all(torch.equal(v, original.state_dict()[k]) for k, v in loaded.state_dict().items())
+        assert torch.equal(loaded.mem_negatives[1], own[1])  # each member's negatives in its own space
+    assert mem.load_surrogate(tmp_path / "e")[0].config == resnet.config  # the primary alone
+
+    settings = mem.MEMSettings(trigger_length=2, candidates=3, pgd_steps=2, amp="off")
+    both, both_text, _ = mem.protect_batch(models, tokenizer, images, captions, settings)
+    again, again_text, _ = mem.protect_batch([resnet, vit], tokenizer, images, captions, settings, negatives=negatives)
+    primary, _, _ = mem.protect_batch(models[0], tokenizer, images, captions, settings)
+    assert np.array_equal(both, again) and both_text == again_text
+    assert not np.array_equal(both, primary)  # the second member was heard
+    one, _, delta = mem.protect_batch(models, tokenizer, images[:1], captions[:1], settings)  # negatives: a batch of 1
+    assert np.abs(delta).max() > 0
+    with pytest.raises(ValueError, match="needs negatives"):
+        mem.protect_batch(models, tokenizer, images[:1], captions[:1], settings, negatives=[negatives[0], None])
+    with pytest.raises(ValueError, match="one per member"):
+        mem.protect_batch(models, tokenizer, images, captions, settings, negatives=negatives[:1])
+
+    with open(tmp_path / "e" / "member1.model.safetensors", "r+b") as handle:  # a member is checked too
+        handle.seek(-4, 2)
+        handle.write(b"\0\1\2\3")
+    with pytest.raises(ValueError, match="sha256"):
+        mem.load_surrogates(tmp_path / "e")
+    record = json.loads((tmp_path / "lone" / "meta.json").read_text())
+    record["members"] = [{"config": record["config"], "weights": "../e/model.safetensors", "negatives": None}]
+    (tmp_path / "lone" / "meta.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="no sha256|outside"):
+        mem.load_surrogates(tmp_path / "lone")
+    record["files"]["../e/model.safetensors"] = "0" * 64
+    (tmp_path / "lone" / "meta.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="outside the artefact"):
+        mem.load_surrogates(tmp_path / "lone")
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     from aigis.cli import main
 
@@ -390,9 +438,11 @@ def test_ensemble_job_checkpoints_every_surrogate_and_resumes_to_the_same_output
     assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
     assert report["clip_preset"] == "rn_tiny+vit_tiny"
-    model, _, meta = mem.load_surrogate(tmp_path / "whole" / report["surrogate"]["path"])
+    models, _, meta = mem.load_surrogates(tmp_path / "whole" / report["surrogate"]["path"])
     assert meta["extra"]["ensemble"] == ["rn_tiny", "vit_tiny"] and meta["extra"]["clip_preset"] == "rn_tiny"
-    assert model.config.is_resnet  # the primary is what protect-on-upload serves
+    # every member is saved for protect-on-upload, the primary first, each with negatives of its own
+    assert [m.config.is_resnet for m in models] == [True, False]
+    assert all(m.mem_negatives[0].shape == (N_IMAGES, m.config.embed_dim) for m in models)
     # ... and a single-surrogate job does not resume the ensemble's checkpoints.
     single = _protect(data, tmp_path / "killed")
     assert single.returncode == 2 and "clip_preset" in single.stderr, single.stderr

@@ -30,8 +30,10 @@ def pairs_and_surrogate(tmp_path_factory):
     model = build_clip("rn_tiny", vocab_size=tokenizer.vocab_size)
     surrogate = base / "surrogate" / "1"
     save_surrogate(surrogate, model, tokenizer, SETTINGS)
+    ensemble = base / "ensemble" / "1"  # the primary and a second draw, as `--clip rn_tiny+rn_tiny` saves them
+    save_surrogate(ensemble, [model, build_clip("rn_tiny", vocab_size=tokenizer.vocab_size)], tokenizer, SETTINGS)
     images = load_images(pairs[:6], 32, progress=False)
-    return {"base": base, "pairs": pairs[:6], "images": images, "surrogate": surrogate}
+    return {"base": base, "pairs": pairs[:6], "images": images, "surrogate": surrogate, "ensemble": ensemble}
 
 
 def test_publishing_writes_a_self_contained_version_once(pairs_and_surrogate, tmp_path):
@@ -93,3 +95,21 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path):
             assert np.array_equal(local, answer.images) and local_captions == answer.captions
             with pytest.raises(InvalidInputError, match="captions"):
                 client.protect(images, captions[:-1])
+
+        # An ensemble job's artefact, published as version 2 and rolled out on the running server: the
+        # served noise is made against every member, as the job made it.
+        from aigis.export.repository import point_to
+        from aigis.protection.mem import load_surrogates
+        from aigis.serving.control import ModelControl
+
+        assert publish_protect_model(repo, pairs_and_surrogate["ensemble"], steps=2) == 2
+        point_to(repo, contract.PROTECT_MODEL, 2)
+        with ModelControl(server.grpc_url) as control:
+            control.load(contract.PROTECT_MODEL)
+        with ProtectionClient(server.grpc_url, timeout_s=120) as client:
+            served = client.protect(images, captions)
+        members, _, _ = load_surrogates(pairs_and_surrogate["ensemble"])
+        expected, expected_captions, _ = protect_batch(members, tokenizer, images, captions, SETTINGS, steps=2)
+        assert served.model_version == "2" and len(members) == 2
+        assert np.array_equal(served.images, expected) and served.captions == expected_captions
+        assert not np.array_equal(served.images, answer.images)  # not the primary alone
