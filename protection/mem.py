@@ -171,7 +171,7 @@ def surrogate_list(model: CLIP | Sequence[CLIP]) -> list[CLIP]:
 
 
 def surrogates_and_negatives(
-    model: CLIP | Sequence[CLIP], negatives: Negatives | Sequence[Negatives | None] | None = None,
+    model: CLIP | Sequence[CLIP], negatives: Negatives | list[Negatives | None] | None = None,
 ) -> tuple[list[CLIP], list[Negatives | None]]:
     """The surrogates as a list, and each one's negatives. Negatives are embeddings in ONE model's space,
     so an ensemble takes a list with an entry (or None) per member; a lone (image, text) pair is for a
@@ -292,7 +292,7 @@ def hotflip_scores(
 
 def hotflip_candidates(
     model: CLIP | Sequence[CLIP], tokens: Tensor, image_features: Tensor | Sequence[Tensor], trigger_length: int,
-    candidate_ids: Tensor, k: int, negatives: Negatives | Sequence[Negatives | None] | None = None,
+    candidate_ids: Tensor, k: int, negatives: Negatives | list[Negatives | None] | None = None,
 ) -> Tensor:
     """Top-k replacement ids [B, trigger_length, k] per trigger slot by HotFlip, on the device.
 
@@ -344,7 +344,7 @@ def score_position_looped(
 
 def search_triggers(
     model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor,
-    settings: MEMSettings, negatives: Negatives | Sequence[Negatives | None] | None = None,
+    settings: MEMSettings, negatives: Negatives | list[Negatives | None] | None = None,
     candidate_ids: Tensor | None = None, _looped: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Greedy left-to-right HotFlip search; returns (new triggers [B, k], per-pair loss [B]).
@@ -395,7 +395,7 @@ def _cell_mean(grad_nhwc: Tensor, grid: int) -> Tensor:
 
 def pgd_noise(
     model: CLIP | Sequence[CLIP], images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor, settings: MEMSettings,
-    steps: int, generator: torch.Generator, negatives: Negatives | Sequence[Negatives | None] | None = None,
+    steps: int, generator: torch.Generator, negatives: Negatives | list[Negatives | None] | None = None,
 ) -> tuple[Tensor, float]:
     """Error-MINIMISING PGD on the uint8 grid, warm-started from delta (int16 [B, H, W, 3]).
 
@@ -444,7 +444,7 @@ def protect_batch(
     *,
     steps: int | None = None,
     device: str | torch.device | None = None,
-    negatives: Negatives | Sequence[Negatives | None] | None = None,
+    negatives: Negatives | list[Negatives | None] | None = None,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Protect one batch with a FROZEN surrogate (or ensemble): trigger search, then `steps` PGD steps
     (default pgd_steps).
@@ -466,7 +466,7 @@ def protect_batch(
     device = _device(device)
     if negatives is None:
         negatives = [getattr(m, "mem_negatives", None) for m in surrogate_list(model)]
-    models, negs = surrogates_and_negatives(model, list(negatives) if isinstance(negatives, list) else negatives)
+    models, negs = surrogates_and_negatives(model, negatives)
     negs = [None if n is None else (n[0].to(device), n[1].to(device)) for n in negs]
     if images_uint8.shape[0] < 2 and any(n is None for n in negs):
         raise ValueError("a batch of one image needs negatives (a surrogate saved with them) to have a loss")
@@ -773,7 +773,7 @@ def _member_file(i: int, name: str) -> str:
 
 def save_surrogate(
     directory: str | Path, model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, settings: MEMSettings,
-    extra: dict[str, Any] | None = None, negatives: Negatives | Sequence[Negatives | None] | None = None,
+    extra: dict[str, Any] | None = None, negatives: Negatives | list[Negatives | None] | None = None,
 ) -> dict:
     """Write a surrogate artefact: model.safetensors, tokenizer.json, optional negatives, meta.json (last).
 
