@@ -39,11 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-loss", type=float, default=None,
                    help="end early once a pass's loss (noise + trigger against shuffled captions) is at most this, "
                         "after the trigger iterations (default: run all --outer iterations)")
-    p.add_argument("--clip", default="rn_tiny",
-                   help="surrogate CLIP preset (rn_tiny, rn_wide, vit_tiny, RN50, ViT-B/32), or several joined by '+' "
-                        "(e.g. vit_tiny+rn_tiny): an ensemble the noise and triggers must fool together; the first "
-                        "is the surrogate saved for protect-on-upload; a preset named twice (rn_tiny+rn_tiny) is two "
-                        "independent initialisations")
+    p.add_argument("--clip", default=None,
+                   help="surrogate CLIP preset (rn_tiny, the default; rn_wide, vit_tiny, RN50, ViT-B/32), or several "
+                        "joined by '+' (e.g. vit_tiny+rn_tiny): an ensemble the noise and triggers must fool together, "
+                        "all saved for protect-on-upload; a preset named twice (rn_tiny+rn_tiny) is two independent "
+                        "initialisations")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="the fine-tune threat model: start the surrogate from this local OpenAI-format CLIP state dict "
+                        "(.safetensors, or a torch.save'd dict; never unpickled) instead of a random draw; needs "
+                        "--tokenizer, takes no --clip (the paper's fine-tune variant: --lr 1e-5 --outer 10)")
+    p.add_argument("--tokenizer", default=None, metavar="FILE",
+                   help="a fixed vocabulary instead of one trained on the captions: CLIP's bpe_simple_vocab_16e6.txt.gz "
+                        "or an aigis-bpe JSON file; triggers use its whole words")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--no-resume", action="store_true", help="discard checkpoints in --out and start over")
@@ -71,7 +78,7 @@ def _protect(args: argparse.Namespace) -> int:
         summary = protect_dataset(
             args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
             device=args.device, resume=not args.no_resume, progress=not args.quiet,
-            trigger_words=args.trigger_words,
+            trigger_words=args.trigger_words, tokenizer_file=args.tokenizer, init_checkpoint=args.init,
         )
     except (ManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
         print(f"aigis protect: error: {exc}", file=sys.stderr)

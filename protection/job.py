@@ -127,6 +127,31 @@ def build_surrogates(presets: list[str], image_size: int, vocab_size: int, seed:
     return [build_clip(replace(PRESETS[name], image_resolution=image_size), vocab_size) for name in presets]
 
 
+def read_tokenizer_file(path: str | Path):
+    """A fixed vocabulary: CLIP's merges file (bpe_simple_vocab_16e6.txt[.gz]) or an aigis-bpe JSON file."""
+    from .tokenizer import Tokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer {path}: no such file")
+    return Tokenizer.from_clip_vocab(path) if path.suffix in (".gz", ".txt") else Tokenizer.load(path)
+
+
+def pretrained_surrogate(path: str | Path, tokenizer, image_size: int | None):
+    """The fine-tune threat model's surrogate: a CLIP from a local OpenAI-format state dict (no pickle),
+    checked against the tokenizer and image size the job will feed it."""
+    from .clip import load_openai_state_dict
+
+    model = load_openai_state_dict(path)
+    if tokenizer.vocab_size > model.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but {Path(path).name}'s embedding table only "
+                         f"{model.vocab_size}: pass the checkpoint's own tokenizer")
+    if image_size is not None and int(image_size) != model.image_resolution:
+        raise ValueError(f"{Path(path).name} reads {model.image_resolution} px images, not {image_size} "
+                         f"(leave the size out to use the checkpoint's)")
+    return model.train()
+
+
 def _checkpoints(work: Path) -> list[tuple[int, Path]]:
     found = []
     for path in work.glob("ckpt-*"):
@@ -247,7 +272,7 @@ def protect_dataset(
     out_dir: str | Path,
     settings: MEMSettings,
     *,
-    clip_preset: str = "rn_tiny",
+    clip_preset: str | None = None,
     image_size: int | None = None,
     device: str | None = None,
     resume: bool = True,
@@ -255,6 +280,8 @@ def protect_dataset(
     vocab_size: int = 4096,
     trigger_words: int | None = None,
     negatives: int = 256,
+    tokenizer_file: str | Path | None = None,
+    init_checkpoint: str | Path | None = None,
 ) -> dict:
     """Run MEM over data_root/manifest_name and write the protected copy to out_dir; returns a summary.
 
@@ -262,8 +289,14 @@ def protect_dataset(
     once). The tokenizer is trained on the captions (deterministic), plus `trigger_words` made-up words
     that the triggers are restricted to in MEM mode (None: DEFAULT_TRIGGER_WORDS; 0: triggers from the
     caption words). `negatives` pairs' embeddings are stored with the surrogate so protect-on-upload of
-    a single image has a contrastive loss. clip_preset "a+b" runs MEM against an ensemble of surrogates
-    (mem.surrogate_list), all saved in the one surrogate artefact for protect-on-upload.
+    a single image has a contrastive loss. clip_preset (default rn_tiny) "a+b" runs MEM against an
+    ensemble of surrogates (mem.surrogate_list), all saved in the one surrogate artefact for protect-on-upload.
+
+    tokenizer_file replaces the trained tokenizer with a fixed vocabulary (CLIP's merges file or an
+    aigis-bpe JSON file); triggers then use its whole words (made-up words need a vocabulary trained
+    here, so trigger_words must stay unset or 0). init_checkpoint is the fine-tune threat model: the
+    surrogate starts from that OpenAI-format CLIP state dict (a local file) instead of a random draw,
+    at its own architecture and resolution, and needs the checkpoint's tokenizer_file.
     """
     import torch
 
@@ -273,9 +306,29 @@ def protect_dataset(
     from .tokenizer import Tokenizer, apply_trigger_text
 
     settings.validate()
-    presets = parse_clip_presets(clip_preset, image_size)
+    fixed_tokenizer = None
+    if init_checkpoint is not None:
+        if clip_preset is not None:
+            raise ValueError("a surrogate started from a checkpoint takes its architecture from it: give no preset "
+                             f"(got {clip_preset!r})")
+        if tokenizer_file is None:
+            raise ValueError("a surrogate started from a checkpoint needs the checkpoint's tokenizer file "
+                             "(CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON file)")
+    if tokenizer_file is not None:
+        if trigger_words:
+            raise ValueError(f"trigger_words {trigger_words}: a fixed vocabulary has no made-up words; triggers use "
+                             f"its whole words (leave trigger_words unset or 0)")
+        fixed_tokenizer = read_tokenizer_file(tokenizer_file)
+        trigger_words = 0
+    pretrained = None
+    if init_checkpoint is not None:
+        pretrained = pretrained_surrogate(init_checkpoint, fixed_tokenizer, image_size)
+        presets = ["pretrained"]
+        size = pretrained.image_resolution
+    else:
+        presets = parse_clip_presets(clip_preset or "rn_tiny", image_size)
+        size = int(image_size or PRESETS[presets[0]].image_resolution)
     clip_preset = "+".join(presets)
-    size = int(image_size or PRESETS[presets[0]].image_resolution)
     data_root = Path(data_root).resolve()
     out_dir = Path(out_dir).resolve()
     pairs = read_pairs(data_root, manifest_name)
@@ -306,11 +359,18 @@ def protect_dataset(
         raise ValueError(f"trigger_words must be >= 0, got {trigger_words}")
     made_up = trigger_words if settings.trigger_length else 0  # EM has no trigger to draw words for
     tokenizer_path = work / "tokenizer.json"
-    tokenizer = Tokenizer.load(tokenizer_path) if resume and tokenizer_path.is_file() and _checkpoints(work) else None
-    if tokenizer is None or len(tokenizer.trigger_words or ()) != made_up:
-        tokenizer = Tokenizer.train(captions, vocab_size, trigger_words=made_up)
-        tokenizer.save(tokenizer_path)  # a new tokenizer changes the fingerprint: old checkpoints are not resumed
-    models = build_surrogates(presets, size, tokenizer.vocab_size, settings.seed)
+    if fixed_tokenizer is not None:
+        tokenizer = fixed_tokenizer
+        tokenizer.save(tokenizer_path)  # the same file gives the same bytes: checkpoints still resume
+    else:
+        tokenizer = Tokenizer.load(tokenizer_path) if resume and tokenizer_path.is_file() and _checkpoints(work) else None
+        if tokenizer is None or len(tokenizer.trigger_words or ()) != made_up:
+            tokenizer = Tokenizer.train(captions, vocab_size, trigger_words=made_up)
+            tokenizer.save(tokenizer_path)  # a new tokenizer changes the fingerprint: old checkpoints are not resumed
+    if pretrained is not None:
+        models = [pretrained]
+    else:
+        models = build_surrogates(presets, size, tokenizer.vocab_size, settings.seed)
     model = models[0]
 
     noise = np.lib.format.open_memmap(work / "noise.npy", mode="w+", dtype=np.int8, shape=images.shape)
@@ -325,6 +385,10 @@ def protect_dataset(
         "trigger_words": made_up,
         "device_type": device_t.type,
     }
+    init_record = None
+    if init_checkpoint is not None:
+        init_record = {"file": Path(init_checkpoint).name, "sha256": _sha256_file(Path(init_checkpoint))}
+        fingerprint["init_checkpoint_sha256"] = init_record["sha256"]
     resumed = resume and load_checkpoint(work, state, fingerprint)
     if resumed and progress:
         print(f"resuming after outer iteration {state.iteration}/{settings.outer_iterations}", file=sys.stderr)
@@ -374,7 +438,8 @@ def protect_dataset(
     shutil.rmtree(staging, ignore_errors=True)
     meta = mem.save_surrogate(staging, models, tokenizer, settings, extra={
         "clip_preset": presets[0], "image_size": size, "pairs": len(pairs), "images": len(sources),
-        "outer_iterations": state.iteration, **({"ensemble": presets} if len(presets) > 1 else {})},
+        "outer_iterations": state.iteration, **({"ensemble": presets} if len(presets) > 1 else {}),
+        **({"init_checkpoint": init_record} if init_record else {})},
         negatives=negatives_per_model)
     version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
     if exists:
@@ -389,11 +454,13 @@ def protect_dataset(
         "epsilon_uint8_levels": settings.epsilon_levels,
         "trigger_length": settings.trigger_length,
         "trigger_words": (None if not settings.trigger_length else
+                          f"whole words of {Path(tokenizer_file).name}" if tokenizer_file is not None else
                           "caption words" if made_up == 0 else f"{made_up} made-up words"),
         "pairs": len(pairs),
         "images_protected": len(sources),
         "image_size": size,
         "clip_preset": clip_preset,
+        **({"init_checkpoint": init_record} if init_record else {}),
         "source_manifest": manifest_name,
         "source_manifest_sha256": fingerprint["manifest_sha256"],
         "surrogate": {"path": f"surrogate/{version}", "identity": meta["identity"], "sha256": meta["sha256"]},

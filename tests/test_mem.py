@@ -318,6 +318,59 @@ def test_an_ensemble_artefact_holds_every_member_and_protects_against_all_of_the
         mem.load_surrogates(tmp_path / "lone")
 
 
+def test_a_surrogate_started_from_a_checkpoint_keeps_its_weights_and_vocabulary(data, tmp_path, capsys):
+    # The fine-tune threat model: the surrogate is the user's OpenAI-format CLIP, read with its own tokenizer.
+    from safetensors.torch import save_file
+
+    from aigis.cli import main
+
+    captions = [p.caption for p in read_pairs(data, "train.jsonl")]
+    tokenizer = Tokenizer.train(captions, 650)  # the "pretrained" model's vocabulary: no made-up words
+    tokenizer.save(tmp_path / "tok.json")
+    torch.manual_seed(11)
+    pretrained = build_clip("rn_tiny", tokenizer.vocab_size + 30)  # a table larger than the tokenizer, as CLIP's
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    args = [a for a in JOB_ARGS if a not in ("--clip", "rn_tiny")]
+
+    def run(out, *extra):
+        code = main(["protect", "--data", str(data), "--manifest", "train.jsonl", "--out", str(tmp_path / out),
+                     *args, *extra])
+        return code, capsys.readouterr()
+
+    code, streams = run("o", "--init", str(tmp_path / "clip.safetensors"), "--tokenizer", str(tmp_path / "tok.json"),
+                        "--lr", "1e-12")
+    assert code == 0, streams.err
+    report = json.loads((tmp_path / "o" / "protection.json").read_text())
+    assert report["init_checkpoint"]["sha256"] == mem.file_sha256(tmp_path / "clip.safetensors")
+    assert report["clip_preset"] == "pretrained" and report["trigger_words"] == "whole words of tok.json"
+    surrogate, saved_tokenizer, _ = mem.load_surrogate(tmp_path / "o" / report["surrogate"]["path"])
+    assert surrogate.config == pretrained.config and saved_tokenizer.merges == tokenizer.merges
+    trained = dict(pretrained.named_parameters())
+    for name, value in surrogate.named_parameters():  # lr ~0: the surrogate is the checkpoint (BatchNorm stats move)
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=1e-9, msg=name)
+    assert saved_tokenizer.trigger_words is None  # no made-up words were added to the given vocabulary
+    for line in _published(tmp_path / "o"):
+        for word in line["caption"].split()[:3]:  # the CLI's default trigger length
+            ids = tokenizer.encode(word)  # a whole word of the given vocabulary, one id of the checkpoint's table
+            assert len(ids) == 1 and tokenizer.is_trigger_candidate(ids[0]) and ids[0] < pretrained.vocab_size
+
+    checkpoint, tok = str(tmp_path / "clip.safetensors"), str(tmp_path / "tok.json")
+    for extra, message in [
+        (("--init", checkpoint), "needs the checkpoint's tokenizer"),
+        (("--init", checkpoint, "--tokenizer", tok, "--clip", "vit_tiny"), "takes its architecture from it"),
+        (("--init", checkpoint, "--tokenizer", tok, "--size", "64"), "reads 32 px images, not 64"),
+        (("--tokenizer", tok, "--trigger-words", "20"), "no made-up words"),
+        (("--init", str(tmp_path / "absent.pt"), "--tokenizer", tok), "no such checkpoint"),
+        (("--tokenizer", str(tmp_path / "absent.json")), "no such file"),
+    ]:
+        code, streams = run("bad", *extra)
+        assert code == 2 and message in streams.err, (extra, streams.err)
+    small = build_clip("rn_tiny", tokenizer.vocab_size - 5)  # a table too small for the tokenizer's ids
+    save_file({k: v.contiguous() for k, v in small.state_dict().items()}, str(tmp_path / "small.safetensors"))
+    code, streams = run("bad", "--init", str(tmp_path / "small.safetensors"), "--tokenizer", tok)
+    assert code == 2 and "embedding table only" in streams.err, streams.err
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
     from aigis.cli import main
 

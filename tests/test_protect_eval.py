@@ -360,3 +360,43 @@ def test_example_sheet_rows_grow_with_their_captions(tmp_path):
         with Image.open(example_sheet(clean, [protected], tmp_path / f"sheet{words}.png", examples=1)) as im:
             heights[words] = im.height
     assert heights[40] > heights[0] * 1.2, heights
+
+
+def test_a_finetuned_hacker_starts_from_the_given_checkpoint(data, tmp_path):
+    # The fine-tune threat model: every condition is also fine-tuned from the user's OpenAI-format CLIP. One
+    # epoch from scratch barely leaves chance; one epoch from a checkpoint that already knows the scenes keeps
+    # what the checkpoint knew -- so the fine-tuned row can only come from the checkpoint's weights.
+    import torch
+    from safetensors.torch import save_file
+
+    from aigis.protection.captions import load_images
+    from aigis.protection.clip import build_clip
+    from aigis.protection.retrieval import evaluate_retrieval, train_clip
+    from aigis.protection.tokenizer import Tokenizer
+
+    pairs = read_pairs(data, "train.jsonl")
+    tokenizer = Tokenizer.train([p.caption for p in pairs], 1000)
+    tokenizer.save(tmp_path / "tok.json")
+    torch.manual_seed(5)
+    pretrained = build_clip("rn_tiny", tokenizer.vocab_size)
+    train_clip(pretrained, load_images(pairs, SIZE, progress=False), [p.caption for p in pairs], tokenizer,
+               epochs=10, batch_size=32, lr=1e-3, device="cpu", seed=0, progress=False)
+    save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    test = read_pairs(data, "test.jsonl")
+    own = evaluate_retrieval(pretrained, load_images(test, SIZE, progress=False), [p.caption for p in test], tokenizer,
+                             device="cpu")
+
+    report = evaluate_protection(
+        data, "train.jsonl", "test.jsonl", out_dir=tmp_path / "eval", conditions=["clean"], robustness=(),
+        progress=False, finetune_checkpoint=tmp_path / "clip.safetensors", tokenizer=tmp_path / "tok.json",
+        finetune_lr=1e-5, finetune_epochs=1, **{**FAST, "epochs": 1},
+    )
+    scratch, finetuned = _row(report, "clean"), _row(report, "clean (fine-tune)")
+    assert finetuned["training"] == "fine-tune" and scratch["training"] == "scratch"
+    assert own["mean_r1"] >= 5 * own["chance_r1"], own
+    assert finetuned["retrieval"]["mean_r1"] >= 0.7 * own["mean_r1"], (finetuned["retrieval"], own)
+    assert finetuned["retrieval"]["mean_r1"] > 2 * scratch["retrieval"]["mean_r1"], (finetuned, scratch)
+    assert report["settings"]["finetune_checkpoint"].endswith("clip.safetensors")
+    with pytest.raises(EvaluationError, match="tokenizer"):
+        evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=tmp_path / "e2", conditions=["clean"],
+                            robustness=(), progress=False, finetune_checkpoint=tmp_path / "clip.safetensors", **FAST)
