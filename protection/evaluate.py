@@ -334,6 +334,7 @@ def evaluate_protection(
     finetune_checkpoint: str | Path | None = None,
     finetune_lr: float = 1e-5,
     finetune_epochs: int | None = None,
+    scratch: bool = True,
     examples: int = 3,
     progress: bool = True,
 ) -> dict:
@@ -343,7 +344,9 @@ def evaluate_protection(
     robustness: transforms applied to each selected protected set, each its own extra condition.
     With finetune_checkpoint (an OpenAI-format CLIP state dict) every condition is also fine-tuned
     from it, at finetune_lr for finetune_epochs (default: epochs), which needs `tokenizer` (the
-    checkpoint's vocabulary: CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON file).
+    checkpoint's vocabulary: CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON file); the
+    checkpoint's own retrieval, before any fine-tuning, is reported beside them (what the hacker starts
+    from), and scratch=False trains the fine-tuned hackers only.
     hackers > 1 trains that many hackers per condition (seeds seed, seed + 1, ...): one hacker's R@1 on
     a small test split moves by a few hits, so the row reports the median run and lists every run's.
     Returns the report (also written as out_dir/report.json, report.md and examples.png).
@@ -363,6 +366,8 @@ def evaluate_protection(
     for transform in robustness:
         if transform not in ROBUSTNESS_TRANSFORMS:
             raise EvaluationError(f"unknown robustness transform {transform!r}; known: {', '.join(ROBUSTNESS_TRANSFORMS)}")
+    if not scratch and finetune_checkpoint is None:
+        raise EvaluationError("scratch=False leaves no hacker to train without a fine-tune checkpoint")
     if finetune_checkpoint is not None and tokenizer is None:
         raise EvaluationError(
             "fine-tuning needs the checkpoint's tokenizer (--tokenizer: CLIP's bpe_simple_vocab_16e6.txt.gz "
@@ -438,9 +443,16 @@ def evaluate_protection(
     test_images = {r: load_images(test_pairs, r, progress=False) for r in sorted(resolutions)}
     test_captions = [p.caption for p in test_pairs]
 
-    runs = [(s, None) for s in train_sets]
+    runs = [(s, None) for s in train_sets] if scratch else []
+    checkpoint_retrieval = None
     if finetune is not None:
         runs += [(s, finetune) for s in train_sets]
+        from .retrieval import evaluate_retrieval
+
+        checkpoint_retrieval = evaluate_retrieval(loaded, test_images[loaded.image_resolution], test_captions, tok,
+                                                  device=device)
+        checkpoint_retrieval.update(_x_chance(checkpoint_retrieval))
+        say(f"the checkpoint as given (before fine-tuning): {checkpoint_retrieval['r1_x_chance']:.1f}x chance R@1")
     rows = []
     for index, (train_set, ft) in enumerate(runs, start=1):
         mode = "fine-tune" if ft is not None else "scratch"
@@ -482,11 +494,14 @@ def evaluate_protection(
             "tokenizer": str(tokenizer) if tokenizer else f"trained per condition on its captions (<= {tokenizer_vocab})",
             "finetune_checkpoint": str(finetune_checkpoint) if finetune_checkpoint else None,
             "finetune_lr": finetune_lr if finetune_checkpoint else None,
+            "finetune_epochs": (finetune_epochs or epochs) if finetune_checkpoint else None,
+            "scratch": scratch,
             "n_train": len(clean_pairs), "n_test": len(test_pairs), "robustness": list(robustness),
         },
         "data": {"root": str(clean_root), "train_manifest": train_manifest, "test_manifest": test_manifest},
         "chance": chance,
         "conditions": rows,
+        "finetune_checkpoint_retrieval": checkpoint_retrieval,
     }
     report["summary"] = _summary(rows)
     report["seconds_total"] = time.monotonic() - t_start
@@ -581,6 +596,12 @@ def markdown_table(report: dict) -> str:
             + (f" {', '.join(f'{x:.1f}' for x in row['r1_x_chance_runs'])} |" if hackers > 1 else "")
         )
     lines.append("")
+    before = report.get("finetune_checkpoint_retrieval")
+    if before:
+        lines.append(f"Fine-tuned rows start from {Path(s['finetune_checkpoint']).name} (lr {s['finetune_lr']:g}, "
+                     f"{s.get('finetune_epochs') or s['epochs']} epochs), which as given retrieves i2t / t2i R@1 "
+                     f"{_pct(before['i2t_r1'])} / {_pct(before['t2i_r1'])} %, R@5 {_pct(before['i2t_r5'])} / "
+                     f"{_pct(before['t2i_r5'])} % ({before['r1_x_chance']:.1f}x chance).")
     protected = [(n, v) for n, v in report.get("summary", {}).items() if not n.startswith("random")]
     if protected:
         lines.append("Target for protected data: R@1 under 2x chance. " + "; ".join(

@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="random-noise budget, 8/255 or 8 (default: the protected set's, else 8/255)")
     p.add_argument("--finetune", default=None, metavar="CKPT",
                    help="also fine-tune this OpenAI-format CLIP state dict on each condition (needs --tokenizer)")
+    p.add_argument("--finetune-lr", type=float, default=1e-5, help="fine-tuning learning rate (default 1e-5, the paper's)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: --epochs)")
+    p.add_argument("--finetune-only", action="store_true", help="with --finetune, train no from-scratch hackers")
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON (default: trained per condition)")
     p.add_argument("--clip", default="rn_tiny", metavar="PRESET",
@@ -100,6 +103,9 @@ def run_protect_eval(args: argparse.Namespace) -> int:
             epsilon=args.epsilon,
             tokenizer=args.tokenizer,
             finetune_checkpoint=args.finetune,
+            finetune_lr=args.finetune_lr,
+            finetune_epochs=args.finetune_epochs,
+            scratch=not args.finetune_only,
             progress=not args.quiet,
         )
     except (ValueError, FileNotFoundError, ManifestError, BadImageError) as exc:

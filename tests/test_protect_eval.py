@@ -397,6 +397,12 @@ def test_a_finetuned_hacker_starts_from_the_given_checkpoint(data, tmp_path):
     assert finetuned["retrieval"]["mean_r1"] >= 0.7 * own["mean_r1"], (finetuned["retrieval"], own)
     assert finetuned["retrieval"]["mean_r1"] > 2 * scratch["retrieval"]["mean_r1"], (finetuned, scratch)
     assert report["settings"]["finetune_checkpoint"].endswith("clip.safetensors")
+    # the checkpoint as given is reported beside the fine-tuned rows: what the hacker starts from
+    assert report["finetune_checkpoint_retrieval"]["mean_r1"] == pytest.approx(own["mean_r1"])
+    assert "clip.safetensors (lr 1e-05, 1 epochs), which as given retrieves" in (tmp_path / "eval" / "report.md").read_text()
     with pytest.raises(EvaluationError, match="tokenizer"):
         evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=tmp_path / "e2", conditions=["clean"],
                             robustness=(), progress=False, finetune_checkpoint=tmp_path / "clip.safetensors", **FAST)
+    with pytest.raises(EvaluationError, match="no hacker to train"):
+        evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=tmp_path / "e3", conditions=["clean"],
+                            robustness=(), progress=False, scratch=False, **FAST)
