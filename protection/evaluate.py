@@ -240,12 +240,10 @@ def new_hacker(clip_preset: str, image_size: int, vocab_size: int, seed: int, co
 def _load_tokenizer(path: str | Path):
     from .tokenizer import Tokenizer
 
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"tokenizer {path}: no such file")
-    if path.suffix in (".gz", ".txt"):
-        return Tokenizer.from_clip_vocab(path)
-    return Tokenizer.load(path)
+    try:
+        return Tokenizer.from_file(path)
+    except FileNotFoundError as exc:
+        raise EvaluationError(str(exc)) from None
 
 
 def _train_and_measure(

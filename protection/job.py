@@ -127,16 +127,6 @@ def build_surrogates(presets: list[str], image_size: int, vocab_size: int, seed:
     return [build_clip(replace(PRESETS[name], image_resolution=image_size), vocab_size) for name in presets]
 
 
-def read_tokenizer_file(path: str | Path):
-    """A fixed vocabulary: CLIP's merges file (bpe_simple_vocab_16e6.txt[.gz]) or an aigis-bpe JSON file."""
-    from .tokenizer import Tokenizer
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer {path}: no such file")
-    return Tokenizer.from_clip_vocab(path) if path.suffix in (".gz", ".txt") else Tokenizer.load(path)
-
-
 def pretrained_surrogate(path: str | Path, tokenizer, image_size: int | None):
     """The fine-tune threat model's surrogate: a CLIP from a local OpenAI-format state dict (no pickle),
     checked against the tokenizer and image size the job will feed it."""
@@ -318,7 +308,7 @@ def protect_dataset(
         if trigger_words:
             raise ValueError(f"trigger_words {trigger_words}: a fixed vocabulary has no made-up words; triggers use "
                              f"its whole words (leave trigger_words unset or 0)")
-        fixed_tokenizer = read_tokenizer_file(tokenizer_file)
+        fixed_tokenizer = Tokenizer.from_file(tokenizer_file)
         trigger_words = 0
     pretrained = None
     if init_checkpoint is not None:

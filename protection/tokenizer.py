@@ -275,6 +275,15 @@ class Tokenizer:
         return cls(merges)
 
     @classmethod
+    def from_file(cls, path: str | Path) -> Tokenizer:
+        """A fixed vocabulary from a file: CLIP's merges file (bpe_simple_vocab_16e6.txt[.gz]) or an aigis-bpe
+        JSON file (save())."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer {path}: no such file")
+        return cls.from_clip_vocab(path) if path.suffix in (".gz", ".txt") else cls.load(path)
+
+    @classmethod
     def train(cls, captions: list[str], vocab_size: int = 4096, trigger_words: int = 0) -> Tokenizer:
         """Learn merges on the captions until vocab_size or until every word is one token.
 
