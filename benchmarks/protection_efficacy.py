@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outer", type=int, default=60)
     parser.add_argument("--surrogate-steps", type=int, default=2)
     parser.add_argument("--surrogate-lr", type=float, default=5e-4, help="the surrogate's AdamW learning rate")
+    parser.add_argument("--surrogate-restart", type=int, default=0,
+                        help="re-draw the surrogate(s) every R outer iterations (MEMSettings.surrogate_restart)")
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     surrogate_tag = "" if surrogates == ["rn_tiny"] else tag(surrogates)
     surrogate_tag += "" if args.surrogate_lr == 5e-4 else f"_lr{args.surrogate_lr:g}"
+    surrogate_tag += f"_restart{args.surrogate_restart}" if args.surrogate_restart else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                                surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
-                               noise_grid=args.noise_grid)
+                               noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
-              f"(lr {args.surrogate_lr:g}), "
+              f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}), "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,10 @@ class MEMSettings:
     # Stop early once a pass's loss (each image against shuffled captions carrying its own trigger, i.e.
     # how well noise + trigger alone identify the pair) is at most this, triggers done. None: never.
     stop_loss: float | None = None
+    # surrogate_restart R > 0 re-draws each surrogate (fresh random weights and optimiser) every R outer
+    # iterations, the members of an ensemble staggered so that one is always older: the noise must then
+    # be what many FRESH models pick up first, as an outside hacker's is. 0: one surrogate throughout.
+    surrogate_restart: int = 0
 
     def validate(self) -> None:
         problems = []
@@ -103,7 +107,7 @@ class MEMSettings:
             problems.append(f"epsilon {self.epsilon} is below one uint8 level (1/255)")
         if not 0 < self.pgd_step <= 1:
             problems.append(f"pgd_step must be in (0, 1], got {self.pgd_step}")
-        for name in ("pgd_steps", "trigger_length", "surrogate_steps", "trigger_iterations"):
+        for name in ("pgd_steps", "trigger_length", "surrogate_steps", "trigger_iterations", "surrogate_restart"):
             if int(getattr(self, name)) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.noise_grid < 0:
@@ -602,6 +606,40 @@ def new_state(model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, n: int, image_
                     noise, triggers, extra_surrogates=[(m, make_optimizer(m, settings)) for m in models[1:]])
 
 
+def restart_due(settings: MEMSettings, iteration: int, member: int, members: int) -> bool:
+    """Whether surrogate `member` of `members` is re-drawn before outer iteration `iteration` (0-based):
+    every surrogate_restart iterations, member j offset by j / members of the period."""
+    period = settings.surrogate_restart
+    if not period:
+        return False
+    offset = member * period // members
+    return iteration > 0 and iteration >= offset and (iteration - offset) % period == 0
+
+
+def restart_seed(seed: int, iteration: int, member: int) -> int:
+    """The torch seed of a re-drawn surrogate: keyed apart from the job's own draw (its plain seed) and
+    from every hacker's (evaluate.hacker_init_seed), so no hacker starts where a surrogate did."""
+    return int(np.random.SeedSequence([seed, iteration, member, 0x5E57A7]).generate_state(1)[0])
+
+
+def restart_surrogates(state: MEMState, settings: MEMSettings) -> list[int]:
+    """Re-draw the surrogates whose restart is due before the next outer iteration; returns their indices.
+    A fresh draw of the same config from restart_seed (the global RNG is left as it was), optimiser
+    state cleared."""
+    redrawn = []
+    surrogates = state.surrogates
+    for j, (model, optimizer) in enumerate(surrogates):
+        if not restart_due(settings, state.iteration, j, len(surrogates)):
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(restart_seed(settings.seed, state.iteration, j))
+            fresh = CLIP(model.config)
+        model.load_state_dict(fresh.state_dict())
+        optimizer.state.clear()
+        redrawn.append(j)
+    return redrawn
+
+
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[np.ndarray]:
     """A random partition into ceil(n / batch_size) batches of near-equal size (never a batch of one)."""
     order = torch.randperm(n, generator=generator).numpy()
@@ -712,6 +750,7 @@ def run_mem(
     n = images.shape[0]
     while not settings.finished(state.iteration, state.history[-1]["pass_loss"] if state.history else math.inf):
         started = time.monotonic()
+        redrawn = restart_surrogates(state, settings)
         surrogate_loss = train_surrogate(state, images, tokens, settings, device, groups)
         trained = time.monotonic()
         update = state.iteration < settings.trigger_iterations
@@ -723,6 +762,7 @@ def run_mem(
             "surrogate_loss": surrogate_loss,
             "pass_loss": pass_loss,
             "triggers_updated": bool(update and settings.trigger_length),
+            "surrogates_redrawn": redrawn,
             "surrogate_pairs_per_s": settings.surrogate_steps * min(settings.batch_size, n) / max(trained - started, 1e-9),
             "images_per_s": n / max(done - trained, 1e-9),
             "pairs_per_s": groups.n_captions / max(done - trained, 1e-9),  # every caption of an image is covered
@@ -736,7 +776,8 @@ def run_mem(
             print(
                 f"MEM {state.iteration}/{settings.outer_iterations}: surrogate loss {surrogate_loss:.4f} "
                 f"({stats['surrogate_pairs_per_s']:.0f} pairs/s), pass loss {pass_loss:.4f} "
-                f"({rate}{', triggers' if stats['triggers_updated'] else ''}), "
+                f"({rate}{', triggers' if stats['triggers_updated'] else ''}"
+                f"{', surrogate ' + '+'.join(map(str, redrawn)) + ' re-drawn' if redrawn else ''}), "
                 f"{stats['seconds']:.1f}s",
                 file=sys.stderr, flush=True,
             )

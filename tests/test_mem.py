@@ -131,6 +131,47 @@ def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
     assert other.returncode == 2 and "trigger_words" in other.stderr and "--no-resume" in other.stderr, other.stderr
 
 
+def test_surrogate_restarts_are_staggered_fresh_draws_and_resume_to_the_same_output(data, tiny, tmp_path):
+    import copy
+
+    from aigis.protection.clip import CLIP
+
+    settings = mem.MEMSettings(surrogate_restart=4, surrogate_steps=1, batch_size=6, amp="off")
+    assert [i for i in range(13) if mem.restart_due(settings, i, 0, 2)] == [4, 8, 12]
+    assert [i for i in range(13) if mem.restart_due(settings, i, 1, 2)] == [2, 6, 10]  # one is always older
+    assert not any(mem.restart_due(mem.MEMSettings(), i, 0, 1) for i in range(20))
+    with pytest.raises(ValueError, match="surrogate_restart"):
+        mem.MEMSettings(surrogate_restart=-1).validate()
+
+    # A re-draw: the config drawn afresh from restart_seed, the optimiser's moments gone, the global RNG untouched.
+    model, tokenizer, images, captions = tiny
+    state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
+    tokens = tokenizer.tokenize(captions, model.context_length, settings.trigger_length)
+    mem.train_surrogate(state, images, tokens, settings, torch.device("cpu"))
+    assert state.optimizer.state and mem.restart_surrogates(state, settings) == []  # iteration 0: not due
+    state.iteration = 4
+    rng = torch.get_rng_state()
+    assert mem.restart_surrogates(state, settings) == [0]
+    assert torch.equal(torch.get_rng_state(), rng) and not state.optimizer.state
+    torch.manual_seed(mem.restart_seed(settings.seed, 4, 0))
+    expected = CLIP(model.config).state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in state.model.state_dict().items())
+    assert not torch.equal(expected["visual.conv1.weight"], model.state_dict()["visual.conv1.weight"])
+
+    # In a job: a SIGKILL between re-draws resumes to the same published output as an uninterrupted run.
+    restarts = ("--surrogate-restart", "1", "--outer", "3")
+    whole = _protect(data, tmp_path / "whole", *restarts)
+    assert whole.returncode == 0, whole.stderr
+    killed = _protect(data, tmp_path / "killed", *restarts, env={KILL_ENV: "2"})
+    assert killed.returncode == -9, killed.stderr
+    resumed = _protect(data, tmp_path / "killed", *restarts)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
+    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
+    assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
+    checkpoint = json.loads((tmp_path / "whole" / "work" / "ckpt-3" / "state.json").read_text())
+    assert [h["surrogates_redrawn"] for h in checkpoint["history"]] == [[], [0], [0]]
+
+
 def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
     model, tokenizer, images_np, captions = tiny
     images = torch.from_numpy(images_np)
