@@ -573,9 +573,14 @@ def markdown_table(report: dict) -> str:
         f"{hackers} hackers per condition (seeds {s['seed']}..{s['seed'] + hackers - 1}): the median run's recall, "
         f"every run's R@1 x chance in the last column")
     runs_head, runs_rule = (" | runs: R@1 x chance", "|---:") if hackers > 1 else ("", "")
+    if s.get("scratch", True):
+        hacker = (f"Hacker CLIP {s['clip_preset']} at {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, "
+                  f"lr {s['lr']:g}")
+    else:  # fine-tuned hackers only: their architecture and resolution are the checkpoint's
+        hacker = (f"Hacker CLIPs fine-tuned from {Path(s['finetune_checkpoint']).name}, {s['finetune_epochs']} epochs, "
+                  f"batch {s['batch_size']}, lr {s['finetune_lr']:g}")
     lines = [
-        f"Hacker CLIP {s['clip_preset']} at {s['image_size']} px, {s['epochs']} epochs, batch {s['batch_size']}, "
-        f"lr {s['lr']:g}, {seeds}; {s['n_train']} training pairs, {s['n_test']} clean test pairs. Recall in %.",
+        f"{hacker}, {seeds}; {s['n_train']} training pairs, {s['n_test']} clean test pairs. Recall in %.",
         "",
         f"| training data | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | R@1 x chance | PSNR dB{runs_head} |",
         f"|---|---:|---:|---:|---:|---:|---:|---:|---:{runs_rule}|",

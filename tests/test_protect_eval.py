@@ -400,6 +400,11 @@ def test_a_finetuned_hacker_starts_from_the_given_checkpoint(data, tmp_path):
     # the checkpoint as given is reported beside the fine-tuned rows: what the hacker starts from
     assert report["finetune_checkpoint_retrieval"]["mean_r1"] == pytest.approx(own["mean_r1"])
     assert "clip.safetensors (lr 1e-05, 1 epochs), which as given retrieves" in (tmp_path / "eval" / "report.md").read_text()
+    from aigis.protection.evaluate import markdown_table
+
+    only_finetuned = {**report, "settings": {**report["settings"], "scratch": False}}  # the header names who trained
+    assert markdown_table(only_finetuned).startswith("Hacker CLIPs fine-tuned from clip.safetensors, 1 epochs, batch 32, "
+                                                     "lr 1e-05")
     with pytest.raises(EvaluationError, match="tokenizer"):
         evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=tmp_path / "e2", conditions=["clean"],
                             robustness=(), progress=False, finetune_checkpoint=tmp_path / "clip.safetensors", **FAST)
