@@ -336,7 +336,7 @@ def test_an_ensemble_artefact_holds_every_member_and_protects_against_all_of_the
     primary, _, _ = mem.protect_batch(models[0], tokenizer, images, captions, settings)
     assert np.array_equal(both, again) and both_text == again_text
     assert not np.array_equal(both, primary)  # the second member was heard
-    one, _, delta = mem.protect_batch(models, tokenizer, images[:1], captions[:1], settings)  # negatives: a batch of 1
+    _, _, delta = mem.protect_batch(models, tokenizer, images[:1], captions[:1], settings)  # negatives: a batch of 1
     assert np.abs(delta).max() > 0
     with pytest.raises(ValueError, match="needs negatives"):
         mem.protect_batch(models, tokenizer, images[:1], captions[:1], settings, negatives=[negatives[0], None])
