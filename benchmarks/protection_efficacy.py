@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+from protection_results import machine_and_command, write_results
+
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,23 +145,15 @@ def main(argv: list[str] | None = None) -> int:
                                  image_size=args.size, epochs=args.hacker_epochs, hackers=args.hackers,
                                  device=args.device, epsilon=args.epsilon / 255)
     table = markdown_table(report)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
-    header = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-              f"Command: python benchmarks/protection_efficacy.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
               f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}), "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"jobs": jobs, "report": report}, indent=2,
-                                                                 default=str))
-    (RESULTS / f"{name}.md").write_text(header + "\n" + table + "\n")
-    print(header)
-    print(table)
+    write_results(name, {"jobs": jobs, "report": report}, header, table)
     return 0
 
 

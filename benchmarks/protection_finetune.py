@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
+from protection_results import machine_and_command, write_results
+
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "finetune"))
@@ -62,6 +61,7 @@ parser.add_argument("--device", default=None)
 
 def pretrain(args, owner: Path, work: Path) -> tuple[Path, Path]:
     """The stand-in for a downloaded CLIP: (checkpoint.safetensors, tokenizer.json), made once per --work."""
+    import torch
     from safetensors.torch import save_file
 
     from aigis.protection.captions import load_images, read_pairs, synth_captioned
@@ -70,8 +70,13 @@ def pretrain(args, owner: Path, work: Path) -> tuple[Path, Path]:
     from aigis.protection.tokenizer import Tokenizer
 
     folder = work / "pretrained"
-    checkpoint, tokenizer_file = folder / "clip.safetensors", folder / "tokenizer.json"
+    checkpoint, tokenizer_file, recorded = folder / "clip.safetensors", folder / "tokenizer.json", folder / "settings.json"
+    wanted = {"clip": args.clip, "style": args.pretrain_style, "images": args.pretrain, "epochs": args.pretrain_epochs,
+              "vocab": args.vocab}
     if checkpoint.is_file() and tokenizer_file.is_file():
+        made = json.loads(recorded.read_text()) if recorded.is_file() else None
+        if made != wanted:
+            raise SystemExit(f"{folder} holds a checkpoint pretrained with {made}, not {wanted}: use another --work")
         return checkpoint, tokenizer_file
     corpus = folder / "corpus"
     if not (corpus / "train.jsonl").is_file():
@@ -79,8 +84,6 @@ def pretrain(args, owner: Path, work: Path) -> tuple[Path, Path]:
     pairs = read_pairs(corpus, "train.jsonl")
     captions = [p.caption for p in pairs]
     tokenizer = Tokenizer.train(captions + [p.caption for p in read_pairs(owner, "train.jsonl")], args.vocab)
-    import torch
-
     torch.manual_seed(101)
     model = build_clip(args.clip, tokenizer.vocab_size)
     t0 = time.monotonic()
@@ -90,6 +93,7 @@ def pretrain(args, owner: Path, work: Path) -> tuple[Path, Path]:
           file=sys.stderr)
     tokenizer.save(tokenizer_file)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    recorded.write_text(json.dumps(wanted))
     return checkpoint, tokenizer_file
 
 
@@ -131,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         finetune_epochs=args.finetune_epochs, scratch=False,
     )
     table = markdown_table(report)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
-    header = (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
-              f"Command: python benchmarks/protection_finetune.py {' '.join(argv if argv is not None else sys.argv[1:])}\n"
+    header = (f"{machine_and_command('protection_finetune.py', argv)}\n"
               f"Owner's data: {args.train} images x {args.captions_per_image} captions / {args.test} test pairs "
               f"({args.style} scenes, 32 px). Pretrained CLIP: `{args.clip}` trained {args.pretrain_epochs} epochs on "
               f"{args.pretrain} {args.pretrain_style} scenes. Surrogate started from it: {args.outer} outer iterations x "
@@ -143,11 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", noise on {args.noise_grid} x {args.noise_grid} cells" if args.noise_grid else "")
               + f". Hackers fine-tune the checkpoint {args.finetune_epochs} epochs at lr {args.finetune_lr:g}, "
               f"{args.hackers} per condition.\n")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"jobs": jobs, "report": report}, indent=2, default=str))
-    (RESULTS / f"{args.name}.md").write_text(header + "\n" + table + "\n")
-    print(header)
-    print(table)
+    write_results(args.name, {"jobs": jobs, "report": report}, header, table)
     return 0
 
 
