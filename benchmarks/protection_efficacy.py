@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--surrogate-lr", type=float, default=5e-4, help="the surrogate's AdamW learning rate")
     parser.add_argument("--surrogate-restart", type=int, default=0,
                         help="re-draw the surrogate(s) every R outer iterations (MEMSettings.surrogate_restart)")
+    parser.add_argument("--norm-stats", choices=("running", "batch"), default="running",
+                        help="MEMSettings.norm_stats: the surrogate's BatchNorm statistics during PGD and trigger search")
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag = "" if surrogates == ["rn_tiny"] else tag(surrogates)
     surrogate_tag += "" if args.surrogate_lr == 5e-4 else f"_lr{args.surrogate_lr:g}"
     surrogate_tag += f"_restart{args.surrogate_restart}" if args.surrogate_restart else ""
+    surrogate_tag += "_bnbatch" if args.norm_stats == "batch" else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                                surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
-                               noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart)
+                               noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
+                               norm_stats=args.norm_stats)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
@@ -150,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
-              f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}), "
+              f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}"
+              f"{', batch-statistics BatchNorm in PGD and trigger search' if args.norm_stats == 'batch' else ''}), "
               f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     write_results(name, {"jobs": jobs, "report": report}, header, table)

@@ -206,9 +206,12 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
     meta = json.loads((path / "state.json").read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
-    if meta["fingerprint"] != fingerprint:
-        changed = sorted(k for k in set(meta["fingerprint"]) | set(fingerprint)
-                         if meta["fingerprint"].get(k) != fingerprint.get(k))
+    stored = dict(meta["fingerprint"])
+    if isinstance(stored.get("settings"), dict):
+        # A setting added since the checkpoint was written took its default then, which keeps the old behaviour.
+        stored["settings"] = {**MEMSettings().to_dict(), **stored["settings"]}
+    if stored != fingerprint:
+        changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
         raise ValueError(f"{path} belongs to a different job (changed: {', '.join(changed)}); "
                          f"rerun with --no-resume to start over")
     for name, key in (("noise.int8", "noise_sha256"), ("state.safetensors", "state_sha256")):

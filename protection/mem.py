@@ -39,7 +39,7 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -98,6 +98,10 @@ class MEMSettings:
     # iterations, the members of an ensemble staggered so that one is always older: the noise must then
     # be what many FRESH models pick up first, as an outside hacker's is. 0: one surrogate throughout.
     surrogate_restart: int = 0
+    # Which BatchNorm statistics a ResNet surrogate uses while the noise and triggers are optimised:
+    # "running" (eval mode, the stored averages) or "batch" (each batch's own statistics, as a model in
+    # TRAINING normalises what it learns from; the stored averages are not updated). ViTs have none.
+    norm_stats: str = "running"
 
     def validate(self) -> None:
         problems = []
@@ -122,6 +126,8 @@ class MEMSettings:
             problems.append(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.stop_loss is not None and not self.stop_loss >= 0:
             problems.append(f"stop_loss must be >= 0 or None, got {self.stop_loss}")
+        if self.norm_stats not in ("running", "batch"):
+            problems.append(f"norm_stats must be 'running' or 'batch', got {self.norm_stats!r}")
         if self.amp not in ("auto", "on", "off"):
             problems.append(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         if problems:
@@ -190,6 +196,35 @@ def surrogates_and_negatives(
     if len(models) > 1:
         raise ValueError("negatives belong to one surrogate; give an ensemble a list with one entry per member")
     return models, [negatives]
+
+
+@contextmanager
+def attack_mode(models: Sequence[CLIP], settings: MEMSettings):
+    """The surrogates frozen and in eval mode while PGD and the trigger search use them (only the noise and
+    the trigger embeddings need gradients). With norm_stats "batch", their BatchNorm layers normalise with
+    each batch's own statistics, as in training, and leave the stored averages untouched."""
+    was_training = [m.training for m in models]
+    frozen = [p for m in models for p in m.parameters() if p.requires_grad]
+    switched = []
+    for m in models:
+        m.eval()
+        if settings.norm_stats == "batch":
+            for layer in m.modules():
+                if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+                    switched.append((layer, layer.track_running_stats))
+                    layer.train()
+                    layer.track_running_stats = False
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        for layer, tracked in switched:
+            layer.track_running_stats = tracked
+        for m, mode in zip(models, was_training):
+            m.train(mode)
 
 
 def _autocast(settings: MEMSettings, device: torch.device):
@@ -474,11 +509,10 @@ def protect_batch(
     negs = [None if n is None else (n[0].to(device), n[1].to(device)) for n in negs]
     if images_uint8.shape[0] < 2 and any(n is None for n in negs):
         raise ValueError("a batch of one image needs negatives (a surrogate saved with them) to have a loss")
-    was_training = [m.training for m in models]
     for m in models:
-        m.to(device).eval()
+        m.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
-    try:
+    with attack_mode(models, settings):
         k = settings.trigger_length
         tokens = tokenizer.tokenize(list(captions), models[0].context_length, k).to(device)
         images = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
@@ -488,9 +522,6 @@ def protect_batch(
             triggers, _ = search_triggers(models, tokenizer, images, delta, tokens, triggers, settings, negs)
         delta, _ = pgd_noise(models, images, delta, tokens, triggers, settings,
                              settings.pgd_steps if steps is None else int(steps), generator, negs)
-    finally:
-        for m, mode in zip(models, was_training):
-            m.train(mode)
     protected = (images.to(torch.int16) + delta).clamp(0, 255).to(torch.uint8).cpu().numpy()
     trigger_ids = triggers.cpu().numpy()
     texts = [apply_trigger_text(trigger_ids[i], c, tokenizer) for i, c in enumerate(captions)]
@@ -685,14 +716,11 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
                  device: torch.device, update_triggers: bool, groups: CaptionsPerImage | None = None) -> float:
     """One pass over the images in batches, each with one of its captions: trigger search (if
     update_triggers), then PGD on the noise."""
-    models = [m.eval() for m in state.models]
+    models = state.models
     groups = groups or CaptionsPerImage.single(images.shape[0])
-    parameters = [p for m in models for p in m.parameters()]
-    for parameter in parameters:
-        parameter.requires_grad_(False)
     candidate_ids = _candidate_table(tokenizer, models, device) if settings.trigger_length else None
     losses = []
-    try:
+    with attack_mode(models, settings):
         for index in _batches(images.shape[0], settings.batch_size, state.generator):
             x = torch.from_numpy(images[index]).to(device)
             delta = torch.from_numpy(np.asarray(state.noise[index])).to(device).to(torch.int16)
@@ -704,9 +732,6 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
             delta, loss = pgd_noise(models, x, delta, t, trig, settings, settings.pgd_steps, state.generator)
             state.noise[index] = delta.to(torch.int8).cpu().numpy()
             losses.append(loss)
-    finally:
-        for parameter in parameters:
-            parameter.requires_grad_(True)
     return float(np.mean(losses))
 
 

@@ -119,6 +119,11 @@ def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
     assert killed.returncode == -9, killed.stderr  # a real SIGKILL after the first checkpoint
     assert (out / "work" / "ckpt-1" / "state.json").is_file()
     assert not (out / "protection.json").exists()
+    # A checkpoint written before a setting existed (here norm_stats) resumes: the setting took its default then.
+    state_json = out / "work" / "ckpt-1" / "state.json"
+    meta = json.loads(state_json.read_text())
+    del meta["fingerprint"]["settings"]["norm_stats"]
+    state_json.write_text(json.dumps(meta))
     resumed = _protect(data, out)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed"] is True
@@ -170,6 +175,36 @@ def test_surrogate_restarts_are_staggered_fresh_draws_and_resume_to_the_same_out
     assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
     checkpoint = json.loads((tmp_path / "whole" / "work" / "ckpt-3" / "state.json").read_text())
     assert [h["surrogates_redrawn"] for h in checkpoint["history"]] == [[], [0], [0]]
+
+
+def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_the_averages_alone(tiny):
+    import copy
+
+    model, tokenizer, images, captions = tiny
+    model = copy.deepcopy(model)
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert buffers, "rn_tiny has BatchNorm layers"
+    x = normalize_images(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0)
+    with torch.no_grad():
+        stored = model.encode_image(x)
+        in_training = copy.deepcopy(model).train().encode_image(x)  # batch statistics, as a hacker in training
+    for norm_stats, expected in (("running", stored), ("batch", in_training)):
+        settings = mem.MEMSettings(norm_stats=norm_stats)
+        with mem.attack_mode([model], settings), torch.no_grad():
+            assert not any(p.requires_grad for p in model.parameters())
+            torch.testing.assert_close(model.encode_image(x), expected)
+        assert not model.training and all(p.requires_grad for p in model.parameters())
+    assert not torch.allclose(stored, in_training)
+
+    # A whole pass with batch statistics moves the noise and leaves the stored averages as they were.
+    settings = mem.MEMSettings(norm_stats="batch", trigger_length=2, outer_iterations=1, surrogate_steps=0,
+                               pgd_steps=2, batch_size=6, candidates=2, amp="off")
+    state = mem.new_state(model, tokenizer, len(captions), (SIZE, SIZE), settings)
+    mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+    assert np.abs(state.noise).max() >= 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
+    with pytest.raises(ValueError, match="norm_stats"):
+        mem.MEMSettings(norm_stats="train").validate()
 
 
 def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
