@@ -222,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_steps = args.surrogate_steps
     if args.paper_schedule:
         surrogate_steps = surrogate_steps_for(args.paper_schedule, pass_batches)
+    # Stored BatchNorm averages on both paths, as every recorded speed table ran (the official way's loop
+    # below puts the surrogate in eval mode).
     settings = mem.MEMSettings(outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
-                               surrogate_steps=surrogate_steps, batch_size=args.batch)
+                               surrogate_steps=surrogate_steps, batch_size=args.batch, norm_stats="running")
 
     with tempfile.TemporaryDirectory() as tmp:
         cpi = args.captions_per_image

@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--surrogate-restart", type=int, default=0,
                         help="re-draw the surrogate(s) every R outer iterations (MEMSettings.surrogate_restart)")
     parser.add_argument("--norm-stats", choices=("running", "batch"), default="running",
-                        help="MEMSettings.norm_stats: the surrogate's BatchNorm statistics during PGD and trigger search")
+                        help="MEMSettings.norm_stats: the surrogate's BatchNorm statistics during PGD and trigger "
+                             "search (default running: every table before session 18; the job's default is batch)")
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")

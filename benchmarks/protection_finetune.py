@@ -46,6 +46,8 @@ parser.add_argument("--noise-grid", type=int, default=0)
 parser.add_argument("--outer", type=int, default=10, help="outer iterations (the paper's fine-tune variant: 10)")
 parser.add_argument("--surrogate-steps", type=int, default=8)
 parser.add_argument("--surrogate-lr", type=float, default=3e-4, help="the hackers' fine-tuning lr, as in the paper")
+parser.add_argument("--norm-stats", choices=("running", "batch"), default="running",
+                    help="MEMSettings.norm_stats (the session-17 results: running)")
 parser.add_argument("--pgd-steps", type=int, default=16)
 parser.add_argument("--candidates", type=int, default=8)
 parser.add_argument("--batch", type=int, default=100)
@@ -119,9 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         settings = MEMSettings(trigger_length=trigger, outer_iterations=args.outer, surrogate_steps=args.surrogate_steps,
                                pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
-                               lr=args.surrogate_lr, noise_grid=args.noise_grid)
+                               lr=args.surrogate_lr, noise_grid=args.noise_grid, norm_stats=args.norm_stats)
         job_dir = work / (f"{mode}{trigger if trigger else ''}_lr{args.surrogate_lr:g}_o{args.outer}x{args.surrogate_steps}"
-                          + (f"_grid{args.noise_grid}" if args.noise_grid else ""))
+                          + (f"_grid{args.noise_grid}" if args.noise_grid else "")
+                          + ("_bnbatch" if args.norm_stats == "batch" else ""))
         t0 = time.perf_counter()
         summary = protect_dataset(owner, "train.jsonl", job_dir, settings, device=args.device,
                                   tokenizer_file=tokenizer_file, init_checkpoint=checkpoint)
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.surrogate_steps} steps at lr {args.surrogate_lr:g}, {args.pgd_steps} PGD steps, "
               f"{args.candidates} candidates, MEM-{args.trigger_length} / EM at 8/255"
               + (f", noise on {args.noise_grid} x {args.noise_grid} cells" if args.noise_grid else "")
+              + (", batch-statistics BatchNorm in PGD and trigger search" if args.norm_stats == "batch" else "")
               + f". Hackers fine-tune the checkpoint {args.finetune_epochs} epochs at lr {args.finetune_lr:g}, "
               f"{args.hackers} per condition.\n")
     write_results(args.name, {"jobs": jobs, "report": report}, header, table)

@@ -38,9 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--surrogate-restart", type=int, default=0, metavar="R",
                    help="re-draw each surrogate from fresh random weights every R outer iterations (ensemble members "
                         "staggered); default 0: never")
-    p.add_argument("--norm-stats", choices=("running", "batch"), default="running",
-                   help="BatchNorm statistics a ResNet surrogate uses while noise and triggers are optimised: the "
-                        "stored averages (default) or each batch's own, as a model in training sees them")
+    p.add_argument("--norm-stats", choices=("running", "batch"), default=None,
+                   help="BatchNorm statistics a ResNet surrogate uses while noise and triggers are optimised: each "
+                        "batch's own, as a model in training sees them (default from scratch), or the stored averages "
+                        "(default with --init, whose pretrained averages are sound)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-loss", type=float, default=None,
                    help="end early once a pass's loss (noise + trigger against shuffled captions) is at most this, "
@@ -77,7 +78,8 @@ def _protect(args: argparse.Namespace) -> int:
             candidates=args.candidates, outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
             surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
             seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
-            surrogate_restart=args.surrogate_restart, norm_stats=args.norm_stats,
+            surrogate_restart=args.surrogate_restart,
+            norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
         )
         settings.validate()
         if args.mode == "mem" and args.trigger_length < 1:

@@ -208,8 +208,8 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
         raise ValueError(f"{path}: not an {CHECKPOINT_FORMAT} checkpoint")
     stored = dict(meta["fingerprint"])
     if isinstance(stored.get("settings"), dict):
-        # A setting added since the checkpoint was written took its default then, which keeps the old behaviour.
-        stored["settings"] = {**MEMSettings().to_dict(), **stored["settings"]}
+        # A setting added since the checkpoint was written counts as what the job did without it.
+        stored["settings"] = MEMSettings.from_dict(stored["settings"]).to_dict()
     if stored != fingerprint:
         changed = sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k))
         raise ValueError(f"{path} belongs to a different job (changed: {', '.join(changed)}); "

@@ -65,6 +65,10 @@ MAX_SEQUENCES_PER_FORWARD = 8192
 CPU_SEQUENCES_PER_FORWARD = 64
 
 
+# Settings added after jobs were already saved, with the value that reproduces the behaviour from before.
+SETTINGS_BEFORE_THEY_EXISTED = {"norm_stats": "running"}
+
+
 @dataclass
 class MEMSettings:
     """MEM's hyper-parameters (defaults: the paper's from-scratch setting). JSON-serialisable.
@@ -98,10 +102,13 @@ class MEMSettings:
     # iterations, the members of an ensemble staggered so that one is always older: the noise must then
     # be what many FRESH models pick up first, as an outside hacker's is. 0: one surrogate throughout.
     surrogate_restart: int = 0
-    # Which BatchNorm statistics a ResNet surrogate uses while the noise and triggers are optimised:
+    # Which BatchNorm statistics a ResNet surrogate uses while a job optimises the noise and triggers:
     # "running" (eval mode, the stored averages) or "batch" (each batch's own statistics, as a model in
-    # TRAINING normalises what it learns from; the stored averages are not updated). ViTs have none.
-    norm_stats: str = "running"
+    # TRAINING normalises what it learns from; the stored averages are not updated). A randomly initialised
+    # surrogate's averages lag far behind its weights: "batch" halved what ResNet hackers kept from scratch,
+    # while a pretrained surrogate's averages are sound and did better kept (BENCHMARKS.md, session 18).
+    # ViTs have no BatchNorm. protect_batch always uses the averages.
+    norm_stats: str = "batch"
 
     def validate(self) -> None:
         problems = []
@@ -147,6 +154,16 @@ class MEMSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "MEMSettings":
+        """Settings saved by to_dict, possibly by an older version: a setting it lacks takes the value that
+        reproduces what that version did (SETTINGS_BEFORE_THEY_EXISTED), else its default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MEM settings: {', '.join(unknown)} (written by a newer version?)")
+        return cls(**{**SETTINGS_BEFORE_THEY_EXISTED, **values})
 
     def finished(self, iteration: int, pass_loss: float) -> bool:
         """Whether the outer loop ends after `iteration` iterations whose last pass had `pass_loss`."""
@@ -199,16 +216,16 @@ def surrogates_and_negatives(
 
 
 @contextmanager
-def attack_mode(models: Sequence[CLIP], settings: MEMSettings):
+def attack_mode(models: Sequence[CLIP], batch_statistics: bool = False):
     """The surrogates frozen and in eval mode while PGD and the trigger search use them (only the noise and
-    the trigger embeddings need gradients). With norm_stats "batch", their BatchNorm layers normalise with
+    the trigger embeddings need gradients). With batch_statistics, their BatchNorm layers normalise with
     each batch's own statistics, as in training, and leave the stored averages untouched."""
     was_training = [m.training for m in models]
     frozen = [p for m in models for p in m.parameters() if p.requires_grad]
     switched = []
     for m in models:
         m.eval()
-        if settings.norm_stats == "batch":
+        if batch_statistics:
             for layer in m.modules():
                 if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
                     switched.append((layer, layer.track_running_stats))
@@ -512,7 +529,9 @@ def protect_batch(
     for m in models:
         m.to(device)
     generator = torch.Generator().manual_seed(settings.seed)
-    with attack_mode(models, settings):
+    # Always the stored averages (whatever norm_stats): a frozen surrogate's are up to date with its weights,
+    # and an upload batch, perhaps one image, is not a training batch whose own statistics a hacker would see.
+    with attack_mode(models):
         k = settings.trigger_length
         tokens = tokenizer.tokenize(list(captions), models[0].context_length, k).to(device)
         images = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device)
@@ -720,7 +739,7 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
     groups = groups or CaptionsPerImage.single(images.shape[0])
     candidate_ids = _candidate_table(tokenizer, models, device) if settings.trigger_length else None
     losses = []
-    with attack_mode(models, settings):
+    with attack_mode(models, batch_statistics=settings.norm_stats == "batch"):
         for index in _batches(images.shape[0], settings.batch_size, state.generator):
             x = torch.from_numpy(images[index]).to(device)
             delta = torch.from_numpy(np.asarray(state.noise[index])).to(device).to(torch.int16)

@@ -71,7 +71,7 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     if not surrogate_dir.is_dir():
         raise FileNotFoundError(f"surrogate artefact {surrogate_dir} does not exist (run `aigis protect` first)")
     _, _, meta = load_surrogate(surrogate_dir)     # refuses a broken artefact before anything is written
-    settings = mem_settings if mem_settings is not None else MEMSettings(**meta.get("settings", {}))
+    settings = mem_settings if mem_settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
     settings.validate()
     source_hash = _tree_sha256(surrogate_dir)
 

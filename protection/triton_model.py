@@ -48,7 +48,7 @@ class TritonPythonModel:
         else:
             self.device = torch.device("cpu")
         settings = json.loads((version_dir / SETTINGS_FILE).read_text())
-        self.settings = MEMSettings(**settings["mem"])
+        self.settings = MEMSettings.from_dict(settings["mem"])
         self.steps = settings.get("steps")
         self.max_caption_chars = int(settings.get("max_caption_chars", 1000))
         # every member of an ensemble job: the noise is made against all of them, as the job made it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -119,8 +120,9 @@ def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
     assert killed.returncode == -9, killed.stderr  # a real SIGKILL after the first checkpoint
     assert (out / "work" / "ckpt-1" / "state.json").is_file()
     assert not (out / "protection.json").exists()
-    # A checkpoint written before a setting existed (here norm_stats) resumes: the setting took its default then.
-    state_json = out / "work" / "ckpt-1" / "state.json"
+    older = tmp_path / "older"  # the same checkpoint as a version without norm_stats wrote it
+    shutil.copytree(out, older)
+    state_json = older / "work" / "ckpt-1" / "state.json"
     meta = json.loads(state_json.read_text())
     del meta["fingerprint"]["settings"]["norm_stats"]
     state_json.write_text(json.dumps(meta))
@@ -134,6 +136,11 @@ def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
     # Its checkpoints are not resumed by a job with other trigger words: the error says what changed.
     other = _protect(data, out, "--trigger-words", "0")
     assert other.returncode == 2 and "trigger_words" in other.stderr and "--no-resume" in other.stderr, other.stderr
+    # That older version used the stored BatchNorm averages: its checkpoint resumes as such, not as today's default.
+    default = _protect(data, older)
+    assert default.returncode == 2 and "changed: settings" in default.stderr, default.stderr
+    as_then = _protect(data, older, "--norm-stats", "running")
+    assert as_then.returncode == 0 and json.loads(as_then.stdout)["resumed"] is True, as_then.stderr
 
 
 def test_surrogate_restarts_are_staggered_fresh_draws_and_resume_to_the_same_output(data, tiny, tmp_path):
@@ -188,9 +195,8 @@ def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_t
     with torch.no_grad():
         stored = model.encode_image(x)
         in_training = copy.deepcopy(model).train().encode_image(x)  # batch statistics, as a hacker in training
-    for norm_stats, expected in (("running", stored), ("batch", in_training)):
-        settings = mem.MEMSettings(norm_stats=norm_stats)
-        with mem.attack_mode([model], settings), torch.no_grad():
+    for batch_statistics, expected in ((False, stored), (True, in_training)):
+        with mem.attack_mode([model], batch_statistics), torch.no_grad():
             assert not any(p.requires_grad for p in model.parameters())
             torch.testing.assert_close(model.encode_image(x), expected)
         assert not model.training and all(p.requires_grad for p in model.parameters())
@@ -205,6 +211,15 @@ def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_t
     assert all(torch.equal(model.state_dict()[k], v) for k, v in buffers.items())
     with pytest.raises(ValueError, match="norm_stats"):
         mem.MEMSettings(norm_stats="train").validate()
+    # Protect-on-upload keeps the frozen surrogate's averages: a request may be one image, not a training batch.
+    served = [mem.protect_batch(model, tokenizer, images, captions, replace(settings, norm_stats=n), device="cpu")[0]
+              for n in ("batch", "running")]
+    assert np.array_equal(served[0], served[1])
+    # Settings saved before norm_stats existed mean the stored averages, which is what those jobs used.
+    assert mem.MEMSettings.from_dict({"pgd_steps": 3}) == mem.MEMSettings(pgd_steps=3, norm_stats="running")
+    assert mem.MEMSettings.from_dict(settings.to_dict()) == settings
+    with pytest.raises(ValueError, match="unknown MEM settings: warp"):
+        mem.MEMSettings.from_dict({"warp": 9})
 
 
 def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
@@ -236,8 +251,8 @@ def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
     assert fast_loss.mean() < base.mean()
 
 
-def _loss(model, images_uint8: np.ndarray, captions: list[str], tokenizer) -> float:
-    with torch.no_grad():
+def _loss(model, images_uint8: np.ndarray, captions: list[str], tokenizer, batch_statistics: bool = False) -> float:
+    with torch.no_grad(), mem.attack_mode([model], batch_statistics):
         tokens = tokenizer.tokenize(captions, model.context_length)
         return float(contrastive_loss(model.encode_image(normalize_images(torch.from_numpy(images_uint8))),
                                       model.encode_text(tokens), model.logit_scale))
@@ -253,7 +268,10 @@ def test_mem_loss_is_below_random_noise_of_the_same_epsilon(job, data, tiny):
     rng = np.random.default_rng(0)
     noisy = np.clip(originals.astype(int) + rng.integers(-8, 9, originals.shape), 0, 255).astype(np.uint8)
     plain = [p.caption for p in read_pairs(data, "train.jsonl")]
-    assert _loss(model, protected, [e["caption"] for e in entries], tokenizer) < _loss(model, noisy, plain, tokenizer)
+    # Normalised as the job normalised while it made the noise (norm_stats): with each batch's own statistics.
+    assert json.loads((out / "protection.json").read_text())["settings"]["norm_stats"] == "batch"
+    assert _loss(model, protected, [e["caption"] for e in entries], tokenizer, True) \
+        < _loss(model, noisy, plain, tokenizer, True)
 
     # Protect-on-upload of ONE image of another size: the saved negatives give it a loss to minimise.
     upload = rng.integers(0, 256, (1, 20, 28, 3), dtype=np.uint8)
@@ -419,6 +437,7 @@ def test_a_surrogate_started_from_a_checkpoint_keeps_its_weights_and_vocabulary(
     report = json.loads((tmp_path / "o" / "protection.json").read_text())
     assert report["init_checkpoint"]["sha256"] == mem.file_sha256(tmp_path / "clip.safetensors")
     assert report["clip_preset"] == "pretrained" and report["trigger_words"] == "whole words of tok.json"
+    assert report["settings"]["norm_stats"] == "running"  # a pretrained surrogate's BatchNorm averages are sound
     surrogate, saved_tokenizer, _ = mem.load_surrogate(tmp_path / "o" / report["surrogate"]["path"])
     assert surrogate.config == pretrained.config and saved_tokenizer.merges == tokenizer.merges
     trained = dict(pretrained.named_parameters())
