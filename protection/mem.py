@@ -14,6 +14,8 @@ of image <-> caption. This implementation follows the method and fixes the offic
   round(epsilon * 255)); protected = clip(image + delta, 0, 255) is exactly what a PNG holds;
 - the causal text tower runs only up to the batch's last end-of-text token (padding never matters);
 - batches gather and scatter with array indexing (no per-sample loops); bfloat16 autocast on CUDA;
+- a ResNet surrogate's BatchNorm normalises each attacked batch with its own statistics (norm_stats), as a
+  hacker's model in training does, instead of averages that lag a young surrogate's weights;
 - run_mem() reads images decoded once (uint8 [N, H, W, 3]) and keeps the noise in an int8 array
   that may be an np.memmap (1 byte per sub-pixel per IMAGE, instead of float32 per caption);
 - an image with several captions (Flickr and COCO have five) gets ONE noise and ONE trigger, and each
