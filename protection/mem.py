@@ -67,6 +67,9 @@ MAX_SEQUENCES_PER_FORWARD = 8192
 CPU_SEQUENCES_PER_FORWARD = 64
 
 
+# What MEMSettings.norm_stats may name: the stored BatchNorm averages, or each attacked batch's own statistics.
+NORM_STATS = ("running", "batch")
+
 # Settings added after jobs were already saved, with the value that reproduces the behaviour from before.
 SETTINGS_BEFORE_THEY_EXISTED = {"norm_stats": "running"}
 
@@ -135,8 +138,8 @@ class MEMSettings:
             problems.append(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.stop_loss is not None and not self.stop_loss >= 0:
             problems.append(f"stop_loss must be >= 0 or None, got {self.stop_loss}")
-        if self.norm_stats not in ("running", "batch"):
-            problems.append(f"norm_stats must be 'running' or 'batch', got {self.norm_stats!r}")
+        if self.norm_stats not in NORM_STATS:
+            problems.append(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
         if self.amp not in ("auto", "on", "off"):
             problems.append(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
         if problems:
