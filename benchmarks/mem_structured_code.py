@@ -57,6 +57,9 @@ def write_code_set(data: Path, out: Path, levels: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     codes = {key: rng.integers(0, SYMBOLS, size=GRID * GRID) for key in keys}
     for key in keys:
+        for root in (data, out):  # manifest paths never leave their folder
+            if not (root / key).resolve().is_relative_to(root.resolve()):
+                raise SystemExit(f"{data / 'train.jsonl'}: image path {key!r} leaves {root}")
         image = np.asarray(Image.open(data / key).convert("RGB")).astype(np.int16)
         noise = code_noise(codes[key][None], image.shape[0], image.shape[1], levels)[0]
         (out / key).parent.mkdir(parents=True, exist_ok=True)
