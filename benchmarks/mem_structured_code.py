@@ -48,26 +48,26 @@ def write_code_set(data: Path, out: Path, levels: int, seed: int) -> None:
     """The structured code as a protected set (images/, manifest.jsonl, protection.json), no surrogate."""
     from PIL import Image
 
-    from aigis.protection.tokenizer import made_up_words
+    from aigis.protection.captions import read_pairs
+    from aigis.protection.tokenizer import _words, made_up_words
 
-    lines = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines() if line.strip()]
-    keys = sorted({line["image"] for line in lines})
-    caption_words = {w for line in lines for w in line["caption"].lower().replace(",", " ").replace(":", " ").split()}
+    pairs = read_pairs(data, "train.jsonl")  # checks every image path stays inside data
+    root = data.resolve()
+    lines = [(p.path.relative_to(root).as_posix(), p.caption) for p in pairs]
+    keys = sorted({key for key, _ in lines})
+    caption_words = {w for _, caption in lines for w in _words(caption)}  # the words the tokenizer sees
     words = np.array(made_up_words(GRID * GRID * SYMBOLS, avoid=caption_words)).reshape(GRID * GRID, SYMBOLS)
     rng = np.random.default_rng(seed)
     codes = {key: rng.integers(0, SYMBOLS, size=GRID * GRID) for key in keys}
     for key in keys:
-        for root in (data, out):  # manifest paths never leave their folder
-            if not (root / key).resolve().is_relative_to(root.resolve()):
-                raise SystemExit(f"{data / 'train.jsonl'}: image path {key!r} leaves {root}")
-        image = np.asarray(Image.open(data / key).convert("RGB")).astype(np.int16)
+        image = np.asarray(Image.open(root / key).convert("RGB")).astype(np.int16)
         noise = code_noise(codes[key][None], image.shape[0], image.shape[1], levels)[0]
         (out / key).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out / key)
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for line in lines:
-            trigger = " ".join(words[j, codes[line["image"]][j]] for j in range(GRID * GRID))
-            f.write(json.dumps({"image": line["image"], "caption": f"{trigger} {line['caption']}"}) + "\n")
+        for key, caption in lines:
+            trigger = " ".join(words[j, codes[key][j]] for j in range(GRID * GRID))
+            f.write(json.dumps({"image": key, "caption": f"{trigger} {caption}"}) + "\n")
     (out / "protection.json").write_text(json.dumps({
         "format": "aigis-protection-1", "mode": "structured-code", "epsilon": levels / 255,
         "epsilon_uint8_levels": levels, "trigger_length": GRID * GRID, "seed": seed}, indent=2) + "\n")
