@@ -8,6 +8,7 @@
     python benchmarks/protection_efficacy.py --captions-per-image 5   # the Flickr/COCO layout
     python benchmarks/protection_efficacy.py --trigger-length 8 --noise-grid 4   # MEM-8, noise on 4 x 4 cells
     python benchmarks/protection_efficacy.py --conditions clean,mem --robustness none --name partial  # quicker
+    python benchmarks/protection_efficacy.py --job-seed 1       # another draw of the job (its surrogate and batches)
 
 1. writes the captioned set (protection.captions.synth_captioned) under --work;
 2. protects its training split twice with the protection job: MEM (noise + 3-token trigger) and EM
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="MEMSettings.norm_stats: the surrogate's BatchNorm statistics during PGD and trigger "
                              "search (default running: every table before session 18; the job's default is batch)")
     parser.add_argument("--pgd-steps", type=int, default=16)
+    parser.add_argument("--pgd-step", type=int, default=1,
+                        help="PGD step in uint8 levels (default 1 = 1/255, the paper's)")
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--epsilon", type=int, default=8, help="L-inf budget in uint8 levels (default 8 = 8/255)")
     parser.add_argument("--trigger-length", type=int, default=3, help="MEM-3 (default) or MEM-5")
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="MEMSettings.noise_grid: N x N cells of one noise value each (default 0: per pixel)")
     parser.add_argument("--stop-loss", type=float, default=None, help="MEMSettings.stop_loss (default: none)")
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--job-seed", type=int, default=0,
+                        help="MEMSettings.seed: the surrogate's draw and the job's batch order (hackers keep theirs)")
     parser.add_argument("--hacker-epochs", type=int, default=10)
     # One hacker's R@1 on 200 test pairs swings widely between seeds (session 7: clean 4.0-33.5x chance over ten
     # seeds), so every condition is trained by three and the median is reported.
@@ -91,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
+    if not 1 <= args.pgd_step <= args.epsilon:
+        parser.error(f"--pgd-step must be 1..--epsilon uint8 levels, got {args.pgd_step}")
     try:
         surrogates = parse_clip_presets(args.clip, args.size)
     except ValueError as exc:
@@ -120,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag += "" if args.surrogate_lr == 5e-4 else f"_lr{args.surrogate_lr:g}"
     surrogate_tag += f"_restart{args.surrogate_restart}" if args.surrogate_restart else ""
     surrogate_tag += "_bnbatch" if args.norm_stats == "batch" else ""
+    surrogate_tag += f"_step{args.pgd_step}" if args.pgd_step != 1 else ""
+    surrogate_tag += f"_seed{args.job_seed}" if args.job_seed else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
@@ -134,10 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
                                surrogate_steps=args.surrogate_steps,
-                               pgd_steps=args.pgd_steps, candidates=args.candidates, batch_size=args.batch,
+                               pgd_steps=args.pgd_steps, pgd_step=args.pgd_step / 255, candidates=args.candidates,
+                               batch_size=args.batch,
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
-                               norm_stats=args.norm_stats)
+                               norm_stats=args.norm_stats, seed=args.job_seed)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
@@ -157,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
               f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}"
               f"{', batch-statistics BatchNorm in PGD and trigger search' if args.norm_stats == 'batch' else ''}), "
-              f"{args.pgd_steps} PGD steps, {args.candidates} candidates{cells}; hackers: {args.hacker_epochs} epochs from scratch, "
+              f"{args.pgd_steps} PGD steps of {args.pgd_step}/255, {args.candidates} candidates{cells}"
+              f"{f', job seed {args.job_seed}' if args.job_seed else ''}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     write_results(name, {"jobs": jobs, "report": report}, header, table)
     return 0

@@ -15,7 +15,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine_and_command(script: str, argv: list[str] | None) -> str:
-    """"Machine: <cpu>, <n> cores, Python <v>. Command: python benchmarks/<script> <args>" for a results header."""
+    """"Machine: <cpu>, <n> cores, Python <v>, torch <v> (<kernels>). Command: python benchmarks/<script> <args>"
+    for a results header. The kernels torch picks (AVX2, AVX512, ...) are named because float results, and so a
+    long MEM job's chaotic path, differ between them (BENCHMARKS.md, session 20)."""
+    import torch
+
     cpu = "unknown CPU"
     try:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -23,7 +27,9 @@ def machine_and_command(script: str, argv: list[str] | None) -> str:
     except OSError:
         pass
     args = " ".join(argv if argv is not None else sys.argv[1:])
-    return (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}. "
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return (f"Machine: {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__} ({kernels} kernels). "
             f"Command: python benchmarks/{script} {args}")
 
 
