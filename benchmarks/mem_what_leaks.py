@@ -127,8 +127,9 @@ def train_one(name: str, images: np.ndarray, captions: list[str], test_images: n
            "logit_scale": float(model.logit_scale.detach().exp()),
            **attribute_scores(similarity, layouts, kinds)}
     print(f"{name} hacker {seed}: R@1 {run['x_chance']:.1f}x chance (1/4: {run['x_chance_quarter']:.1f}, "
-          f"1/2: {run['x_chance_half']:.1f}; loss over the epoch before: {run['loss_quarter']:.3f}, {run['loss_half']:.3f}); top-1 same layout {run['same_layout'] / run['same_layout_base']:.2f}x "
-          f"base, same kinds {run['same_kinds'] / run['same_kinds_base']:.2f}x base, R@1 within layout "
+          f"1/2: {run['x_chance_half']:.1f}; loss over the epoch before: {run['loss_quarter']:.3f}, "
+          f"{run['loss_half']:.3f}); top-1 same layout {run['same_layout'] / run['same_layout_base']:.2f}x base, "
+          f"same kinds {run['same_kinds'] / run['same_kinds_base']:.2f}x base, R@1 within layout "
           f"{run['r1_within_layout'] / run['r1_within_layout_chance']:.2f}x chance; last-epoch loss "
           f"{run['final_loss']:.3f}, logit scale {run['logit_scale']:.1f}", file=sys.stderr, flush=True)
     return run
@@ -179,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     layout_sizes = np.bincount(layouts)[layouts]
     ceiling = float(np.mean(1 / layout_sizes) * len(test))  # R@1 x chance of a retriever that knows layout only
     header = (f"{machine_and_command('mem_what_leaks.py', argv)}\n"
-              f"{len(test)} clean test pairs: {layouts.max() + 1} layouts, {kinds.max() + 1} sets of item kinds; a "
-              f"retriever that knew the layout and nothing else would reach {ceiling:.1f}x chance. Hackers `{args.clip}`, "
-              f"{args.epochs} epochs, seeds 0-{args.hackers - 1}; medians over them, each run's in the JSON. Loss floor from an "
-              f"image's other captions in the same batch of {HACKER_BATCH_SIZE}: {floor:.3f}.\n")
+              f"{len(test)} clean test pairs: {layouts.max() + 1} layouts, {kinds.max() + 1} sets of item kinds; "
+              f"a retriever that knew the layout and nothing else would reach {ceiling:.1f}x chance. Hackers "
+              f"`{args.clip}`, {args.epochs} epochs, seeds 0-{args.hackers - 1}; medians over them, each run's in "
+              f"the JSON. Loss floor from an image's other captions in the same batch of {HACKER_BATCH_SIZE}: "
+              f"{floor:.3f}.\n")
     lines = ["| trained on | R@1 x chance | at 1/4 of training | at 1/2 | top-1 same layout, x base | "
              "top-1 same kinds, x base | R@1 within layout, x chance | loss, epoch before 1/4 / 1/2 / last epoch | "
              "logit scale |",
@@ -195,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
 
         lines.append(
             f"| {name} | {med(lambda r: r['x_chance']):.1f} | {med(lambda r: r['x_chance_quarter']):.1f} | "
-            f"{med(lambda r: r['x_chance_half']):.1f} | {med(lambda r: r['same_layout'] / r['same_layout_base']):.2f} | "
+            f"{med(lambda r: r['x_chance_half']):.1f} | "
+            f"{med(lambda r: r['same_layout'] / r['same_layout_base']):.2f} | "
             f"{med(lambda r: r['same_kinds'] / r['same_kinds_base']):.2f} | "
             f"{med(lambda r: r['r1_within_layout'] / r['r1_within_layout_chance']):.2f} | "
             f"{med(lambda r: r['loss_quarter']):.3f} / {med(lambda r: r['loss_half']):.3f} / "
             f"{med(lambda r: r['final_loss']):.3f} | {med(lambda r: r['logit_scale']):.1f} |")
-    write_results(args.name, {"layout_only_ceiling_x_chance": ceiling, "sibling_loss_floor": floor, "runs": runs}, header, "\n".join(lines))
+    payload = {"layout_only_ceiling_x_chance": ceiling, "sibling_loss_floor": floor, "runs": runs}
+    write_results(args.name, payload, header, "\n".join(lines))
     return 0
 
 
