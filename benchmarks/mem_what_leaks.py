@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protection_results import machine_and_command, write_results  # noqa: E402
 
@@ -98,7 +97,8 @@ def train_one(name: str, images: np.ndarray, captions: list[str], test_images: n
     tokenizer = Tokenizer.train(captions, vocab_size=HACKER_TOKENIZER_VOCAB)
     longest = max(len(tokenizer.encode(c)) for c in captions) + 2  # as the efficacy hacker: no caption cut
     model = new_hacker(args.clip, args.size, tokenizer.vocab_size, seed, context_length=longest)
-    total = args.epochs * batches_per_epoch(len(images), HACKER_BATCH_SIZE)
+    per_epoch = batches_per_epoch(len(images), HACKER_BATCH_SIZE)
+    total = args.epochs * per_epoch
     marks = {total // 4: "quarter", total // 2: "half"}
     curve: dict = {"losses": []}
 
@@ -117,12 +117,11 @@ def train_one(name: str, images: np.ndarray, captions: list[str], test_images: n
     image_features, text_features = embed(model, test_images, tokenizer.tokenize(test_captions, model.context_length),
                                           torch.device(args.device))
     similarity = (image_features @ text_features.t()).numpy()
-    per_epoch = batches_per_epoch(len(images), HACKER_BATCH_SIZE)
     epoch_loss = [float(np.mean(curve["losses"][e * per_epoch : (e + 1) * per_epoch])) for e in range(args.epochs)]
     run = {"set": name, "seed": seed, "x_chance": x_chance(), "x_chance_quarter": curve["x_chance_quarter"],
            "x_chance_half": curve["x_chance_half"], "epoch_loss": epoch_loss,
-           "loss_quarter": float(np.mean(curve["losses"][total // 4 - per_epoch : total // 4])),
-           "loss_half": float(np.mean(curve["losses"][total // 2 - per_epoch : total // 2])),
+           "loss_quarter": float(np.mean(curve["losses"][max(0, total // 4 - per_epoch) : total // 4])),
+           "loss_half": float(np.mean(curve["losses"][max(0, total // 2 - per_epoch) : total // 2])),
            "final_loss": epoch_loss[-1],
            "logit_scale": float(model.logit_scale.detach().exp()),
            **attribute_scores(similarity, layouts, kinds)}
@@ -156,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     test = read_pairs(data, "test.jsonl")
     attributes = [caption_attributes(p.caption) for p in test]
     # one integer id per distinct layout / kind set, so that equal ones compare equal
-    layouts = np.unique([sorted(a[0]).__repr__() for a in attributes], return_inverse=True)[1]
-    kinds = np.unique([sorted(a[1]).__repr__() for a in attributes], return_inverse=True)[1]
+    layouts = np.unique([repr(sorted(a[0])) for a in attributes], return_inverse=True)[1]
+    kinds = np.unique([repr(sorted(a[1])) for a in attributes], return_inverse=True)[1]
     test_images = load_images(test, args.size, progress=False)
     test_captions = [p.caption for p in test]
     sets = {"clean": clean}
