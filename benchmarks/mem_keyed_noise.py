@@ -63,6 +63,7 @@ def kind_patterns(pattern: str, seed: int) -> np.ndarray:
     from aigis.protection.fashion import CLASSES
 
     side = PATTERN_SIDE[pattern]
+    # one pattern more is drawn than used (an "empty cell" pattern the measured sets left out), so the draw is theirs
     values = np.random.default_rng(seed).choice([-1, 1], size=(len(CLASSES) + 1, side, side, 3))[: len(CLASSES)]
     if pattern == "cells":
         values = np.repeat(np.repeat(values, CELL_PX, 1), CELL_PX, 2)
