@@ -1,0 +1,43 @@
+"""The caption readers the MEM probes in benchmarks/ rely on: they must read back what the generator wrote."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from mem_adversarial_poison import renamed_caption  # noqa: E402
+from mem_keyed_noise import caption_items  # noqa: E402
+
+from aigis.protection.captions import describe_fashion_scene  # noqa: E402
+from aigis.protection.fashion import CELLS, CLASSES, PlacedItem  # noqa: E402
+
+
+def random_scenes(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        cells = [list(CELLS)[i] for i in rng.permutation(len(CELLS))[: int(rng.integers(2, 5))]]
+        # few kinds, so scenes with two or more items of one kind ("two shirts at ...") come up often
+        kinds = rng.integers(0, len(CLASSES), size=len(cells)) if rng.random() < 0.5 else rng.integers(5, 7, size=len(cells))
+        placed = [PlacedItem(0, int(k), c, (200.0, 200.0, 200.0)) for k, c in zip(kinds, sorted(cells))]
+        yield {p.cell: p.label for p in placed}, describe_fashion_scene(placed, rng)
+
+
+def test_caption_items_reads_back_every_item_and_its_cell():
+    for truth, caption in random_scenes(300, seed=0):
+        assert caption_items(caption) == truth, caption
+
+
+@pytest.mark.parametrize("shift", [1, 3])
+def test_renamed_caption_names_every_item_as_the_shifted_kind(shift):
+    for truth, caption in random_scenes(200, seed=1):
+        renamed = renamed_caption(caption, shift)
+        assert caption_items(renamed) == {cell: (k + shift) % len(CLASSES) for cell, k in truth.items()}, renamed
+        assert " an " not in renamed.replace(" an ankle", "")  # "an" only where the new name needs it
+
+
+def test_caption_items_rejects_a_caption_without_items():
+    with pytest.raises(SystemExit, match="not a fashion-scene caption"):
+        caption_items("a red circle at the top left")
