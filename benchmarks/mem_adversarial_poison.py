@@ -35,7 +35,7 @@ SURROGATE_SEED = 100  # a hacker seed the evaluation's hackers (0..5) never use
 
 
 def renamed_caption(caption: str, shift: int) -> str:
-    """The caption with every item kind k named as kind (k + shift) mod 10, articles fixed ("a"/"an")."""
+    """The caption with every item kind k named as kind (k + shift) mod len(CLASSES), articles fixed ("a"/"an")."""
     from aigis.protection.fashion import CLASSES
 
     lookup = {}
@@ -43,7 +43,8 @@ def renamed_caption(caption: str, shift: int) -> str:
         target = CLASSES[(label + shift) % len(CLASSES)]
         lookup[singular], lookup[plural] = target
     names = sorted(lookup, key=len, reverse=True)  # "t-shirt" before "shirt"
-    renamed = re.sub(r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")\b", lambda m: lookup[m.group(1)], caption)
+    pattern = r"(?<![\w-])(" + "|".join(map(re.escape, names)) + r")\b"
+    renamed = re.sub(pattern, lambda m: lookup[m.group(1)], caption)
     return re.sub(r"\b(a|an) (\w)", lambda m: ("an " if m.group(2) in "aeiou" else "a ") + m.group(2), renamed)
 
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from aigis.protection import mem
     from aigis.protection.captions import load_images, read_pairs
-    from aigis.protection.evaluate import evaluate_protection, markdown_table, new_hacker
+    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB, evaluate_protection, markdown_table, new_hacker
     from aigis.protection.retrieval import train_clip
     from aigis.protection.tokenizer import Tokenizer
 
@@ -80,9 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     keys = [p.path.relative_to(root).as_posix() for p in pairs]
     started = time.perf_counter()
 
-    # 1. A CLIP trained on the clean pairs, as a hacker would train it.
-    tokenizer = Tokenizer.train(captions, vocab_size=4096)
-    longest = max(len(tokenizer.encode(c)) for c in captions) + 2
+    # 1. A CLIP trained on the clean pairs, as a hacker would train it (its context also fits the renamed captions).
+    renamed = [renamed_caption(c, args.shift) for c in captions]
+    tokenizer = Tokenizer.train(captions, vocab_size=HACKER_TOKENIZER_VOCAB)
+    longest = max(len(tokenizer.encode(c)) for c in captions + renamed) + 2
     model = new_hacker("rn_tiny", 32, tokenizer.vocab_size, SURROGATE_SEED, context_length=longest)
     pair_images = load_images(pairs, 32, progress=False)
     train_clip(model, pair_images, captions, tokenizer, epochs=10, batch_size=50, lr=1e-3, seed=SURROGATE_SEED)
@@ -90,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
 
-    # 2. Each image's target: the mean embedding of its captions with the kinds renamed.
+    # 2. Each image's target: the direction of its renamed captions' summed embeddings (pair_losses normalises).
     unique = sorted(set(keys))
     row = {key: i for i, key in enumerate(unique)}
-    images = np.stack([pair_images[keys.index(key)] for key in unique])
-    renamed = [renamed_caption(c, args.shift) for c in captions]
+    first_pair = {key: i for i, key in reversed(list(enumerate(keys)))}
+    images = np.stack([pair_images[first_pair[key]] for key in unique])
     with torch.no_grad():
         text = F.normalize(mem.encode_text_trimmed(model, tokenizer.tokenize(renamed, model.context_length, 0)), dim=-1)
     owner = torch.tensor([row[k] for k in keys])
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. PGD on the uint8 grid: each image towards its own target among the batch's targets.
     noise = torch.zeros(images.shape, dtype=torch.int16)
     generator = torch.Generator().manual_seed(0)
+    target_losses = []
     for index in mem._batches(len(unique), 100, generator):
         x_u8 = torch.from_numpy(images[index]).to(torch.int16)
         delta = noise[index]
@@ -116,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             delta = (delta - grad.sign().to(torch.int16)).clamp(-levels, levels)
             delta = (x_u8 + delta).clamp(0, 255) - x_u8
         noise[index] = delta
-        print(f"batch of {len(index)}: target loss {float(loss):.4f} after {args.steps} steps", file=sys.stderr, flush=True)
+        target_losses.append(float(loss))  # of the last step: how far the model now sees the renamed kinds
+        print(f"batch of {len(index)}: target loss {target_losses[-1]:.4f} after {args.steps} steps", file=sys.stderr,
+              flush=True)
     seconds = time.perf_counter() - started
 
     # 4. The published set: protected PNGs, captions unchanged.
@@ -132,15 +137,18 @@ def main(argv: list[str] | None = None) -> int:
         "epsilon_uint8_levels": levels, "trigger_length": 0, "steps": args.steps, "shift": args.shift,
         "noise_grid": grid}, indent=2) + "\n")
 
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out}, out_dir=Path(args.work) / f"evaluation_{tag}",
-                                 conditions=["mem"], robustness=[], clip_preset="rn_tiny", image_size=32, epochs=10,
-                                 hackers=args.hackers, epsilon=levels / 255)
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out},
+                                 out_dir=Path(args.work) / f"evaluation_{tag}", conditions=["mem"], robustness=[],
+                                 clip_preset="rn_tiny", image_size=32, epochs=10, hackers=args.hackers,
+                                 epsilon=levels / 255)
     header = (f"{machine_and_command('mem_adversarial_poison.py', argv)}\n"
-              f"Targeted adversarial poison: items pushed towards kind k + {args.shift} under an `rn_tiny` CLIP trained "
-              f"on the clean pairs; {args.steps} PGD steps, {f'{grid} x {grid} cells' if grid else 'per pixel'}, "
-              f"+-{levels}/255, captions unchanged; made in {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from "
-              f"scratch, 10 epochs.\n")
-    write_results(f"mem_adversarial_poison_{tag}", {"seconds": seconds, "report": report}, header, markdown_table(report))
+              f"Targeted adversarial poison: items pushed towards kind k + {args.shift} under an `rn_tiny` CLIP "
+              f"trained on the clean pairs; {args.steps} PGD steps, "
+              f"{f'{grid} x {grid} cells' if grid else 'per pixel'}, +-{levels}/255, captions unchanged; "
+              f"made in {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
+    write_results(f"mem_adversarial_poison_{tag}",
+                  {"seconds": seconds, "target_losses": target_losses, "report": report}, header,
+                  markdown_table(report))
     return 0
 
 

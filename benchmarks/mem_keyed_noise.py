@@ -63,8 +63,7 @@ def kind_patterns(pattern: str, seed: int) -> np.ndarray:
     from aigis.protection.fashion import CLASSES
 
     side = PATTERN_SIDE[pattern]
-    # one pattern more is drawn than used (an "empty cell" pattern the measured sets left out), so the draw is theirs
-    values = np.random.default_rng(seed).choice([-1, 1], size=(len(CLASSES) + 1, side, side, 3))[: len(CLASSES)]
+    values = np.random.default_rng(seed).choice([-1, 1], size=(len(CLASSES), side, side, 3))
     if pattern == "cells":
         values = np.repeat(np.repeat(values, CELL_PX, 1), CELL_PX, 2)
     return values
@@ -95,7 +94,8 @@ def write_keyed_set(data: Path, out: Path, pattern: str, levels: int, seed: int)
         noise = np.zeros_like(image)
         for (row, col), label in items.items():
             reps = half // patterns.shape[1]
-            noise[row * half : (row + 1) * half, col * half : (col + 1) * half] = np.tile(patterns[label], (reps, reps, 1)) * levels
+            quarter = np.tile(patterns[label], (reps, reps, 1)) * levels
+            noise[row * half : (row + 1) * half, col * half : (col + 1) * half] = quarter
         (out / key).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out / key)
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:

@@ -20,9 +20,11 @@ Data: the five-caption Fashion-MNIST scenes of `--data`. Results: benchmarks/res
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,8 +33,9 @@ from protection_results import machine_and_command, write_results
 REPO = Path(__file__).resolve().parent.parent
 
 
-def lookahead_pgd(alpha: float):
-    """A drop-in for mem.pgd_noise whose loss is the surrogates' loss after a virtual step of `alpha`."""
+def lookahead_pgd(alpha: float) -> Callable[..., tuple[torch.Tensor, float]]:
+    """A stand-in for mem.pgd_noise inside the protection job (float32, no negatives: not for protect-on-upload)
+    whose loss is the surrogates' loss after a virtual step of `alpha`."""
     from torch.func import functional_call
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -53,8 +56,11 @@ def lookahead_pgd(alpha: float):
                    for (n, w), g in zip(weights.items(), grads)}
         return loss_at(stepped), float(now.detach())
 
-    def pgd_noise(model, images_u8, delta, tokens, triggers, settings, steps, generator, negatives=None):
-        models, _ = mem.surrogates_and_negatives(model, negatives)
+    def pgd_noise(model, images_u8: torch.Tensor, delta: torch.Tensor, tokens: torch.Tensor, triggers: torch.Tensor,
+                  settings, steps: int, generator: torch.Generator, negatives=None) -> tuple[torch.Tensor, float]:
+        if negatives is not None:
+            raise ValueError("the look-ahead PGD is for the protection job, which has no negatives")
+        models = mem.surrogate_list(model)
         eps, step = settings.epsilon_levels, settings.step_levels
         image, delta = images_u8.to(torch.int16), delta.to(torch.int16)
         loss_value = float("nan")
@@ -105,19 +111,23 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - started
     finally:
         mem.pgd_noise = original
-    jobs = {"mem": {"seconds": seconds, "alpha": args.alpha, "settings": settings.to_dict(),
-                    **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}}
+    checkpoint = out / "work" / f"ckpt-{summary['outer_iterations_run']}" / "state.json"  # the job's last one
+    history = json.loads(checkpoint.read_text())["history"] if checkpoint.is_file() else []
+    jobs = {"mem": {"seconds": seconds, "alpha": args.alpha, "settings": settings.to_dict(), **summary,
+                    "history": history}}
     if args.hackers == 0:
         print(f"job {seconds:.0f} s; no hackers asked for")
         return 0
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out}, out_dir=out.parent / f"evaluation_{out.name}",
-                                 conditions=["mem"], robustness=[], clip_preset="rn_tiny", image_size=32, epochs=10,
-                                 hackers=args.hackers, epsilon=8 / 255)
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out},
+                                 out_dir=out.parent / f"evaluation_{out.name}", conditions=["mem"], robustness=[],
+                                 clip_preset="rn_tiny", image_size=32, epochs=10, hackers=args.hackers,
+                                 epsilon=8 / 255)
     header = (f"{machine_and_command('mem_lookahead.py', argv)}\n"
               f"MEM whose PGD minimises the surrogate's loss after a virtual image-tower step of {args.alpha:g} "
               f"(RMS-normalised gradient); `rn_tiny`, MEM-16, 4 x 4 cells, batch statistics, job seed "
               f"{args.job_seed}, job {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
-    write_results(f"mem_lookahead_seed{args.job_seed}", {"jobs": jobs, "report": report}, header, markdown_table(report))
+    write_results(f"mem_lookahead_seed{args.job_seed}", {"jobs": jobs, "report": report}, header,
+                  markdown_table(report))
     return 0
 
 
