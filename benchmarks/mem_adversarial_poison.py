@@ -19,8 +19,6 @@ benchmarks/results/mem_adversarial_poison[_<tag>].{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 import time
@@ -28,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from protection_results import machine_and_command, write_results
+from protection_results import (evaluate_probe_set, machine_and_command, probe_data, probe_parser,
+                                write_probe_manifest, write_results)
 
-REPO = Path(__file__).resolve().parent.parent
 SURROGATE_SEED = 100  # a hacker seed the evaluation's hackers (0..5) never use
 
 
@@ -49,18 +47,12 @@ def renamed_caption(caption: str, shift: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser(__doc__, "adversarial_poison", hackers=6)
     parser.add_argument("--steps", type=int, default=100, help="PGD steps of 1/255")
     parser.add_argument("--noise-grid", type=int, default=0, help="N x N cells of one value (default 0: per pixel)")
     parser.add_argument("--shift", type=int, default=1, help="kind k is made to look like kind k + shift")
-    parser.add_argument("--data", default=str(REPO / "runs" / "bench" / "fc5_mem16_g4_bnb" / "captions"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "adversarial_poison"))
-    parser.add_argument("--hackers", type=int, default=6)
     args = parser.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "train.jsonl").is_file():
-        parser.error(f"--data {data}: no train.jsonl (make it with protection_efficacy.py --style fashion "
-                     f"--captions-per-image 5)")
+    data = probe_data(parser, args.data)
 
     import torch
     import torch.nn.functional as F
@@ -68,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from aigis.protection import mem
     from aigis.protection.captions import load_images, read_pairs
-    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB, evaluate_protection, markdown_table, new_hacker
+    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB, markdown_table, new_hacker
     from aigis.protection.retrieval import train_clip
     from aigis.protection.tokenizer import Tokenizer
 
@@ -129,18 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / key).parent.mkdir(parents=True, exist_ok=True)
         protected = (torch.from_numpy(images[row[key]]).to(torch.int16) + noise[row[key]]).clamp(0, 255)
         Image.fromarray(protected.to(torch.uint8).numpy()).save(out / key)
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for key, caption in zip(keys, captions):
-            f.write(json.dumps({"image": key, "caption": caption}) + "\n")
-    (out / "protection.json").write_text(json.dumps({
-        "format": "aigis-protection-1", "mode": "adversarial-poison", "epsilon": levels / 255,
-        "epsilon_uint8_levels": levels, "trigger_length": 0, "steps": args.steps, "shift": args.shift,
-        "noise_grid": grid}, indent=2) + "\n")
+    write_probe_manifest(out, list(zip(keys, captions)), {
+        "mode": "adversarial-poison", "epsilon": levels / 255, "epsilon_uint8_levels": levels, "trigger_length": 0,
+        "steps": args.steps, "shift": args.shift, "noise_grid": grid})
 
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out},
-                                 out_dir=Path(args.work) / f"evaluation_{tag}", conditions=["mem"], robustness=[],
-                                 clip_preset="rn_tiny", image_size=32, epochs=10, hackers=args.hackers,
-                                 epsilon=levels / 255)
+    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}", args.hackers, levels)
     header = (f"{machine_and_command('mem_adversarial_poison.py', argv)}\n"
               f"Targeted adversarial poison: items pushed towards kind k + {args.shift} under an `rn_tiny` CLIP "
               f"trained on the clean pairs; {args.steps} PGD steps, "

@@ -19,17 +19,15 @@ read back). Results: benchmarks/results/mem_keyed_noise_<pattern>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from protection_results import machine_and_command, write_results
+from protection_results import (evaluate_probe_set, machine_and_command, probe_data, probe_parser,
+                                write_probe_manifest, write_results)
 
-REPO = Path(__file__).resolve().parent.parent
 PATTERN_SIDE = {"texture": 16, "cells": 2}  # random +-1 values per side of one item's pattern
 CELL_PX = 4  # "cells": each value covers 4 x 4 px, the 8 x 8 code tiled over the item's quarter
 
@@ -98,28 +96,18 @@ def write_keyed_set(data: Path, out: Path, pattern: str, levels: int, seed: int)
             noise[row * half : (row + 1) * half, col * half : (col + 1) * half] = quarter
         (out / key).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out / key)
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for key, caption in lines:
-            f.write(json.dumps({"image": key, "caption": caption}) + "\n")
-    (out / "protection.json").write_text(json.dumps({
-        "format": "aigis-protection-1", "mode": f"keyed-{pattern}", "epsilon": levels / 255,
-        "epsilon_uint8_levels": levels, "trigger_length": 0, "seed": seed}, indent=2) + "\n")
+    write_probe_manifest(out, lines, {"mode": f"keyed-{pattern}", "epsilon": levels / 255,
+                                      "epsilon_uint8_levels": levels, "trigger_length": 0, "seed": seed})
     return disagreeing
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser(__doc__, "keyed_noise", hackers=3)
     parser.add_argument("--pattern", choices=sorted(PATTERN_SIDE), required=True)
-    parser.add_argument("--data", default=str(REPO / "runs" / "bench" / "fc5_mem16_g4_bnb" / "captions"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "keyed_noise"))
-    parser.add_argument("--hackers", type=int, default=3)
     args = parser.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "train.jsonl").is_file():
-        parser.error(f"--data {data}: no train.jsonl (make it with protection_efficacy.py --style fashion "
-                     f"--captions-per-image 5)")
+    data = probe_data(parser, args.data)
 
-    from aigis.protection.evaluate import evaluate_protection, markdown_table
+    from aigis.protection.evaluate import markdown_table
 
     levels = 8
     out = Path(args.work) / args.pattern

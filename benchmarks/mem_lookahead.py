@@ -19,7 +19,6 @@ Data: the five-caption Fashion-MNIST scenes of `--data`. Results: benchmarks/res
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -28,9 +27,8 @@ from typing import Callable
 
 import torch
 
-from protection_results import machine_and_command, write_results
+from protection_results import evaluate_probe_set, machine_and_command, probe_data, probe_parser, write_results
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def lookahead_pgd(alpha: float) -> Callable[..., tuple[torch.Tensor, float]]:
@@ -83,21 +81,15 @@ def lookahead_pgd(alpha: float) -> Callable[..., tuple[torch.Tensor, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser(__doc__, "lookahead", hackers=6)
     parser.add_argument("--alpha", type=float, default=5e-3, help="the virtual step, in RMS-normalised gradients")
     parser.add_argument("--job-seed", type=int, default=0)
     parser.add_argument("--outer", type=int, default=60)
-    parser.add_argument("--data", default=str(REPO / "runs" / "bench" / "fc5_mem16_g4_bnb" / "captions"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "lookahead"))
-    parser.add_argument("--hackers", type=int, default=6)
     args = parser.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "train.jsonl").is_file():
-        parser.error(f"--data {data}: no train.jsonl (make it with protection_efficacy.py --style fashion "
-                     f"--captions-per-image 5)")
+    data = probe_data(parser, args.data)
 
     from aigis.protection import job, mem
-    from aigis.protection.evaluate import evaluate_protection, markdown_table
+    from aigis.protection.evaluate import markdown_table
 
     settings = mem.MEMSettings(epsilon=8 / 255, trigger_length=16, outer_iterations=args.outer, surrogate_steps=2,
                                pgd_steps=16, candidates=8, batch_size=100, trigger_iterations=5, lr=5e-4,
@@ -118,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.hackers == 0:
         print(f"job {seconds:.0f} s; no hackers asked for")
         return 0
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out},
-                                 out_dir=out.parent / f"evaluation_{out.name}", conditions=["mem"], robustness=[],
-                                 clip_preset="rn_tiny", image_size=32, epochs=10, hackers=args.hackers,
-                                 epsilon=8 / 255)
+    report = evaluate_probe_set(data, out, out.parent / f"evaluation_{out.name}", args.hackers)
     header = (f"{machine_and_command('mem_lookahead.py', argv)}\n"
               f"MEM whose PGD minimises the surrogate's loss after a virtual image-tower step of {args.alpha:g} "
               f"(RMS-normalised gradient); `rn_tiny`, MEM-16, 4 x 4 cells, batch statistics, job seed "

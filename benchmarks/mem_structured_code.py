@@ -21,17 +21,15 @@ Data: the five-caption Fashion-MNIST scenes of `--data` (made by protection_effi
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from protection_results import machine_and_command, write_results
+from protection_results import (evaluate_probe_set, machine_and_command, probe_data, probe_parser,
+                                write_probe_manifest, write_results)
 
-REPO = Path(__file__).resolve().parent.parent
 GRID = 4
 SYMBOLS = 8  # 3 bits: the noise's sign in each colour channel
 
@@ -64,13 +62,10 @@ def write_code_set(data: Path, out: Path, levels: int, seed: int) -> None:
         noise = code_noise(codes[key][None], image.shape[0], image.shape[1], levels)[0]
         (out / key).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out / key)
-    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
-        for key, caption in lines:
-            trigger = " ".join(words[j, codes[key][j]] for j in range(GRID * GRID))
-            f.write(json.dumps({"image": key, "caption": f"{trigger} {caption}"}) + "\n")
-    (out / "protection.json").write_text(json.dumps({
-        "format": "aigis-protection-1", "mode": "structured-code", "epsilon": levels / 255,
-        "epsilon_uint8_levels": levels, "trigger_length": GRID * GRID, "seed": seed}, indent=2) + "\n")
+    triggers = {key: " ".join(words[j, codes[key][j]] for j in range(GRID * GRID)) for key in keys}
+    write_probe_manifest(out, [(key, f"{triggers[key]} {caption}") for key, caption in lines], {
+        "mode": "structured-code", "epsilon": levels / 255, "epsilon_uint8_levels": levels,
+        "trigger_length": GRID * GRID, "seed": seed})
 
 
 def run_mem_from_code(data: Path, out: Path, levels: int, trigger_iterations: int, seed: int) -> dict:
@@ -107,19 +102,13 @@ def run_mem_from_code(data: Path, out: Path, levels: int, trigger_iterations: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = probe_parser(__doc__, "structured_code", hackers=6)
     parser.add_argument("--variant", choices=("code", "mem"), required=True)
     parser.add_argument("--trigger-iterations", type=int, default=0, help="with --variant mem (default 0: fixed)")
-    parser.add_argument("--data", default=str(REPO / "runs" / "bench" / "fc5_mem16_g4_bnb" / "captions"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "bench" / "structured_code"))
-    parser.add_argument("--hackers", type=int, default=6)
     args = parser.parse_args(argv)
-    data = Path(args.data)
-    if not (data / "train.jsonl").is_file():
-        parser.error(f"--data {data}: no train.jsonl (make it with protection_efficacy.py --style fashion "
-                     f"--captions-per-image 5)")
+    data = probe_data(parser, args.data)
 
-    from aigis.protection.evaluate import evaluate_protection, markdown_table
+    from aigis.protection.evaluate import markdown_table
 
     levels = 8
     variant = args.variant if args.variant == "code" else f"mem_t{args.trigger_iterations}"
@@ -129,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         write_code_set(data, out, levels, seed=0)
     else:
         jobs["mem"] = run_mem_from_code(data, out, levels, args.trigger_iterations, seed=1234)
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out}, out_dir=Path(args.work) / f"evaluation_{variant}",
-                                 conditions=["mem"], robustness=[], clip_preset="rn_tiny", image_size=32, epochs=10,
-                                 hackers=args.hackers, epsilon=levels / 255)
+    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{variant}", args.hackers, levels)
     header = (f"{machine_and_command('mem_structured_code.py', argv)}\n"
               f"Structured code ({GRID} x {GRID} cells x 3 colour-sign bits <-> a {GRID * GRID}-word trigger), "
               f"variant {variant}; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")

@@ -40,3 +40,46 @@ def write_results(name: str, payload: dict, header: str, table: str) -> None:
     (RESULTS / f"{name}.md").write_text(header + "\n" + table + "\n")
     print(header)
     print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# The protection probes on the five-caption Fashion-MNIST scenes (mem_structured_code.py, mem_keyed_noise.py, ...)
+
+FASHION_CAPTIONS = Path(__file__).resolve().parent.parent / "runs" / "bench" / "fc5_mem16_g4_bnb" / "captions"
+
+
+def probe_parser(description: str, work: str, hackers: int):
+    """An argument parser with the probes' shared options: --data, --work (runs/bench/<work>), --hackers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(FASHION_CAPTIONS))
+    parser.add_argument("--work", default=str(FASHION_CAPTIONS.parent.parent / work))
+    parser.add_argument("--hackers", type=int, default=hackers)
+    return parser
+
+
+def probe_data(parser, data: str) -> Path:
+    """--data as a Path, or a parser error naming how to make it."""
+    path = Path(data)
+    if not (path / "train.jsonl").is_file():
+        parser.error(f"--data {path}: no train.jsonl (make it with protection_efficacy.py --style fashion "
+                     f"--captions-per-image 5)")
+    return path
+
+
+def evaluate_probe_set(data: Path, protected: Path, out_dir: Path, hackers: int, levels: int = 8) -> dict:
+    """The efficacy benchmark's hackers (`rn_tiny` from scratch, 10 epochs, 32 px) on one protected set."""
+    from aigis.protection.evaluate import evaluate_protection
+
+    return evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": protected}, out_dir=out_dir,
+                               conditions=["mem"], robustness=[], clip_preset="rn_tiny", image_size=32, epochs=10,
+                               hackers=hackers, epsilon=levels / 255)
+
+
+def write_probe_manifest(out: Path, lines: list[tuple[str, str]], meta: dict) -> None:
+    """manifest.jsonl ((image, caption) per line) and protection.json of a protected set made by a probe."""
+    with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
+        for key, caption in lines:
+            f.write(json.dumps({"image": key, "caption": caption}) + "\n")
+    (out / "protection.json").write_text(json.dumps({"format": "aigis-protection-1", **meta}, indent=2) + "\n")
