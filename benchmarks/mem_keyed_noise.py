@@ -112,10 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     levels = 8
     out = Path(args.work) / args.pattern
     disagreeing = write_keyed_set(data, out, args.pattern, levels, seed=0)
-    report = evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": out},
-                                 out_dir=Path(args.work) / f"evaluation_{args.pattern}", conditions=["mem"],
-                                 robustness=[], clip_preset="rn_tiny", image_size=32, epochs=10,
-                                 hackers=args.hackers, epsilon=levels / 255)
+    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{args.pattern}", args.hackers, levels)
     header = (f"{machine_and_command('mem_keyed_noise.py', argv)}\n"
               f"Noise keyed by item kind ({args.pattern}, +-{levels}/255 over each item's quarter, empty quarters "
               f"none), captions unchanged, no surrogate; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs. "

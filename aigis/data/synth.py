@@ -334,7 +334,7 @@ class TaskRenderer:
 
     def fakes(self, domain: RealDomain, rngs: list[np.random.Generator], split: str) -> list[bytes]:
         """A batch of fakes (batched so the decoders run one array op per layer)."""
-        family, size = self.task.family, self.size
+        size = self.size
         if self.decoder is not None:
             low = size >> self.decoder.stages
             content = np.stack([domain.render(rng, split, low) for rng in rngs]).transpose(0, 3, 1, 2)
