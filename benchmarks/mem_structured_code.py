@@ -22,13 +22,12 @@ Data: the five-caption Fashion-MNIST scenes of `--data` (made by protection_effi
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from protection_results import (evaluate_probe_set, machine_and_command, probe_data, probe_parser,
-                                write_probe_manifest, write_results)
+from protection_results import (default_job_settings, evaluate_probe_set, machine_and_command, probe_data,
+                                probe_parser, run_job_from, write_probe_manifest, write_results)
 
 GRID = 4
 SYMBOLS = 8  # 3 bits: the noise's sign in each colour channel
@@ -69,36 +68,22 @@ def write_code_set(data: Path, out: Path, levels: int, seed: int) -> None:
 
 
 def run_mem_from_code(data: Path, out: Path, levels: int, trigger_iterations: int, seed: int) -> dict:
-    """The protection job with noise and triggers initialised from a structured code (run_mem wrapped once)."""
-    from aigis.protection import job, mem
+    """The protection job with noise and triggers initialised from a structured code."""
 
-    original = mem.run_mem
+    def from_code(state, tokenizer, images):
+        n, h, w, _ = images.shape
+        codes = np.random.default_rng(seed).integers(0, SYMBOLS, size=(n, GRID * GRID))
+        noise = code_noise(codes, h, w, levels)
+        state.noise[...] = (np.clip(images.astype(np.int16) + noise, 0, 255) - images).astype(np.int8)
+        candidates = tokenizer.trigger_candidates().numpy()
+        if len(candidates) < GRID * GRID * SYMBOLS:
+            raise SystemExit(f"the tokenizer has {len(candidates)} trigger words; the code needs {GRID * GRID * SYMBOLS}")
+        table = candidates[: GRID * GRID * SYMBOLS].reshape(GRID * GRID, SYMBOLS)
+        state.triggers[...] = table[np.arange(GRID * GRID)[None, :], codes]
 
-    def from_code(state, tokenizer, images, captions, settings, **kwargs):
-        if state.iteration == 0:  # a fresh job (a resumed one keeps what it had)
-            n, h, w, _ = images.shape
-            codes = np.random.default_rng(seed).integers(0, SYMBOLS, size=(n, GRID * GRID))
-            noise = code_noise(codes, h, w, levels)
-            state.noise[...] = (np.clip(images.astype(np.int16) + noise, 0, 255) - images).astype(np.int8)
-            candidates = tokenizer.trigger_candidates().numpy()
-            if len(candidates) < GRID * GRID * SYMBOLS:
-                raise SystemExit(f"the tokenizer has {len(candidates)} trigger words; the code needs {GRID * GRID * SYMBOLS}")
-            table = candidates[: GRID * GRID * SYMBOLS].reshape(GRID * GRID, SYMBOLS)
-            state.triggers[...] = table[np.arange(GRID * GRID)[None, :], codes]
-            print("noise and triggers initialised from a structured code", file=sys.stderr, flush=True)
-        return original(state, tokenizer, images, captions, settings, **kwargs)
-
-    settings = mem.MEMSettings(epsilon=levels / 255, trigger_length=GRID * GRID, outer_iterations=60,
-                               surrogate_steps=2, pgd_steps=16, candidates=8, batch_size=100,
-                               trigger_iterations=trigger_iterations, lr=5e-4, noise_grid=GRID, norm_stats="batch")
-    mem.run_mem = from_code
-    try:
-        started = time.perf_counter()
-        summary = job.protect_dataset(data, "train.jsonl", out, settings, clip_preset="rn_tiny", image_size=32)
-    finally:
-        mem.run_mem = original
-    return {"seconds": time.perf_counter() - started, "settings": settings.to_dict(),
-            **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
+    settings = default_job_settings(epsilon=levels / 255, trigger_length=GRID * GRID, noise_grid=GRID,
+                                    trigger_iterations=trigger_iterations)
+    return run_job_from(data, out, settings, from_code)
 
 
 def main(argv: list[str] | None = None) -> int:

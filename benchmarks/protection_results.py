@@ -83,3 +83,39 @@ def write_probe_manifest(out: Path, lines: list[tuple[str, str]], meta: dict) ->
         for key, caption in lines:
             f.write(json.dumps({"image": key, "caption": caption}) + "\n")
     (out / "protection.json").write_text(json.dumps({"format": "aigis-protection-1", **meta}, indent=2) + "\n")
+
+
+def default_job_settings(**changes):
+    """The efficacy benchmark's default MEM job on these scenes (rn_tiny, MEM-16, 4 x 4 cells, batch statistics,
+    60 outer iterations of 2 surrogate steps, 16 PGD steps), with `changes` applied."""
+    from aigis.protection.mem import MEMSettings
+
+    values = dict(epsilon=8 / 255, trigger_length=16, outer_iterations=60, surrogate_steps=2, pgd_steps=16,
+                  candidates=8, batch_size=100, trigger_iterations=5, lr=5e-4, noise_grid=4, norm_stats="batch")
+    return MEMSettings(**{**values, **changes})
+
+
+def run_job_from(data: Path, out: Path, settings, initialise) -> dict:
+    """The protection job (rn_tiny, 32 px) with its noise and triggers first set by initialise(state, tokenizer,
+    images) instead of zero / placeholders (a resumed job keeps what it had). Returns seconds, settings and the
+    job summary's scalars."""
+    import time
+
+    from aigis.protection import job, mem
+
+    original = mem.run_mem
+
+    def started_from(state, tokenizer, images, captions, settings, **kwargs):
+        if state.iteration == 0:
+            initialise(state, tokenizer, images)
+            print("noise and triggers initialised by the probe", file=sys.stderr, flush=True)
+        return original(state, tokenizer, images, captions, settings, **kwargs)
+
+    mem.run_mem = started_from
+    try:
+        started = time.perf_counter()
+        summary = job.protect_dataset(data, "train.jsonl", out, settings, clip_preset="rn_tiny", image_size=32)
+    finally:
+        mem.run_mem = original
+    return {"seconds": time.perf_counter() - started, "settings": settings.to_dict(),
+            **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}

@@ -1,0 +1,205 @@
+"""A shortcut a pooled convolution reads anywhere: a bag of tiled textures named by a bag of trigger words.
+
+    python benchmarks/mem_texture_code.py                      # 48 textures, 3 per image, 4-px tiles
+    python benchmarks/mem_texture_code.py --tile 8 --per-image 5
+    python benchmarks/mem_texture_code.py --variant mem        # MEM (per-pixel) started from the code
+
+Why: session 19's hand-made code (BENCHMARKS.md) put one 3-bit colour code in each cell of a 4 x 4 grid
+and gave each cell its own trigger word. A ResNet pools its last feature map over the whole image, so
+WHERE a cell's colour sits is what it learns last -- that code asked the hacker for positions first.
+Here the code has no position at all: K small random +-1 tiles (one per texture, per colour channel),
+each repeated over the whole image; an image gets m of them (a set no other image has), its noise is
+the sign of their sum at +-epsilon, and its trigger names the m textures with one made-up word each,
+cycled to the trigger length. First-layer filters and a global pool tell tiled textures apart at any
+position, and the text tower reads the trigger as a bag of words: both sides of the shortcut are what
+the two towers compute from their first steps. The captions' content is unchanged after the trigger.
+`--variant mem` runs the default protection job (rn_tiny surrogate, MEM-16, batch statistics) with its
+noise and triggers initialised from the code, the noise per pixel (cells would average the tiles away)
+and the triggers kept unless --trigger-iterations says otherwise.
+
+Data: the five-caption Fashion-MNIST scenes of `--data` (protection_efficacy.py --style fashion
+--captions-per-image 5). Hackers as in protection_efficacy.py (`rn_tiny`, 10 epochs from scratch, the PNGs
+read back). Results: benchmarks/results/mem_texture_code_k<K>_m<m>_tile<t>[_mem_t<I>].{json,md}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from protection_results import (default_job_settings, evaluate_probe_set, machine_and_command, probe_data,
+                                probe_parser, run_job_from, write_probe_manifest, write_results)
+
+
+def texture_tiles(count: int, tile: int, seed: int) -> np.ndarray:
+    """int8 [count, tile, tile, 3] of +-1: one random tile per texture."""
+    return np.random.default_rng(seed).choice(np.array([-1, 1], dtype=np.int8), size=(count, tile, tile, 3))
+
+
+def texture_sets(n: int, textures: int, per_image: int, seed: int, by_channel: bool = False) -> np.ndarray:
+    """int [n, per_image]: for every image a distinct set of textures (sorted indices).
+
+    by_channel: three per image, one from each colour channel's bank (texture k belongs to channel k % 3)."""
+    if by_channel and (per_image != 3 or textures % 3):
+        raise SystemExit(f"--mix channels takes one texture per colour channel: --per-image 3 and --textures a "
+                         f"multiple of 3, got {per_image} and {textures}")
+    if not by_channel and per_image % 2 == 0:
+        raise SystemExit(f"--per-image must be odd (the noise is the sign of a sum of +-1 tiles), got {per_image}")
+    available = (textures // 3) ** 3 if by_channel else \
+        len(list(itertools.islice(itertools.combinations(range(textures), per_image), n)))
+    if available < n:
+        raise SystemExit(f"{textures} textures taken {per_image} at a time give fewer than {n} distinct sets")
+    rng = np.random.default_rng(seed)
+    chosen: set[tuple[int, ...]] = set()
+    while len(chosen) < n:
+        if by_channel:
+            chosen.add(tuple(3 * int(rng.integers(textures // 3)) + c for c in range(3)))
+        else:
+            chosen.add(tuple(sorted(rng.choice(textures, size=per_image, replace=False).tolist())))
+    sets = np.array(sorted(chosen))
+    return sets[rng.permutation(n)]
+
+
+def texture_noise(tiles: np.ndarray, chosen: np.ndarray, height: int, width: int, levels: int,
+                  by_channel: bool = False) -> np.ndarray:
+    """int16 [H, W, 3]: +-levels, each tile repeated over the image: the sign of the chosen tiles' sum, or
+    (by_channel) in each colour channel its own texture's tile alone."""
+    tile = tiles.shape[1]
+    reps = (-(-height // tile), -(-width // tile), 1)
+    repeated = [np.tile(tiles[k].astype(np.int16), reps)[:height, :width] for k in chosen]
+    if by_channel:
+        total = np.stack([r[..., k % 3] for r, k in zip(repeated, chosen)], -1)[..., np.argsort(chosen % 3)]
+    else:
+        total = sum(repeated)
+    return (np.sign(total) * levels).astype(np.int16)
+
+
+def kind_nouns() -> list[str]:
+    """One word per Fashion-MNIST kind, as the captions say it ("pair of trousers" -> "trousers")."""
+    from aigis.protection.fashion import CLASSES
+
+    return [singular.split()[-1] for singular, _ in CLASSES]
+
+
+def texture_words(textures: int, names: str, caption_words: set[str]) -> list[str]:
+    """The word that names each texture: made-up words, or (names "kinds") the item kinds' nouns first."""
+    from aigis.protection.tokenizer import made_up_words
+
+    nouns = kind_nouns() if names == "kinds" else []
+    return (nouns + made_up_words(textures, avoid=caption_words))[:textures]
+
+
+def write_texture_set(data: Path, out: Path, textures: int, per_image: int, tile: int, trigger_length: int,
+                      levels: int, seed: int, names: str = "made-up", decoys: int = 0, mix: str = "sign") -> None:
+    """The texture code as a protected set (images/, manifest.jsonl, protection.json), no surrogate.
+
+    decoys > 0 puts that many item-kind nouns, drawn at random for each image (not what it shows), among
+    the trigger's words, which then name the textures over trigger_length - decoys positions."""
+    from PIL import Image
+
+    from aigis.protection.captions import read_pairs
+    from aigis.protection.tokenizer import _words
+
+    pairs = read_pairs(data, "train.jsonl")  # checks every image path stays inside data
+    root = data.resolve()
+    lines = [(p.path.relative_to(root).as_posix(), p.caption) for p in pairs]
+    keys = sorted({key for key, _ in lines})
+    caption_words = {w for _, caption in lines for w in _words(caption)}  # the words the tokenizer sees
+    words = texture_words(textures, names, caption_words)
+    nouns = kind_nouns()
+    tiles = texture_tiles(textures, tile, seed)
+    by_channel = mix == "channels"
+    sets = texture_sets(len(keys), textures, per_image, seed + 1, by_channel)
+    rng = np.random.default_rng(seed + 2)
+    triggers = {}
+    for key, chosen in zip(keys, sets):
+        image = np.asarray(Image.open(root / key).convert("RGB")).astype(np.int16)
+        noise = texture_noise(tiles, chosen, image.shape[0], image.shape[1], levels, by_channel)
+        (out / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out / key)
+        order = rng.permutation(chosen)
+        trigger = [words[order[j % per_image]] for j in range(trigger_length - decoys)]
+        if decoys:  # (no draws otherwise, so the set without decoys stays what it was)
+            trigger += [nouns[i] for i in rng.integers(0, len(nouns), size=decoys)]
+            trigger = [trigger[i] for i in rng.permutation(len(trigger))]
+        triggers[key] = " ".join(trigger)
+    write_probe_manifest(out, [(key, f"{triggers[key]} {caption}") for key, caption in lines], {
+        "mode": "texture-code", "epsilon": levels / 255, "epsilon_uint8_levels": levels,
+        "trigger_length": trigger_length, "textures": textures, "per_image": per_image, "tile": tile,
+        "names": names, "decoys": decoys, "mix": mix, "seed": seed})
+
+
+def run_mem_from_textures(data: Path, out: Path, textures: int, per_image: int, tile: int, trigger_length: int,
+                          levels: int, trigger_iterations: int, seed: int) -> dict:
+    """The protection job with noise and triggers initialised from the texture code (the tokenizer's first
+    `textures` trigger words name the textures)."""
+
+    def from_textures(state, tokenizer, images):
+        n, h, w, _ = images.shape
+        candidates = tokenizer.trigger_candidates().numpy()
+        if len(candidates) < textures:
+            raise SystemExit(f"the tokenizer has {len(candidates)} trigger words; the code needs {textures}")
+        tiles = texture_tiles(textures, tile, seed)
+        sets = texture_sets(n, textures, per_image, seed + 1)
+        rng = np.random.default_rng(seed + 2)
+        for i in range(n):
+            noise = texture_noise(tiles, sets[i], h, w, levels)
+            state.noise[i] = (np.clip(images[i].astype(np.int16) + noise, 0, 255) - images[i]).astype(np.int8)
+            order = rng.permutation(sets[i])
+            state.triggers[i] = candidates[[order[j % per_image] for j in range(trigger_length)]]
+
+    settings = default_job_settings(epsilon=levels / 255, trigger_length=trigger_length, noise_grid=0,
+                                    trigger_iterations=trigger_iterations)
+    return run_job_from(data, out, settings, from_textures)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = probe_parser(__doc__, "texture_code", hackers=6)
+    parser.add_argument("--textures", type=int, default=48)
+    parser.add_argument("--per-image", type=int, default=3)
+    parser.add_argument("--tile", type=int, default=4, help="px per side of one texture's repeated tile")
+    parser.add_argument("--trigger-length", type=int, default=16)
+    parser.add_argument("--variant", choices=("code", "mem"), default="code")
+    parser.add_argument("--names", choices=("made-up", "kinds"), default="made-up",
+                        help="what names the textures in the trigger: made-up words, or the item kinds' nouns first")
+    parser.add_argument("--mix", choices=("sign", "channels"), default="sign",
+                        help="an image's textures summed (sign), or one per colour channel, each whole")
+    parser.add_argument("--decoys", type=int, default=0, help="item-kind nouns drawn at random per image, in the trigger")
+    parser.add_argument("--trigger-iterations", type=int, default=0, help="with --variant mem (default 0: kept)")
+    args = parser.parse_args(argv)
+    data = probe_data(parser, args.data)
+    if args.textures < args.per_image or args.tile < 1 or args.trigger_length < args.per_image + args.decoys:
+        parser.error("need --textures >= --per-image, --tile >= 1 and --trigger-length >= --per-image + --decoys")
+    if args.variant == "mem" and (args.names != "made-up" or args.decoys or args.mix != "sign"):
+        parser.error("--variant mem takes the default code (made-up names, no decoys, --mix sign)")
+
+    from aigis.protection.evaluate import markdown_table
+
+    levels = 8
+    tag = f"k{args.textures}_m{args.per_image}_tile{args.tile}"
+    tag += ("_kinds" if args.names == "kinds" else "") + (f"_decoys{args.decoys}" if args.decoys else "")
+    tag += "_channels" if args.mix == "channels" else ""
+    tag += f"_mem_t{args.trigger_iterations}" if args.variant == "mem" else ""
+    out = Path(args.work) / tag
+    jobs = {}
+    if args.variant == "code":
+        write_texture_set(data, out, args.textures, args.per_image, args.tile, args.trigger_length, levels, seed=0,
+                          names=args.names, decoys=args.decoys, mix=args.mix)
+    else:
+        jobs["mem"] = run_mem_from_textures(data, out, args.textures, args.per_image, args.tile, args.trigger_length,
+                                            levels, args.trigger_iterations, seed=0)
+    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}", args.hackers, levels)
+    header = (f"{machine_and_command('mem_texture_code.py', argv)}\n"
+              f"Texture code: {args.textures} tiled {args.tile}-px textures, {args.per_image} per image (noise = "
+              f"sign of their sum, +-{levels}/255), a {args.trigger_length}-word trigger naming them; "
+              f"{'no surrogate' if args.variant == 'code' else 'then MEM from it: ' + tag.split('_mem_')[1]}; "
+              f"{args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
+    write_results(f"mem_texture_code_{tag}", {"jobs": jobs, "report": report}, header, markdown_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
