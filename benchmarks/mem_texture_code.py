@@ -19,7 +19,8 @@ and the triggers kept unless --trigger-iterations says otherwise.
 
 Data: the five-caption Fashion-MNIST scenes of `--data` (protection_efficacy.py --style fashion
 --captions-per-image 5). Hackers as in protection_efficacy.py (`rn_tiny`, 10 epochs from scratch, the PNGs
-read back). Results: benchmarks/results/mem_texture_code_k<K>_m<m>_tile<t>[_mem_t<I>].{json,md}.
+read back; `--hacker-clip vit_tiny` for ViT hackers). Results:
+benchmarks/results/mem_texture_code_k<K>_m<m>_tile<t>[_<variant>][_<hacker>].{json,md}.
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="what names the textures in the trigger: made-up words, or the item kinds' nouns first")
     parser.add_argument("--mix", choices=("sign", "channels"), default="sign",
                         help="an image's textures summed (sign), or one per colour channel, each whole")
+    parser.add_argument("--code-seed", type=int, default=0, help="draws the tiles, the sets and the word order")
+    parser.add_argument("--hacker-clip", default="rn_tiny", help="the hackers' preset (default rn_tiny)")
     parser.add_argument("--decoys", type=int, default=0, help="item-kind nouns drawn at random per image, in the trigger")
     parser.add_argument("--trigger-iterations", type=int, default=0, help="with --variant mem (default 0: kept)")
     args = parser.parse_args(argv)
@@ -181,23 +184,25 @@ def main(argv: list[str] | None = None) -> int:
     levels = 8
     tag = f"k{args.textures}_m{args.per_image}_tile{args.tile}"
     tag += ("_kinds" if args.names == "kinds" else "") + (f"_decoys{args.decoys}" if args.decoys else "")
-    tag += "_channels" if args.mix == "channels" else ""
+    tag += ("_channels" if args.mix == "channels" else "") + (f"_seed{args.code_seed}" if args.code_seed else "")
     tag += f"_mem_t{args.trigger_iterations}" if args.variant == "mem" else ""
     out = Path(args.work) / tag
     jobs = {}
     if args.variant == "code":
-        write_texture_set(data, out, args.textures, args.per_image, args.tile, args.trigger_length, levels, seed=0,
-                          names=args.names, decoys=args.decoys, mix=args.mix)
+        write_texture_set(data, out, args.textures, args.per_image, args.tile, args.trigger_length, levels,
+                          seed=args.code_seed, names=args.names, decoys=args.decoys, mix=args.mix)
     else:
         jobs["mem"] = run_mem_from_textures(data, out, args.textures, args.per_image, args.tile, args.trigger_length,
-                                            levels, args.trigger_iterations, seed=0)
-    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}", args.hackers, levels)
+                                            levels, args.trigger_iterations, seed=args.code_seed)
+    hacker_tag = "" if args.hacker_clip == "rn_tiny" else f"_{args.hacker_clip}"
+    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}{hacker_tag}", args.hackers, levels,
+                                args.hacker_clip)
     header = (f"{machine_and_command('mem_texture_code.py', argv)}\n"
               f"Texture code: {args.textures} tiled {args.tile}-px textures, {args.per_image} per image (noise = "
               f"sign of their sum, +-{levels}/255), a {args.trigger_length}-word trigger naming them; "
               f"{'no surrogate' if args.variant == 'code' else 'then MEM from it: ' + tag.split('_mem_')[1]}; "
-              f"{args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
-    write_results(f"mem_texture_code_{tag}", {"jobs": jobs, "report": report}, header, markdown_table(report))
+              f"{args.hackers} `{args.hacker_clip}` hackers from scratch, 10 epochs.\n")
+    write_results(f"mem_texture_code_{tag}{hacker_tag}", {"jobs": jobs, "report": report}, header, markdown_table(report))
     return 0
 
 

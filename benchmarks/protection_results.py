@@ -68,12 +68,13 @@ def probe_data(parser, data: str) -> Path:
     return path
 
 
-def evaluate_probe_set(data: Path, protected: Path, out_dir: Path, hackers: int, levels: int = 8) -> dict:
-    """The efficacy benchmark's hackers (`rn_tiny` from scratch, 10 epochs, 32 px) on one protected set."""
+def evaluate_probe_set(data: Path, protected: Path, out_dir: Path, hackers: int, levels: int = 8,
+                       hacker_clip: str = "rn_tiny") -> dict:
+    """The efficacy benchmark's hackers (`rn_tiny` unless told, from scratch, 10 epochs, 32 px) on one protected set."""
     from aigis.protection.evaluate import evaluate_protection
 
     return evaluate_protection(data, "train.jsonl", "test.jsonl", {"mem": protected}, out_dir=out_dir,
-                               conditions=["mem"], robustness=[], clip_preset="rn_tiny", image_size=32, epochs=10,
+                               conditions=["mem"], robustness=[], clip_preset=hacker_clip, image_size=32, epochs=10,
                                hackers=hackers, epsilon=levels / 255)
 
 
