@@ -197,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     hacker_tag = "" if args.hacker_clip == "rn_tiny" else f"_{args.hacker_clip}"
     report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}{hacker_tag}", args.hackers, levels,
                                 args.hacker_clip)
+    made = "no surrogate" if args.variant == "code" else \
+        f"then the default MEM job from it (per-pixel noise, {args.trigger_iterations} trigger iterations)"
     header = (f"{machine_and_command('mem_texture_code.py', argv)}\n"
               f"Texture code: {args.textures} tiled {args.tile}-px textures, {args.per_image} per image (noise = "
-              f"sign of their sum, +-{levels}/255), a {args.trigger_length}-word trigger naming them; "
-              f"{'no surrogate' if args.variant == 'code' else 'then the default MEM job from it (per-pixel noise, '
-                 + str(args.trigger_iterations) + ' trigger iterations)'}; "
+              f"sign of their sum, +-{levels}/255), a {args.trigger_length}-word trigger naming them; {made}; "
               f"{args.hackers} `{args.hacker_clip}` hackers from scratch, 10 epochs.\n")
     write_results(f"mem_texture_code_{tag}{hacker_tag}", {"jobs": jobs, "report": report}, header, markdown_table(report))
     return 0
