@@ -3,6 +3,7 @@
     python benchmarks/mem_texture_code.py                      # 48 textures, 3 per image, 4-px tiles
     python benchmarks/mem_texture_code.py --tile 8 --per-image 5
     python benchmarks/mem_texture_code.py --variant mem        # MEM (per-pixel) started from the code
+    python benchmarks/mem_texture_code.py --textures 96 --names kinds --code-seed 1   # the best arm (session 23)
 
 Why: session 19's hand-made code (BENCHMARKS.md) put one 3-bit colour code in each cell of a 4 x 4 grid
 and gave each cell its own trigger word. A ResNet pools its last feature map over the whole image, so
