@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protection_results import (evaluate_probe_set, machine_and_command, probe_data, probe_parser,
-                                write_probe_manifest, write_results)
+from protection_results import probe_data, probe_parser, report_probe_set, write_probe_manifest
 
 SURROGATE_SEED = 100  # a hacker seed the evaluation's hackers (0..5) never use
 
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from aigis.protection import mem
     from aigis.protection.captions import load_images, read_pairs
-    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB, markdown_table, new_hacker
+    from aigis.protection.evaluate import HACKER_TOKENIZER_VOCAB, new_hacker
     from aigis.protection.retrieval import train_clip
     from aigis.protection.tokenizer import Tokenizer
 
@@ -125,15 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "adversarial-poison", "epsilon": levels / 255, "epsilon_uint8_levels": levels, "trigger_length": 0,
         "steps": args.steps, "shift": args.shift, "noise_grid": grid})
 
-    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}", args.hackers, levels)
-    header = (f"{machine_and_command('mem_adversarial_poison.py', argv)}\n"
-              f"Targeted adversarial poison: items pushed towards kind k + {args.shift} under an `rn_tiny` CLIP "
-              f"trained on the clean pairs; {args.steps} PGD steps, "
-              f"{f'{grid} x {grid} cells' if grid else 'per pixel'}, +-{levels}/255, captions unchanged; "
-              f"made in {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
-    write_results(f"mem_adversarial_poison_{tag}",
-                  {"seconds": seconds, "target_losses": target_losses, "report": report}, header,
-                  markdown_table(report))
+    report_probe_set(
+        "mem_adversarial_poison.py", argv, f"mem_adversarial_poison_{tag}",
+        f"Targeted adversarial poison: items pushed towards kind k + {args.shift} under an `rn_tiny` CLIP trained on "
+        f"the clean pairs; {args.steps} PGD steps, {f'{grid} x {grid} cells' if grid else 'per pixel'}, "
+        f"+-{levels}/255, captions unchanged; made in {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from "
+        f"scratch, 10 epochs.",
+        data, out, Path(args.work) / f"evaluation_{tag}", args.hackers, levels,
+        seconds=seconds, target_losses=target_losses)
     return 0
 
 

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protection_results import (evaluate_probe_set, machine_and_command, probe_data, probe_parser,
-                                write_probe_manifest, write_results)
+from protection_results import probe_data, probe_parser, report_probe_set, write_probe_manifest
 
 PATTERN_SIDE = {"texture": 16, "cells": 2}  # random +-1 values per side of one item's pattern
 CELL_PX = 4  # "cells": each value covers 4 x 4 px, the 8 x 8 code tiled over the item's quarter
@@ -107,18 +106,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = probe_data(parser, args.data)
 
-    from aigis.protection.evaluate import markdown_table
-
     levels = 8
     out = Path(args.work) / args.pattern
     disagreeing = write_keyed_set(data, out, args.pattern, levels, seed=0)
-    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{args.pattern}", args.hackers, levels)
-    header = (f"{machine_and_command('mem_keyed_noise.py', argv)}\n"
-              f"Noise keyed by item kind ({args.pattern}, +-{levels}/255 over each item's quarter, empty quarters "
-              f"none), captions unchanged, no surrogate; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs. "
-              f"Images whose captions named different items: {disagreeing}.\n")
-    write_results(f"mem_keyed_noise_{args.pattern}", {"report": report, "captions_disagreeing": disagreeing},
-                  header, markdown_table(report))
+    report_probe_set(
+        "mem_keyed_noise.py", argv, f"mem_keyed_noise_{args.pattern}",
+        f"Noise keyed by item kind ({args.pattern}, +-{levels}/255 over each item's quarter, empty quarters none), "
+        f"captions unchanged, no surrogate; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs. "
+        f"Images whose captions named different items: {disagreeing}.",
+        data, out, Path(args.work) / f"evaluation_{args.pattern}", args.hackers, levels,
+        captions_disagreeing=disagreeing)
     return 0
 
 

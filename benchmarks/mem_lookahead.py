@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from protection_results import evaluate_probe_set, machine_and_command, probe_data, probe_parser, write_results
+from protection_results import probe_data, probe_parser, report_probe_set
 
 
 
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     data = probe_data(parser, args.data)
 
     from aigis.protection import job, mem
-    from aigis.protection.evaluate import markdown_table
 
     settings = mem.MEMSettings(epsilon=8 / 255, trigger_length=16, outer_iterations=args.outer, surrogate_steps=2,
                                pgd_steps=16, candidates=8, batch_size=100, trigger_iterations=5, lr=5e-4,
@@ -110,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.hackers == 0:
         print(f"job {seconds:.0f} s; no hackers asked for")
         return 0
-    report = evaluate_probe_set(data, out, out.parent / f"evaluation_{out.name}", args.hackers)
-    header = (f"{machine_and_command('mem_lookahead.py', argv)}\n"
-              f"MEM whose PGD minimises the surrogate's loss after a virtual image-tower step of {args.alpha:g} "
-              f"(RMS-normalised gradient); `rn_tiny`, MEM-16, 4 x 4 cells, batch statistics, job seed "
-              f"{args.job_seed}, job {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
-    write_results(f"mem_lookahead_seed{args.job_seed}", {"jobs": jobs, "report": report}, header,
-                  markdown_table(report))
+    report_probe_set(
+        "mem_lookahead.py", argv, f"mem_lookahead_seed{args.job_seed}",
+        f"MEM whose PGD minimises the surrogate's loss after a virtual image-tower step of {args.alpha:g} "
+        f"(RMS-normalised gradient); `rn_tiny`, MEM-16, 4 x 4 cells, batch statistics, job seed "
+        f"{args.job_seed}, job {seconds:.0f} s; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.",
+        data, out, out.parent / f"evaluation_{out.name}", args.hackers, jobs=jobs)
     return 0
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from protection_results import (default_job_settings, evaluate_probe_set, machine_and_command, probe_data,
-                                probe_parser, run_job_from, write_probe_manifest, write_results)
+from protection_results import (default_job_settings, probe_data, probe_parser, report_probe_set, run_job_from,
+                                write_probe_manifest)
 
 GRID = 4
 SYMBOLS = 8  # 3 bits: the noise's sign in each colour channel
@@ -93,8 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     data = probe_data(parser, args.data)
 
-    from aigis.protection.evaluate import markdown_table
-
     levels = 8
     variant = args.variant if args.variant == "code" else f"mem_t{args.trigger_iterations}"
     out = Path(args.work) / variant
@@ -103,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         write_code_set(data, out, levels, seed=0)
     else:
         jobs["mem"] = run_mem_from_code(data, out, levels, args.trigger_iterations, seed=1234)
-    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{variant}", args.hackers, levels)
-    header = (f"{machine_and_command('mem_structured_code.py', argv)}\n"
-              f"Structured code ({GRID} x {GRID} cells x 3 colour-sign bits <-> a {GRID * GRID}-word trigger), "
-              f"variant {variant}; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.\n")
-    write_results(f"mem_structured_code_{variant}", {"jobs": jobs, "report": report}, header, markdown_table(report))
+    report_probe_set(
+        "mem_structured_code.py", argv, f"mem_structured_code_{variant}",
+        f"Structured code ({GRID} x {GRID} cells x 3 colour-sign bits <-> a {GRID * GRID}-word trigger), "
+        f"variant {variant}; {args.hackers} `rn_tiny` hackers from scratch, 10 epochs.",
+        data, out, Path(args.work) / f"evaluation_{variant}", args.hackers, levels, jobs=jobs)
     return 0
 
 

@@ -26,14 +26,14 @@ benchmarks/results/mem_texture_code_k<K>_m<m>_tile<t>[_<variant>][_<hacker>].{js
 
 from __future__ import annotations
 
-import itertools
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from protection_results import (default_job_settings, evaluate_probe_set, machine_and_command, probe_data,
-                                probe_parser, run_job_from, write_probe_manifest, write_results)
+from protection_results import (default_job_settings, probe_data, probe_parser, report_probe_set, run_job_from,
+                                write_probe_manifest)
 
 
 def texture_tiles(count: int, tile: int, seed: int) -> np.ndarray:
@@ -50,8 +50,7 @@ def texture_sets(n: int, textures: int, per_image: int, seed: int, by_channel: b
                          f"multiple of 3, got {per_image} and {textures}")
     if not by_channel and per_image % 2 == 0:
         raise SystemExit(f"--per-image must be odd (the noise is the sign of a sum of +-1 tiles), got {per_image}")
-    available = (textures // 3) ** 3 if by_channel else \
-        len(list(itertools.islice(itertools.combinations(range(textures), per_image), n)))
+    available = (textures // 3) ** 3 if by_channel else math.comb(textures, per_image)
     if available < n:
         raise SystemExit(f"{textures} textures taken {per_image} at a time give fewer than {n} distinct sets")
     rng = np.random.default_rng(seed)
@@ -77,6 +76,22 @@ def texture_noise(tiles: np.ndarray, chosen: np.ndarray, height: int, width: int
     else:
         total = sum(repeated)
     return (np.sign(total) * levels).astype(np.int16)
+
+
+def texture_code(n: int, textures: int, per_image: int, tile: int, seed: int, by_channel: bool = False):
+    """The code for n images: its tiles, and per_image_code(length), which yields for each image in turn its
+    textures, the texture each of `length` trigger words names (its textures cycled in a random order), and
+    the generator that drew that order (the decoys draw from it too, between images)."""
+    tiles = texture_tiles(textures, tile, seed)
+    sets = texture_sets(n, textures, per_image, seed + 1, by_channel)
+    rng = np.random.default_rng(seed + 2)
+
+    def per_image_code(length: int):
+        for chosen in sets:
+            order = rng.permutation(chosen)
+            yield chosen, [order[j % per_image] for j in range(length)], rng
+
+    return tiles, per_image_code
 
 
 def kind_nouns() -> list[str]:
@@ -112,18 +127,15 @@ def write_texture_set(data: Path, out: Path, textures: int, per_image: int, tile
     caption_words = {w for _, caption in lines for w in _words(caption)}  # the words the tokenizer sees
     words = texture_words(textures, names, caption_words)
     nouns = kind_nouns()
-    tiles = texture_tiles(textures, tile, seed)
     by_channel = mix == "channels"
-    sets = texture_sets(len(keys), textures, per_image, seed + 1, by_channel)
-    rng = np.random.default_rng(seed + 2)
+    tiles, per_image_code = texture_code(len(keys), textures, per_image, tile, seed, by_channel)
     triggers = {}
-    for key, chosen in zip(keys, sets):
+    for key, (chosen, named, rng) in zip(keys, per_image_code(trigger_length - decoys)):
         image = np.asarray(Image.open(root / key).convert("RGB")).astype(np.int16)
         noise = texture_noise(tiles, chosen, image.shape[0], image.shape[1], levels, by_channel)
         (out / key).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.clip(image + noise, 0, 255).astype(np.uint8)).save(out / key)
-        order = rng.permutation(chosen)
-        trigger = [words[order[j % per_image]] for j in range(trigger_length - decoys)]
+        trigger = [words[k] for k in named]
         if decoys:  # (no draws otherwise, so the set without decoys stays what it was)
             trigger += [nouns[i] for i in rng.integers(0, len(nouns), size=decoys)]
             trigger = [trigger[i] for i in rng.permutation(len(trigger))]
@@ -144,14 +156,11 @@ def run_mem_from_textures(data: Path, out: Path, textures: int, per_image: int, 
         candidates = tokenizer.trigger_candidates().numpy()
         if len(candidates) < textures:
             raise SystemExit(f"the tokenizer has {len(candidates)} trigger words; the code needs {textures}")
-        tiles = texture_tiles(textures, tile, seed)
-        sets = texture_sets(n, textures, per_image, seed + 1)
-        rng = np.random.default_rng(seed + 2)
-        for i in range(n):
-            noise = texture_noise(tiles, sets[i], h, w, levels)
+        tiles, per_image_code = texture_code(n, textures, per_image, tile, seed)
+        for i, (chosen, named, _) in enumerate(per_image_code(trigger_length)):
+            noise = texture_noise(tiles, chosen, h, w, levels)
             state.noise[i] = (np.clip(images[i].astype(np.int16) + noise, 0, 255) - images[i]).astype(np.int8)
-            order = rng.permutation(sets[i])
-            state.triggers[i] = candidates[[order[j % per_image] for j in range(trigger_length)]]
+            state.triggers[i] = candidates[named]
 
     settings = default_job_settings(epsilon=levels / 255, trigger_length=trigger_length, noise_grid=0,
                                     trigger_iterations=trigger_iterations)
@@ -180,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.variant == "mem" and (args.names != "made-up" or args.decoys or args.mix != "sign"):
         parser.error("--variant mem takes the default code (made-up names, no decoys, --mix sign)")
 
-    from aigis.protection.evaluate import markdown_table
-
     levels = 8
     tag = f"k{args.textures}_m{args.per_image}_tile{args.tile}"
     tag += ("_kinds" if args.names == "kinds" else "") + (f"_decoys{args.decoys}" if args.decoys else "")
@@ -196,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         jobs["mem"] = run_mem_from_textures(data, out, args.textures, args.per_image, args.tile, args.trigger_length,
                                             levels, args.trigger_iterations, seed=args.code_seed)
     hacker_tag = "" if args.hacker_clip == "rn_tiny" else f"_{args.hacker_clip}"
-    report = evaluate_probe_set(data, out, Path(args.work) / f"evaluation_{tag}{hacker_tag}", args.hackers, levels,
-                                args.hacker_clip)
     made = "no surrogate" if args.variant == "code" else \
         f"then the default MEM job from it (per-pixel noise, {args.trigger_iterations} trigger iterations)"
-    header = (f"{machine_and_command('mem_texture_code.py', argv)}\n"
-              f"Texture code: {args.textures} tiled {args.tile}-px textures, {args.per_image} per image (noise = "
-              f"sign of their sum, +-{levels}/255), a {args.trigger_length}-word trigger naming them; {made}; "
-              f"{args.hackers} `{args.hacker_clip}` hackers from scratch, 10 epochs.\n")
-    write_results(f"mem_texture_code_{tag}{hacker_tag}", {"jobs": jobs, "report": report}, header, markdown_table(report))
+    report_probe_set(
+        "mem_texture_code.py", argv, f"mem_texture_code_{tag}{hacker_tag}",
+        f"Texture code: {args.textures} tiled {args.tile}-px textures, {args.per_image} per image (noise = sign of "
+        f"their sum, +-{levels}/255), a {args.trigger_length}-word trigger naming them; {made}; "
+        f"{args.hackers} `{args.hacker_clip}` hackers from scratch, 10 epochs.",
+        data, out, Path(args.work) / f"evaluation_{tag}{hacker_tag}", args.hackers, levels, args.hacker_clip,
+        jobs=jobs)
     return 0
 
 

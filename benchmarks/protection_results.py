@@ -78,6 +78,18 @@ def evaluate_probe_set(data: Path, protected: Path, out_dir: Path, hackers: int,
                                hackers=hackers, epsilon=levels / 255)
 
 
+def report_probe_set(script: str, argv: list[str] | None, name: str, description: str, data: Path, protected: Path,
+                     out_dir: Path, hackers: int, levels: int = 8, hacker_clip: str = "rn_tiny", **payload) -> dict:
+    """Evaluate one probe's protected set (evaluate_probe_set) and write results/<name>.{json,md}: the machine and
+    command line, then `description`, then the table; the JSON holds `payload` and the report. Returns the report."""
+    from aigis.protection.evaluate import markdown_table
+
+    report = evaluate_probe_set(data, protected, out_dir, hackers, levels, hacker_clip)
+    header = f"{machine_and_command(script, argv)}\n{description}\n"
+    write_results(name, {**payload, "report": report}, header, markdown_table(report))
+    return report
+
+
 def write_probe_manifest(out: Path, lines: list[tuple[str, str]], meta: dict) -> None:
     """manifest.jsonl ((image, caption) per line) and protection.json of a protected set made by a probe."""
     with open(out / "manifest.jsonl", "w", encoding="utf-8") as f:
