@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger-length", type=int, default=3, help="MEM-3 (default) or MEM-5")
     parser.add_argument("--trigger-words", type=int, default=None,
                         help="made-up trigger words (default: the job's; 0: triggers from caption words)")
+    parser.add_argument("--foreign-triggers", action="store_true",
+                        help="MEMSettings.foreign_triggers: no pair's trigger uses its own caption's words")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
                         "(the paper: 5; a quarter of --outer measured the same)")
     parser.add_argument("--noise-grid", type=int, default=0,
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag += f"_restart{args.surrogate_restart}" if args.surrogate_restart else ""
     surrogate_tag += "_bnbatch" if args.norm_stats == "batch" else ""
     surrogate_tag += f"_step{args.pgd_step}" if args.pgd_step != 1 else ""
+    surrogate_tag += "_foreign" if args.foreign_triggers else ""
     surrogate_tag += f"_seed{args.job_seed}" if args.job_seed else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
@@ -147,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch,
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
-                               norm_stats=args.norm_stats, seed=args.job_seed)
+                               norm_stats=args.norm_stats, seed=args.job_seed,
+                               foreign_triggers=args.foreign_triggers)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
@@ -161,12 +165,14 @@ def main(argv: list[str] | None = None) -> int:
                                  device=args.device, epsilon=args.epsilon / 255)
     table = markdown_table(report)
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
+    foreign = "triggers never use their own caption's words, " if args.foreign_triggers else ""
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
               f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}"
               f"{', batch-statistics BatchNorm in PGD and trigger search' if args.norm_stats == 'batch' else ''}), "
+              f"{foreign}"
               f"{args.pgd_steps} PGD steps of {args.pgd_step}/255, {args.candidates} candidates{cells}"
               f"{f', job seed {args.job_seed}' if args.job_seed else ''}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")

@@ -108,10 +108,10 @@ def default_job_settings(**changes):
     return MEMSettings(**{**values, **changes})
 
 
-def run_job_from(data: Path, out: Path, settings, initialise) -> dict:
+def run_job_from(data: Path, out: Path, settings, initialise, trigger_words: int | None = None) -> dict:
     """The protection job (rn_tiny, 32 px) with its noise and triggers first set by initialise(state, tokenizer,
-    images) instead of zero / placeholders (a resumed job keeps what it had). Returns seconds, settings and the
-    job summary's scalars."""
+    images) instead of zero / placeholders (a resumed job keeps what it had). trigger_words: the job's (None:
+    its default made-up words; 0: the caption words). Returns seconds, settings and the job summary's scalars."""
     import time
 
     from aigis.protection import job, mem
@@ -127,7 +127,8 @@ def run_job_from(data: Path, out: Path, settings, initialise) -> dict:
     mem.run_mem = started_from
     try:
         started = time.perf_counter()
-        summary = job.protect_dataset(data, "train.jsonl", out, settings, clip_preset="rn_tiny", image_size=32)
+        summary = job.protect_dataset(data, "train.jsonl", out, settings, clip_preset="rn_tiny", image_size=32,
+                                      trigger_words=trigger_words)
     finally:
         mem.run_mem = original
     return {"seconds": time.perf_counter() - started, "settings": settings.to_dict(),

@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trigger-words", type=int, default=None,
                    help="made-up words added to the tokenizer for triggers to use (default "
                         "protection.job.DEFAULT_TRIGGER_WORDS; 0: triggers from the captions' own words)")
+    p.add_argument("--foreign-triggers", action="store_true",
+                   help="a pair's trigger never uses a word of its own caption (for --trigger-words 0)")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
@@ -78,7 +80,7 @@ def _protect(args: argparse.Namespace) -> int:
             candidates=args.candidates, outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
             surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
             seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
-            surrogate_restart=args.surrogate_restart,
+            surrogate_restart=args.surrogate_restart, foreign_triggers=args.foreign_triggers,
             norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
         )
         settings.validate()

@@ -114,6 +114,11 @@ class MEMSettings:
     # while a pretrained surrogate's averages are sound and did better kept (BENCHMARKS.md, session 18).
     # ViTs have no BatchNorm. protect_batch always uses the averages.
     norm_stats: str = "batch"
+    # foreign_triggers: a pair's trigger never uses a word (token) of its own caption. It matters only when the
+    # candidates are caption words (a job's --trigger-words 0): the search would otherwise pick the nouns an
+    # image shows, which teach a hacker the content; barred from them, the trigger ties the nouns of OTHER
+    # images to this image's noise, so what a hacker learns for those words is the shortcut.
+    foreign_triggers: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -354,16 +359,20 @@ def hotflip_scores(
 def hotflip_candidates(
     model: CLIP | Sequence[CLIP], tokens: Tensor, image_features: Tensor | Sequence[Tensor], trigger_length: int,
     candidate_ids: Tensor, k: int, negatives: Negatives | list[Negatives | None] | None = None,
+    barred: Tensor | None = None,
 ) -> Tensor:
     """Top-k replacement ids [B, trigger_length, k] per trigger slot by HotFlip, on the device.
 
     With an ensemble (image_features one tensor per model), each model's estimate is summed: the
-    candidates expected to lower the mean loss.
+    candidates expected to lower the mean loss. barred [B, C] (optional): candidates a row may not take,
+    ranked last.
     """
     models, negs = surrogates_and_negatives(model, negatives)
     features = [image_features] if isinstance(image_features, Tensor) else list(image_features)
     scores = sum(hotflip_scores(m, tokens, f, trigger_length, candidate_ids, n)
                  for m, f, n in zip(models, features, negs, strict=True))
+    if barred is not None:
+        scores = scores.masked_fill(barred[:, None, :], -math.inf)
     top = scores.topk(min(k, candidate_ids.numel()), dim=-1).indices
     return candidate_ids[top]
 
@@ -403,6 +412,12 @@ def score_position_looped(
     return torch.stack(rows)
 
 
+def own_words(tokens: Tensor, vocab_size: int) -> Tensor:
+    """bool [B, vocab_size]: which ids occur in each row of tokens (the caption's own words)."""
+    own = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=tokens.device)
+    return own.scatter_(1, tokens.clamp(0, vocab_size - 1), True)
+
+
 def search_triggers(
     model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, images_u8: Tensor, delta: Tensor, tokens: Tensor, triggers: Tensor,
     settings: MEMSettings, negatives: Negatives | list[Negatives | None] | None = None,
@@ -412,19 +427,21 @@ def search_triggers(
 
     tokens: caption tokens [B, L] with k trigger slots; triggers [B, k] the current ids. Each slot's
     options are the current id plus the top `candidates` HotFlip ids; each pair keeps its best option.
-    With an ensemble of models, options are scored by the mean of their losses.
+    With an ensemble of models, options are scored by the mean of their losses. With
+    settings.foreign_triggers, no new option is a word of the pair's own caption (tokens outside the slots).
     """
     models, negs = surrogates_and_negatives(model, negatives)
     k = triggers.shape[1]
     device = images_u8.device
     if candidate_ids is None:
         candidate_ids = _candidate_table(tokenizer, models, device)
+    own = own_words(tokens, max(m.vocab_size for m in models)) if settings.foreign_triggers else None
     with _autocast(settings, device):
         with torch.no_grad():
             image_features = [_encode_images(m, images_u8, delta) for m in models]
         current = triggers.clone()
         proposals = hotflip_candidates(models, _with_triggers(tokens, current), image_features, k, candidate_ids,
-                                       settings.candidates, negs)
+                                       settings.candidates, negs, None if own is None else own[:, candidate_ids])
         loss = None
         with torch.no_grad():
             for j in range(k):
@@ -436,6 +453,10 @@ def search_triggers(
                 else:
                     losses = sum(score_position(m, base, f, 1 + j, options, n)
                                  for m, f, n in zip(models, image_features, negs)) / len(models)
+                if own is not None:  # (a row with fewer allowed candidates than K got barred ones ranked last)
+                    barred = own.gather(1, options)
+                    barred[:, 0] = False  # the current token stays an option
+                    losses = losses.masked_fill(barred.t(), math.inf)
                 best = losses.argmin(dim=0)  # ties keep the current token (option 0)
                 current[:, j] = options.gather(1, best[:, None]).squeeze(1)
                 loss = losses.gather(0, best[None]).squeeze(0)

@@ -2,6 +2,7 @@
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from mem_texture_code import (kind_nouns, texture_noise, texture_sets, texture_tiles,  # noqa: E402
-                              write_texture_set)
+from mem_texture_code import (caption_nouns, kind_nouns, texture_noise, texture_sets, texture_tiles,  # noqa: E402
+                              texture_words, write_texture_set)
 
 from aigis.protection.fashion import CLASSES  # noqa: E402
 
@@ -88,3 +89,28 @@ def test_by_channel_every_colour_channel_carries_one_texture_whole():
         assert np.array_equal(noise[4:, 4:, channel], tiles[k][..., channel] * 8)
     with pytest.raises(SystemExit, match="one texture per colour channel"):
         texture_sets(10, textures=10, per_image=3, seed=0, by_channel=True)
+
+
+def test_named_per_image_takes_that_many_textures_from_the_word_named_ones():
+    sets = texture_sets(300, textures=96, per_image=3, seed=4, named=10, named_per_image=1)
+    assert len({tuple(s) for s in sets}) == 300
+    assert all(sum(k < 10 for k in s) == 1 for s in sets)
+    every = texture_sets(100, textures=96, per_image=3, seed=4, named=45, named_per_image=3)
+    assert every.max() < 45 and len({tuple(s) for s in every}) == 100
+    with pytest.raises(SystemExit, match="named-per-image"):
+        texture_sets(10, textures=96, per_image=3, seed=0, named=2, named_per_image=3)  # only 2 named
+    with pytest.raises(SystemExit, match="fewer than"):
+        texture_sets(50, textures=96, per_image=3, seed=0, named=5, named_per_image=3)  # C(5, 3) = 10 sets
+
+
+def test_caption_words_name_the_first_textures_then_made_up_words():
+    counts = Counter({"the": 9, "bag": 5, "left": 7, ",": 8, "coat": 1})
+    assert caption_nouns("caption", counts) == ["the", "left", "bag", "coat"]  # by frequency, no punctuation
+    nouns = caption_nouns("nouns", counts)
+    assert nouns[: len(CLASSES)] == kind_nouns() and "bags" in nouns and "trousers" in nouns
+    assert len(nouns) == len(set(nouns))  # "pairs of trousers" adds no second "trousers"
+    for plural in nouns[len(CLASSES):]:
+        assert any(plural == many.split()[-1] for _, many in CLASSES)
+    words = texture_words(8, "caption", counts)
+    assert words[:4] == ["the", "left", "bag", "coat"] and len(set(words)) == 8
+    assert not set(words[4:]) & set(counts)  # the made-up rest avoids every caption word

@@ -251,6 +251,28 @@ def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
     assert fast_loss.mean() < base.mean()
 
 
+def test_foreign_triggers_never_use_a_word_of_their_own_caption(tiny):
+    model, tokenizer, images_np, captions = tiny  # a tokenizer of caption words only: they are the candidates
+    images = torch.from_numpy(images_np)
+    delta = torch.zeros(images.shape, dtype=torch.int16)
+    tokens = tokenizer.tokenize(captions, model.context_length, 3)
+    start = torch.full((len(captions), 3), tokenizer.placeholder_id)
+    words = tokenizer.tokenize(captions, model.context_length)  # the captions alone, no trigger slots
+    found = {}
+    for foreign in (False, True):
+        settings = mem.MEMSettings(candidates=16, amp="off", foreign_triggers=foreign)
+        triggers, _ = mem.search_triggers(model, tokenizer, images, delta, tokens, start, settings)
+        chosen = [set(triggers[i].tolist()) - {tokenizer.placeholder_id} for i in range(len(captions))]  # (the start)
+        own = [set(words[i].tolist()) & chosen[i] for i in range(len(captions))]
+        found[foreign] = sum(map(len, own))
+        assert not (triggers == tokenizer.placeholder_id).all()  # the search did write triggers
+    assert found[False] > 0, "left free, the search picks words the captions already have (so the bar is real)"
+    assert found[True] == 0
+    barred = mem.own_words(tokens, tokenizer.vocab_size)
+    assert barred.shape == (len(captions), tokenizer.vocab_size)
+    assert all(set(barred[i].nonzero().flatten().tolist()) == set(tokens[i].tolist()) for i in range(len(captions)))
+
+
 def _loss(model, images_uint8: np.ndarray, captions: list[str], tokenizer, batch_statistics: bool = False) -> float:
     with torch.no_grad(), mem.attack_mode([model], batch_statistics):
         tokens = tokenizer.tokenize(captions, model.context_length)
