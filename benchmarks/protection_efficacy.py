@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger-length", type=int, default=3, help="MEM-3 (default) or MEM-5")
     parser.add_argument("--trigger-words", type=int, default=None,
                         help="made-up trigger words (default: the job's; 0: triggers from caption words)")
+    parser.add_argument("--word-textures", type=int, default=0, metavar="K",
+                        help="MEMSettings.word_textures: word-wise noise, K caption words owning shared textures")
     parser.add_argument("--foreign-triggers", action="store_true",
                         help="MEMSettings.foreign_triggers: no pair's trigger uses its own caption's words")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
@@ -131,9 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag += "_bnbatch" if args.norm_stats == "batch" else ""
     surrogate_tag += f"_step{args.pgd_step}" if args.pgd_step != 1 else ""
     surrogate_tag += "_foreign" if args.foreign_triggers else ""
+    surrogate_tag += f"_pgd{args.pgd_steps}" if args.pgd_steps != 16 else ""
     surrogate_tag += f"_seed{args.job_seed}" if args.job_seed else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
-    variant = surrogate_tag + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
+    words = f"_words{args.word_textures}" if args.word_textures else ""  # (MEM only: EM keeps its job)
+    variant = surrogate_tag + words + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
     data = work / "captions"
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
                                norm_stats=args.norm_stats, seed=args.job_seed,
-                               foreign_triggers=args.foreign_triggers)
+                               foreign_triggers=args.foreign_triggers,
+                               word_textures=args.word_textures if mode == "mem" else 0)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(report)
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
     foreign = "triggers never use their own caption's words, " if args.foreign_triggers else ""
+    foreign += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared 4-px textures, 3 per "
+                f"image), " if args.word_textures else "")
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "

@@ -27,6 +27,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "protection.job.DEFAULT_TRIGGER_WORDS; 0: triggers from the captions' own words)")
     p.add_argument("--foreign-triggers", action="store_true",
                    help="a pair's trigger never uses a word of its own caption (for --trigger-words 0)")
+    p.add_argument("--word-textures", type=int, default=0, metavar="K",
+                   help="word-wise noise: the K most used caption words each own a shared texture, an image's noise "
+                        "sums its words' textures and its trigger names them (default 0: one noise per image)")
+    p.add_argument("--texture-tile", type=int, default=4, help="px per side of a word texture's tile (default 4)")
+    p.add_argument("--words-per-image", type=int, default=3, help="words (textures) per image (default 3)")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
@@ -81,6 +86,7 @@ def _protect(args: argparse.Namespace) -> int:
             surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
             seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
             surrogate_restart=args.surrogate_restart, foreign_triggers=args.foreign_triggers,
+            word_textures=args.word_textures, texture_tile=args.texture_tile, words_per_image=args.words_per_image,
             norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
         )
         settings.validate()

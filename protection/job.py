@@ -173,6 +173,10 @@ def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
         groups.append(param_groups)
     tensors["triggers"] = torch.from_numpy(np.ascontiguousarray(state.triggers))
     tensors["generator"] = state.generator.get_state()
+    if state.textures is not None:  # word-wise noise: the shared textures, their words, each image's words
+        tensors["word_textures"] = state.textures.contiguous()
+        tensors["texture_words"] = state.texture_words.contiguous()
+        tensors["word_sets"] = torch.from_numpy(np.ascontiguousarray(state.word_sets))
     save_file(tensors, str(tmp / "state.safetensors"))
     meta = {
         "format": CHECKPOINT_FORMAT,
@@ -229,6 +233,10 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
         _restore_optimizer(optimizer, tensors, groups, optim_prefix)
     state.generator.set_state(tensors["generator"])
     state.triggers[...] = tensors["triggers"].numpy()
+    if "word_textures" in tensors:
+        state.textures = tensors["word_textures"]
+        state.texture_words = tensors["texture_words"]
+        state.word_sets = tensors["word_sets"].numpy()
     noise = np.fromfile(path / "noise.int8", dtype=np.int8).reshape(meta["noise_shape"])
     state.noise[...] = noise
     state.iteration = int(meta["iteration"])
@@ -346,6 +354,11 @@ def protect_dataset(
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
 
+    if settings.word_textures:
+        if trigger_words not in (None, 0):
+            raise ValueError(f"trigger_words {trigger_words}: word textures are owned by the captions' own words; "
+                             f"leave trigger_words unset or 0")
+        trigger_words = 0
     if trigger_words is None:
         trigger_words = DEFAULT_TRIGGER_WORDS
     if trigger_words < 0:
@@ -449,6 +462,8 @@ def protect_dataset(
         "trigger_words": (None if not settings.trigger_length else
                           f"whole words of {Path(tokenizer_file).name}" if tokenizer_file is not None else
                           "caption words" if made_up == 0 else f"{made_up} made-up words"),
+        **({"texture_words": [tokenizer.decode([int(i)]) for i in state.texture_words]}
+           if state.texture_words is not None else {}),
         "pairs": len(pairs),
         "images_protected": len(sources),
         "image_size": size,

@@ -24,6 +24,13 @@ of image <-> caption. This implementation follows the method and fixes the offic
 
 EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise only, no shuffle.
 
+Word-wise noise (settings.word_textures = K) parameterises the noise differently: the K caption words used most
+each own one small texture, tiled over the image and SHARED by every image; an image's noise is the clipped sum
+of its words' textures and its trigger names those words. Error minimisation (texture_pass) moves the textures
+instead of each image's pixels, and the triggers are drawn, not searched. A hacker then learns each of the
+captions' own words as a pattern, which is what kept ResNet hackers trained from scratch under 2x chance where
+per-image noise kept about 4x (BENCHMARKS.md, session 24).
+
 Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
 pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
 surrogate trains on the same batches. save_surrogate writes every member into one artefact and
@@ -41,6 +48,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +127,15 @@ class MEMSettings:
     # image shows, which teach a hacker the content; barred from them, the trigger ties the nouns of OTHER
     # images to this image's noise, so what a hacker learns for those words is the shortcut.
     foreign_triggers: bool = False
+    # word_textures K > 0: WORD-WISE noise. The K caption words used most (those the tokenizer can write as
+    # triggers) each own one texture_tile-px texture, repeated over the image; an image's noise is epsilon times
+    # the clipped sum of the textures of its words_per_image words (a set no other image has), and its trigger
+    # names those words, cycled to trigger_length. Error minimisation moves the SHARED textures, from zero;
+    # triggers are not searched. Each word then means one pattern across the whole set, so what a hacker learns
+    # for the captions' own words is the shortcut (BENCHMARKS.md, session 24). 0: one free noise per image.
+    word_textures: int = 0
+    texture_tile: int = 4
+    words_per_image: int = 3
 
     def validate(self) -> None:
         problems = []
@@ -143,6 +160,15 @@ class MEMSettings:
             problems.append(f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.stop_loss is not None and not self.stop_loss >= 0:
             problems.append(f"stop_loss must be >= 0 or None, got {self.stop_loss}")
+        if self.word_textures < 0 or self.texture_tile < 1 or self.words_per_image < 1:
+            problems.append(f"need word_textures >= 0, texture_tile >= 1 and words_per_image >= 1, got "
+                            f"{self.word_textures}, {self.texture_tile} and {self.words_per_image}")
+        elif self.word_textures:
+            if not self.words_per_image <= min(self.trigger_length, self.word_textures):
+                problems.append(f"word textures need words_per_image ({self.words_per_image}) <= trigger_length "
+                                f"({self.trigger_length}) and <= word_textures ({self.word_textures})")
+            if self.noise_grid:
+                problems.append("word textures are tiled over the whole image: noise_grid must be 0")
         if self.norm_stats not in NORM_STATS:
             problems.append(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
         if self.amp not in ("auto", "on", "off"):
@@ -645,6 +671,11 @@ class MEMState:
     history: list[dict] = field(default_factory=list)
     # Further surrogates of an ensemble, each with its own optimiser; trained on the same batches.
     extra_surrogates: list[tuple[CLIP, torch.optim.Optimizer]] = field(default_factory=list)
+    # Word-wise noise (settings.word_textures): the shared textures (float [K, t, t, 3] in [-1, 1], on the CPU),
+    # the token id of the word that owns each, and each image's words (indices into them, [N, words_per_image]).
+    textures: Tensor | None = None
+    texture_words: Tensor | None = None
+    word_sets: np.ndarray | None = None
 
     @property
     def surrogates(self) -> list[tuple[CLIP, torch.optim.Optimizer]]:
@@ -780,6 +811,93 @@ def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, toke
     return float(np.mean(losses))
 
 
+# ----------------------------------------------------------------------------------------------
+# Word-wise noise: shared textures owned by caption words (settings.word_textures)
+
+
+def texture_owners(tokenizer: Tokenizer, captions: list[str], models: Sequence[CLIP], count: int) -> Tensor:
+    """Token ids [<= count] of the trigger candidates the captions use most (ties: the lower id first)."""
+    candidates = set(_candidate_table(tokenizer, models, torch.device("cpu")).tolist())
+    counts = Counter(i for caption in captions for i in tokenizer.encode(caption) if i in candidates)
+    return torch.tensor(sorted(counts, key=lambda i: (-counts[i], i))[:count], dtype=torch.long)
+
+
+def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], settings: MEMSettings) -> None:
+    """Pick the words that own textures, draw every image's words (a set no other image has) and its trigger
+    (those words cycled in a random order), and start every texture, hence every noise, at zero."""
+    n, m, length = state.noise.shape[0], settings.words_per_image, settings.trigger_length
+    words = texture_owners(tokenizer, captions, state.models, settings.word_textures)
+    k = len(words)
+    if k < m or math.comb(k, m) < n:
+        raise ValueError(f"word textures: the captions use {k} distinct words that can be triggers, which give "
+                         f"{math.comb(k, m) if k >= m else 0} sets of {m} for {n} images; lower words_per_image "
+                         f"or give the captions more words")
+    rng = np.random.default_rng(settings.seed)
+    sets: set[tuple[int, ...]] = set()
+    while len(sets) < n:
+        sets.add(tuple(sorted(rng.choice(k, size=m, replace=False).tolist())))
+    word_sets = np.array(sorted(sets), dtype=np.int64)[rng.permutation(n)]
+    for i, chosen in enumerate(word_sets):
+        order = rng.permutation(chosen)
+        state.triggers[i] = words[[int(order[j % m]) for j in range(length)]].numpy()
+    state.word_sets = word_sets
+    state.texture_words = words
+    state.textures = torch.zeros(k, settings.texture_tile, settings.texture_tile, 3)
+    state.noise[...] = 0
+
+
+def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int, levels: int) -> Tensor:
+    """float [B, H, W, 3] in +-levels: each image's textures (word_sets [B, m]) summed, clipped to [-1, 1],
+    repeated over the image."""
+    tile = textures.shape[1]
+    total = textures[word_sets].sum(1).clamp(-1, 1)
+    return levels * total.repeat(1, -(-height // tile), -(-width // tile), 1)[:, :height, :width]
+
+
+def _write_word_noise(state: MEMState, images: np.ndarray, settings: MEMSettings) -> None:
+    """state.noise <- the textures' noise on the uint8 grid, kept inside [0, 255] once added."""
+    n, h, w, _ = images.shape
+    for i in range(0, n, 256):
+        sets = torch.from_numpy(state.word_sets[i : i + 256])
+        noise = word_code_noise(state.textures, sets, h, w, settings.epsilon_levels).round().to(torch.int16)
+        pixels = torch.from_numpy(images[i : i + 256]).to(torch.int16)
+        state.noise[i : i + 256] = ((pixels + noise).clamp(0, 255) - pixels).to(torch.int8).numpy()
+
+
+def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings, device: torch.device,
+                 groups: CaptionsPerImage) -> float:
+    """One pass of error minimisation over the SHARED textures: per batch, pgd_steps signed-gradient steps of one
+    noise level (step_levels / epsilon_levels of the textures' range), each image against shuffled captions
+    carrying its own trigger (as pgd_noise); then every image's noise is rewritten from the textures."""
+    models = state.models
+    h, w = images.shape[1:3]
+    step = settings.step_levels / settings.epsilon_levels
+    table = state.textures.to(device)
+    losses = []
+    with attack_mode(models, batch_statistics=settings.norm_stats == "batch"):
+        for index in _batches(images.shape[0], settings.batch_size, state.generator):
+            pixels = torch.from_numpy(images[index]).to(device).float()
+            sets = torch.from_numpy(state.word_sets[index]).to(device)
+            t = tokens[groups.pick(index, state.generator)].to(device)
+            trig = torch.from_numpy(state.triggers[index]).to(device)
+            for _ in range(settings.pgd_steps):
+                order = torch.randperm(len(index), generator=state.generator).to(device)
+                with torch.no_grad(), _autocast(settings, device):
+                    shuffled = _with_triggers(t[order], trig)
+                    text_features = [encode_text_trimmed(m, shuffled) for m in models]
+                table.requires_grad_(True)
+                noisy = (pixels + word_code_noise(table, sets, h, w, settings.epsilon_levels)).clamp(0, 255) / 255.0
+                with _autocast(settings, device):
+                    loss = sum(pair_losses(m.encode_image(_images_for_model(m, noisy)), f, m.logit_scale).mean()
+                               for m, f in zip(models, text_features)) / len(models)
+                (grad,) = torch.autograd.grad(loss, table)
+                table = (table.detach() - step * grad.sign()).clamp(-1, 1)
+                losses.append(float(loss.detach()))
+    state.textures = table.cpu()
+    _write_word_noise(state, images, settings)
+    return float(np.mean(losses)) if losses else float("nan")
+
+
 def run_mem(
     state: MEMState,
     tokenizer: Tokenizer,
@@ -818,13 +936,18 @@ def run_mem(
         model.to(device)
     tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
     n = images.shape[0]
+    if settings.word_textures and state.textures is None:
+        init_word_code(state, tokenizer, captions, settings)
     while not settings.finished(state.iteration, state.history[-1]["pass_loss"] if state.history else math.inf):
         started = time.monotonic()
         redrawn = restart_surrogates(state, settings)
         surrogate_loss = train_surrogate(state, images, tokens, settings, device, groups)
         trained = time.monotonic()
-        update = state.iteration < settings.trigger_iterations
-        pass_loss = perturb_pass(state, tokenizer, images, tokens, settings, device, update, groups)
+        update = state.iteration < settings.trigger_iterations and not settings.word_textures
+        if settings.word_textures:
+            pass_loss = texture_pass(state, images, tokens, settings, device, groups)
+        else:
+            pass_loss = perturb_pass(state, tokenizer, images, tokens, settings, device, update, groups)
         done = time.monotonic()
         state.iteration += 1
         stats = {

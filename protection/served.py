@@ -72,6 +72,9 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
         raise FileNotFoundError(f"surrogate artefact {surrogate_dir} does not exist (run `aigis protect` first)")
     _, _, meta = load_surrogate(surrogate_dir)     # refuses a broken artefact before anything is written
     settings = mem_settings if mem_settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
+    # A request protects its own batch: word textures are a code over a whole data set (each word one pattern
+    # across every image), so a served version protects per image (trigger search + PGD), as settings.json says.
+    settings = dataclasses.replace(settings, word_textures=0)
     settings.validate()
     source_hash = _tree_sha256(surrogate_dir)
 

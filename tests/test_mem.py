@@ -184,6 +184,62 @@ def test_surrogate_restarts_are_staggered_fresh_draws_and_resume_to_the_same_out
     assert [h["surrogates_redrawn"] for h in checkpoint["history"]] == [[], [0], [0]]
 
 
+def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(tiny):
+    import copy
+
+    from aigis.protection.tokenizer import apply_trigger_text
+
+    model, tokenizer, images, captions = tiny  # a tokenizer of caption words: they own the textures
+    settings = mem.MEMSettings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
+                               outer_iterations=2, surrogate_steps=1, pgd_steps=2, batch_size=6, amp="off")
+    state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
+    mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+    words = state.texture_words.tolist()
+    caption_ids = {i for c in captions for i in tokenizer.encode(c)}
+    assert len(words) == 12 and set(words) <= caption_ids and set(words) <= set(tokenizer.trigger_candidates().tolist())
+    sets = state.word_sets
+    assert sets.shape == (len(captions), 3) and len({tuple(x) for x in sets}) == len(captions)
+    for i, chosen in enumerate(sets):  # the trigger names the image's three words, cycled, and survives as text
+        trigger = state.triggers[i].tolist()
+        assert set(trigger[:3]) == {words[k] for k in chosen} and trigger[3:5] == trigger[:2]
+        text = apply_trigger_text(state.triggers[i], captions[i], tokenizer)
+        again = tokenizer.tokenize([text], model.context_length)[0, 1:6].tolist()
+        assert again == trigger
+    assert state.textures.abs().max() > 0 and state.textures.abs().max() <= 1  # moved from zero, within range
+    raw = mem.word_code_noise(state.textures, torch.from_numpy(sets), SIZE, SIZE, 8).round().to(torch.int16)
+    assert torch.equal(raw[:, 4:8, 8:12], raw[:, :4, :4])  # one 4-px tile repeated over the whole image
+    one_word = mem.word_code_noise(state.textures, torch.tensor([[0]]), 4, 4, 8)
+    assert torch.equal(one_word[0], 8 * state.textures[0])  # a word's texture IS its pattern, in every image
+    pixels = torch.from_numpy(images).to(torch.int16)
+    expected = ((pixels + raw).clamp(0, 255) - pixels).numpy()  # what is published: the pixels stay in [0, 255]
+    assert np.array_equal(state.noise, expected) and np.abs(state.noise).max() <= 8
+    with pytest.raises(ValueError, match="noise_grid"):
+        mem.MEMSettings(word_textures=12, noise_grid=4, trigger_length=3).validate()
+    with pytest.raises(ValueError, match="words_per_image"):
+        mem.MEMSettings(word_textures=12, trigger_length=2).validate()
+    crowded = mem.MEMSettings(word_textures=3, words_per_image=3, trigger_length=3)  # one set of 3 for 6 images
+    with pytest.raises(ValueError, match="sets of 3 for 6 images"):
+        mem.init_word_code(mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), crowded), tokenizer,
+                           captions, crowded)
+
+
+def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path):
+    words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2")
+    whole = _protect(data, tmp_path / "whole", *words)
+    assert whole.returncode == 0, whole.stderr
+    report = json.loads((tmp_path / "whole" / "protection.json").read_text())
+    assert report["trigger_words"] == "caption words" and len(report["texture_words"]) == 12
+    assert report["settings"]["word_textures"] == 12
+    killed = _protect(data, tmp_path / "killed", *words, env={KILL_ENV: "2"})
+    assert killed.returncode == -9, killed.stderr
+    resumed = _protect(data, tmp_path / "killed", *words)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
+    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
+    assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
+    made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
+    assert made_up.returncode == 2 and "word textures" in made_up.stderr, made_up.stderr
+
+
 def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_the_averages_alone(tiny):
     import copy
 
