@@ -913,7 +913,8 @@ def run_mem(
     """MEM's outer loop from state.iteration to settings.outer_iterations (or settings.stop_loss).
 
     Each iteration trains the surrogate(s) (surrogate_steps batches), then perturbs every image once
-    (triggers too during the first trigger_iterations). callback(state, stats) runs after each
+    (triggers too during the first trigger_iterations; with settings.word_textures, the shared textures
+    instead: texture_pass, its word code drawn by init_word_code before the first iteration). callback(state, stats) runs after each
     iteration (checkpointing); stats has iteration, surrogate_loss, pass_loss, images_per_s, pairs_per_s
     (image-caption pairs protected per second of the pass), seconds.
     images: uint8 [N, H, W, 3] decoded once, at the model's resolution. groups: which captions describe
