@@ -238,6 +238,13 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
     assert made_up.returncode == 2 and "word textures" in made_up.stderr, made_up.stderr
+    # Its surrogate served: a request protects its own batch per image (a word code spans a whole data set).
+    from aigis import contract
+    from aigis.protection.served import publish_protect_model
+
+    version = publish_protect_model(tmp_path / "repo", tmp_path / "whole" / "surrogate" / "1")
+    served = json.loads((tmp_path / "repo" / contract.PROTECT_MODEL / str(version) / "settings.json").read_text())
+    assert served["mem"]["word_textures"] == 0 and served["mem"]["trigger_length"] == 5
 
 
 def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_the_averages_alone(tiny):
