@@ -132,7 +132,7 @@ def kind_nouns(plurals: bool = False) -> list[str]:
     return singular + [word for word in plural if word not in singular]
 
 
-def caption_nouns(names: str, caption_counts: Counter) -> list[str]:
+def naming_words(names: str, caption_counts: Counter) -> list[str]:
     """The caption words that name textures under `names` (see NAMES), in naming order."""
     if names == "caption":
         return [word for word, _ in caption_counts.most_common() if word.isalpha()]
@@ -143,7 +143,7 @@ def texture_words(textures: int, names: str, caption_counts: Counter) -> list[st
     """The word that names each texture: the caption words `names` picks first, then made-up words."""
     from aigis.protection.tokenizer import made_up_words
 
-    return (caption_nouns(names, caption_counts) + made_up_words(textures, avoid=set(caption_counts)))[:textures]
+    return (naming_words(names, caption_counts) + made_up_words(textures, avoid=set(caption_counts)))[:textures]
 
 
 def write_texture_set(data: Path, out: Path, textures: int, per_image: int, tile: int, trigger_length: int,
@@ -164,7 +164,7 @@ def write_texture_set(data: Path, out: Path, textures: int, per_image: int, tile
     keys = sorted({key for key, _ in lines})
     caption_counts = Counter(w for _, caption in lines for w in _words(caption))  # the words the tokenizer sees
     words = texture_words(textures, names, caption_counts)
-    word_named = min(textures, len(caption_nouns(names, caption_counts)))
+    word_named = min(textures, len(naming_words(names, caption_counts)))
     nouns = kind_nouns()
     by_channel = mix == "channels"
     tiles, per_image_code = texture_code(len(keys), textures, per_image, tile, seed, by_channel, word_named,
@@ -198,7 +198,7 @@ def run_mem_from_textures(data: Path, out: Path, textures: int, per_image: int, 
 
     counts = Counter(w for p in read_pairs(data, "train.jsonl") for w in _words(p.caption))
     words = texture_words(textures, names, counts)
-    named = 0 if names == "made-up" else min(textures, len(caption_nouns(names, counts)))
+    named = 0 if names == "made-up" else min(textures, len(naming_words(names, counts)))
 
     def from_textures(state, tokenizer, images):
         n, h, w, _ = images.shape

@@ -16,6 +16,8 @@ code (no search): they play the part class labels play in class-wise unlearnable
 
 The set is written by the protection job itself (PNGs, manifest, protection.json), then evaluated as the other
 probes are (six `rn_tiny` hackers from scratch). Results: benchmarks/results/mem_word_textures_<tag>.{json,md}.
+The job option `aigis protect --word-textures K` (mem.texture_pass, from zero) is what this probe found, made part
+of the product; the probe stays to reproduce session 24's probe rows and their variants (--start code, --binary).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mem_texture_code import caption_nouns, texture_code, texture_words
+from mem_texture_code import naming_words, texture_code, texture_words
 from protection_results import default_job_settings, probe_data, probe_parser, report_probe_set, run_job_from
 
 
@@ -59,7 +61,7 @@ def word_texture_runner(textures: int, per_image: int, tile: int, levels: int, s
         groups = groups or mem.CaptionsPerImage.single(n)
         counts = Counter(word for caption in captions for word in _words(caption))
         words = texture_words(textures, names, counts)
-        named = min(textures, len(caption_nouns(names, counts)))
+        named = min(textures, len(naming_words(names, counts)))
         word_ids = [tokenizer.encode(word) for word in words[:named]]
         unusable = [word for word, ids in zip(words, word_ids)
                     if len(ids) != 1 or not tokenizer.is_trigger_candidate(ids[0])]

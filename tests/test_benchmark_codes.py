@@ -11,7 +11,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from mem_texture_code import (caption_nouns, kind_nouns, texture_noise, texture_sets, texture_tiles,  # noqa: E402
+from mem_texture_code import (naming_words, kind_nouns, texture_noise, texture_sets, texture_tiles,  # noqa: E402
                               texture_words, write_texture_set)
 
 from aigis.protection.fashion import CLASSES  # noqa: E402
@@ -105,8 +105,8 @@ def test_named_per_image_takes_that_many_textures_from_the_word_named_ones():
 
 def test_caption_words_name_the_first_textures_then_made_up_words():
     counts = Counter({"the": 9, "bag": 5, "left": 7, ",": 8, "coat": 1})
-    assert caption_nouns("caption", counts) == ["the", "left", "bag", "coat"]  # by frequency, no punctuation
-    nouns = caption_nouns("nouns", counts)
+    assert naming_words("caption", counts) == ["the", "left", "bag", "coat"]  # by frequency, no punctuation
+    nouns = naming_words("nouns", counts)
     assert nouns[: len(CLASSES)] == kind_nouns() and "bags" in nouns and "trousers" in nouns
     assert len(nouns) == len(set(nouns))  # "pairs of trousers" adds no second "trousers"
     for plural in nouns[len(CLASSES):]:
