@@ -170,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                  device=args.device, epsilon=args.epsilon / 255)
     table = markdown_table(report)
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
-    foreign = "triggers never use their own caption's words, " if args.foreign_triggers else ""
-    foreign += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared 4-px textures, 3 per "
+    variant_text = "triggers never use their own caption's words, " if args.foreign_triggers else ""
+    variant_text += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared 4-px textures, 3 per "
                 f"image), " if args.word_textures else "")
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
               f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}"
               f"{', batch-statistics BatchNorm in PGD and trigger search' if args.norm_stats == 'batch' else ''}), "
-              f"{foreign}"
+              f"{variant_text}"
               f"{args.pgd_steps} PGD steps of {args.pgd_step}/255, {args.candidates} candidates{cells}"
               f"{f', job seed {args.job_seed}' if args.job_seed else ''}; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")

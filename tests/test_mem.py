@@ -38,6 +38,19 @@ def _tree_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _published_tree(folder: Path) -> dict[str, str]:
+    """_tree_hashes of what a job publishes (its work/ folder of checkpoints left out)."""
+    return {k: v for k, v in _tree_hashes(folder).items() if not k.startswith("work/")}
+
+
+def _killed_then_resumed(data: Path, out: Path, *extra: str, kill_after: int) -> None:
+    """An `aigis protect` run SIGKILLed after outer iteration kill_after, then run again to the end (a resume)."""
+    killed = _protect(data, out, *extra, env={KILL_ENV: str(kill_after)})
+    assert killed.returncode == -9, killed.stderr
+    resumed = _protect(data, out, *extra)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
+
+
 def _protect(data: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "aigis.cli", "protect", "--data", str(data), "--manifest", "train.jsonl",
                "--out", str(out), *JOB_ARGS, *extra]
@@ -129,9 +142,8 @@ def test_resume_after_sigkill_gives_byte_identical_output(job, data, tmp_path):
     resumed = _protect(data, out)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout)["resumed"] is True
-    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
-    expected = published(_tree_hashes(job["out"]))
-    assert published(_tree_hashes(out)) == expected
+    expected = _published_tree(job["out"])
+    assert _published_tree(out) == expected
     assert any(k.startswith("images/") for k in expected) and "surrogate/1/model.safetensors" in expected
     # Its checkpoints are not resumed by a job with other trigger words: the error says what changed.
     other = _protect(data, out, "--trigger-words", "0")
@@ -174,12 +186,8 @@ def test_surrogate_restarts_are_staggered_fresh_draws_and_resume_to_the_same_out
     restarts = ("--surrogate-restart", "1", "--outer", "3")
     whole = _protect(data, tmp_path / "whole", *restarts)
     assert whole.returncode == 0, whole.stderr
-    killed = _protect(data, tmp_path / "killed", *restarts, env={KILL_ENV: "2"})
-    assert killed.returncode == -9, killed.stderr
-    resumed = _protect(data, tmp_path / "killed", *restarts)
-    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
-    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
-    assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
+    _killed_then_resumed(data, tmp_path / "killed", *restarts, kill_after=2)
+    assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     checkpoint = json.loads((tmp_path / "whole" / "work" / "ckpt-3" / "state.json").read_text())
     assert [h["surrogates_redrawn"] for h in checkpoint["history"]] == [[], [0], [0]]
 
@@ -230,12 +238,8 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
     assert report["trigger_words"] == "caption words" and len(report["texture_words"]) == 12
     assert report["settings"]["word_textures"] == 12
-    killed = _protect(data, tmp_path / "killed", *words, env={KILL_ENV: "2"})
-    assert killed.returncode == -9, killed.stderr
-    resumed = _protect(data, tmp_path / "killed", *words)
-    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
-    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
-    assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
+    _killed_then_resumed(data, tmp_path / "killed", *words, kill_after=2)
+    assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
     assert made_up.returncode == 2 and "word textures" in made_up.stderr, made_up.stderr
     # Its surrogate served: a request protects its own batch per image (a word code spans a whole data set).
@@ -667,8 +671,7 @@ def test_ensemble_job_checkpoints_every_surrogate_and_resumes_to_the_same_output
     assert any(k.startswith("model1.visual.transformer") for k in keys) and any(k.startswith("optim1.") for k in keys)
     resumed = _protect(data, tmp_path / "killed", *ensemble)
     assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
-    published = lambda tree: {k: v for k, v in tree.items() if not k.startswith("work/")}  # noqa: E731
-    assert published(_tree_hashes(tmp_path / "killed")) == published(_tree_hashes(tmp_path / "whole"))
+    assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
     assert report["clip_preset"] == "rn_tiny+vit_tiny"
     models, _, meta = mem.load_surrogates(tmp_path / "whole" / report["surrogate"]["path"])
