@@ -16,8 +16,9 @@ code (no search): they play the part class labels play in class-wise unlearnable
 
 The set is written by the protection job itself (PNGs, manifest, protection.json), then evaluated as the other
 probes are (six `rn_tiny` hackers from scratch). Results: benchmarks/results/mem_word_textures_<tag>.{json,md}.
-The job option `aigis protect --word-textures K` (mem.texture_pass, from zero) is what this probe found, made part
-of the product; the probe stays to reproduce session 24's probe rows and their variants (--start code, --binary).
+The job option `aigis protect --word-textures K [--texture-sign]` (mem.texture_pass, from zero) is what this probe
+found, made part of the product; the probe stays to reproduce session 24's probe rows and --start code, and builds
+its noise with the product's mem.word_code_noise (--binary is its sign option).
 """
 
 from __future__ import annotations
@@ -31,19 +32,6 @@ import numpy as np
 
 from mem_texture_code import naming_words, texture_code, texture_words
 from protection_results import default_job_settings, probe_data, probe_parser, report_probe_set, run_job_from
-
-
-def word_texture_noise(textures, membership, tile: int, height: int, width: int, levels: int, binary: bool = False):
-    """float [B, H, W, 3] in +-levels: each image's chosen textures (membership [B, K] 0/1) summed, clipped to
-    [-1, 1] and repeated over the image. textures: float [K, tile, tile, 3] in [-1, 1]. binary: the sum's sign
-    instead (every sub-pixel at +-levels, as the hand-made code), its gradient passed straight through."""
-    import torch
-
-    total = torch.einsum("bk,kijc->bijc", membership, textures).clamp(-1, 1)
-    if binary:
-        total = total + (torch.sign(total) - total).detach()
-    reps = (-(-height // tile), -(-width // tile))
-    return levels * total.repeat(1, *reps, 1)[:, :height, :width]
 
 
 def word_texture_runner(textures: int, per_image: int, tile: int, levels: int, seed: int, start: str, steps: int,
@@ -70,20 +58,20 @@ def word_texture_runner(textures: int, per_image: int, tile: int, levels: int, s
         word_ids = np.array([ids[0] for ids in word_ids])
         tiles, per_image_code = texture_code(n, textures, per_image, tile, seed, named=named,
                                              named_per_image=per_image)
-        membership = torch.zeros(n, textures)
+        sets = torch.zeros(n, per_image, dtype=torch.long)
         for i, (chosen, slots, _) in enumerate(per_image_code(settings.trigger_length)):
-            membership[i, chosen] = 1.0
+            sets[i] = torch.as_tensor(chosen)
             state.triggers[i] = word_ids[slots]
         table = torch.from_numpy(tiles.astype(np.float32)) if start == "code" else torch.zeros(textures, tile, tile, 3)
         table = table.to(device)
-        membership = membership.to(device)
+        sets = sets.to(device)
         tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
         pixels = torch.from_numpy(images).to(device).to(torch.float32)
 
         def materialise() -> None:
             with torch.no_grad():
                 for i in range(0, n, 256):
-                    noise = word_texture_noise(table, membership[i:i + 256], tile, h, w, levels, binary).round()
+                    noise = mem.word_code_noise(table, sets[i:i + 256], h, w, levels, sign=binary).round()
                     noisy = (pixels[i:i + 256] + noise).clamp(0, 255)
                     state.noise[i:i + 256] = (noisy - pixels[i:i + 256]).to(torch.int8).cpu().numpy()
 
@@ -103,7 +91,7 @@ def word_texture_runner(textures: int, per_image: int, tile: int, levels: int, s
                             shuffled = mem._with_triggers(t[order], trig)
                             text = [mem.encode_text_trimmed(m, shuffled) for m in state.models]
                         table.requires_grad_(True)
-                        noise = word_texture_noise(table, membership[index_t], tile, h, w, levels, binary)
+                        noise = mem.word_code_noise(table, sets[index_t], h, w, levels, sign=binary)
                         x = ((pixels[index_t] + noise).clamp(0, 255) / 255.0).permute(0, 3, 1, 2)
                         loss = sum(mem.pair_losses(m.encode_image(normalize_images(x)), f, m.logit_scale).mean()
                                    for m, f in zip(state.models, text)) / len(state.models)

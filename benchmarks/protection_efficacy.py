@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="made-up trigger words (default: the job's; 0: triggers from caption words)")
     parser.add_argument("--word-textures", type=int, default=0, metavar="K",
                         help="MEMSettings.word_textures: word-wise noise, K caption words owning shared textures")
+    parser.add_argument("--words-per-image", type=int, default=3, help="MEMSettings.words_per_image (word textures)")
+    parser.add_argument("--texture-tile", type=int, default=4, help="MEMSettings.texture_tile (word textures)")
+    parser.add_argument("--texture-sign", action="store_true",
+                        help="MEMSettings.texture_sign: word-wise noise at +-epsilon (the sign of the textures' sum)")
     parser.add_argument("--foreign-triggers", action="store_true",
                         help="MEMSettings.foreign_triggers: no pair's trigger uses its own caption's words")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
@@ -137,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag += f"_seed{args.job_seed}" if args.job_seed else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     words = f"_words{args.word_textures}" if args.word_textures else ""  # (MEM only: EM keeps its job)
+    words += f"_per{args.words_per_image}" if args.word_textures and args.words_per_image != 3 else ""
+    words += f"_tile{args.texture_tile}" if args.word_textures and args.texture_tile != 4 else ""
+    words += "_sign" if args.word_textures and args.texture_sign else ""
     variant = surrogate_tag + words + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
@@ -156,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
                                norm_stats=args.norm_stats, seed=args.job_seed,
                                foreign_triggers=args.foreign_triggers,
-                               word_textures=args.word_textures if mode == "mem" else 0)
+                               word_textures=args.word_textures if mode == "mem" else 0,
+                               words_per_image=args.words_per_image, texture_tile=args.texture_tile,
+                               texture_sign=args.texture_sign and mode == "mem")
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
@@ -171,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(report)
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
     variant_text = "triggers never use their own caption's words, " if args.foreign_triggers else ""
-    variant_text += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared 4-px textures, 3 per "
-                f"image), " if args.word_textures else "")
+    variant_text += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared {args.texture_tile}-px "
+                     f"textures, {args.words_per_image} per image{', the sign of their sum' if args.texture_sign else ''}), "
+                     if args.word_textures else "")
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "sums its words' textures and its trigger names them (default 0: one noise per image)")
     p.add_argument("--texture-tile", type=int, default=4, help="px per side of a word texture's tile (default 4)")
     p.add_argument("--words-per-image", type=int, default=3, help="words (textures) per image (default 3)")
+    p.add_argument("--texture-sign", action="store_true",
+                   help="word-wise noise at +-epsilon everywhere: the sign of the image's textures' sum")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
@@ -87,6 +89,7 @@ def _protect(args: argparse.Namespace) -> int:
             seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
             surrogate_restart=args.surrogate_restart, foreign_triggers=args.foreign_triggers,
             word_textures=args.word_textures, texture_tile=args.texture_tile, words_per_image=args.words_per_image,
+            texture_sign=args.texture_sign,
             norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
         )
         settings.validate()

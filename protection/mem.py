@@ -136,6 +136,10 @@ class MEMSettings:
     word_textures: int = 0
     texture_tile: int = 4
     words_per_image: int = 3
+    # texture_sign: a word-wise noise is epsilon times the SIGN of its textures' sum, every sub-pixel at
+    # +-epsilon (the gradient passes the sign straight through). A fresh model reads a full-range code sooner
+    # than one whose values error minimisation left inside the range (BENCHMARKS.md, session 25).
+    texture_sign: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -169,6 +173,8 @@ class MEMSettings:
                                 f"({self.trigger_length}) and <= word_textures ({self.word_textures})")
             if self.noise_grid:
                 problems.append("word textures are tiled over the whole image: noise_grid must be 0")
+        elif self.texture_sign:
+            problems.append("texture_sign needs word textures (word_textures > 0)")
         if self.norm_stats not in NORM_STATS:
             problems.append(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
         if self.amp not in ("auto", "on", "off"):
@@ -846,11 +852,14 @@ def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], s
     state.noise[...] = 0
 
 
-def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int, levels: int) -> Tensor:
-    """float [B, H, W, 3] in +-levels: each image's textures (word_sets [B, m]) summed, clipped to [-1, 1],
-    repeated over the image."""
+def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int, levels: int,
+                    sign: bool = False) -> Tensor:
+    """float [B, H, W, 3] in +-levels: each image's textures (word_sets [B, m]) summed, clipped to [-1, 1]
+    (sign: the sum's sign, its gradient passed straight through), repeated over the image."""
     tile = textures.shape[1]
     total = textures[word_sets].sum(1).clamp(-1, 1)
+    if sign:
+        total = total + (torch.sign(total) - total).detach()
     return levels * total.repeat(1, -(-height // tile), -(-width // tile), 1)[:, :height, :width]
 
 
@@ -859,7 +868,8 @@ def _write_word_noise(state: MEMState, images: np.ndarray, settings: MEMSettings
     n, h, w, _ = images.shape
     for i in range(0, n, 256):
         sets = torch.from_numpy(state.word_sets[i : i + 256])
-        noise = word_code_noise(state.textures, sets, h, w, settings.epsilon_levels).round().to(torch.int16)
+        noise = word_code_noise(state.textures, sets, h, w, settings.epsilon_levels, settings.texture_sign)
+        noise = noise.round().to(torch.int16)
         pixels = torch.from_numpy(images[i : i + 256]).to(torch.int16)
         state.noise[i : i + 256] = ((pixels + noise).clamp(0, 255) - pixels).to(torch.int8).numpy()
 
@@ -886,7 +896,8 @@ def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: 
                     shuffled = _with_triggers(t[order], trig)
                     text_features = [encode_text_trimmed(m, shuffled) for m in models]
                 table.requires_grad_(True)
-                noisy = (pixels + word_code_noise(table, sets, h, w, settings.epsilon_levels)).clamp(0, 255) / 255.0
+                noise = word_code_noise(table, sets, h, w, settings.epsilon_levels, settings.texture_sign)
+                noisy = (pixels + noise).clamp(0, 255) / 255.0
                 with _autocast(settings, device):
                     loss = sum(pair_losses(m.encode_image(_images_for_model(m, noisy)), f, m.logit_scale).mean()
                                for m, f in zip(models, text_features)) / len(models)

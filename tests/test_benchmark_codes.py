@@ -114,23 +114,3 @@ def test_caption_words_name_the_first_textures_then_made_up_words():
     words = texture_words(8, "caption", counts)
     assert words[:4] == ["the", "left", "bag", "coat"] and len(set(words)) == 8
     assert not set(words[4:]) & set(counts)  # the made-up rest avoids every caption word
-
-
-def test_word_texture_noise_is_the_clipped_sum_of_an_images_textures_repeated():
-    import torch
-
-    from mem_word_textures import word_texture_noise
-
-    textures = torch.tensor(texture_tiles(5, tile=4, seed=3), dtype=torch.float32) * 0.5  # values +-0.5
-    membership = torch.zeros(2, 5)
-    membership[0, [0, 1, 2]] = 1
-    membership[1, [3]] = 1
-    noise = word_texture_noise(textures, membership, 4, 8, 12, levels=8)
-    assert noise.shape == (2, 8, 12, 3)
-    expected = (textures[0] + textures[1] + textures[2]).clamp(-1, 1) * 8
-    assert torch.equal(noise[0, :4, :4], expected) and torch.equal(noise[0, 4:, 8:], expected)
-    assert torch.equal(noise[1, 4:8, 4:8], textures[3] * 8)  # one texture alone: +-4
-    binary = word_texture_noise(textures.requires_grad_(True), membership, 4, 8, 12, levels=8, binary=True)
-    assert set(binary.detach().unique().tolist()) <= {-8.0, 8.0}  # sums of three or one +-0.5 are never 0
-    (grad,) = torch.autograd.grad(binary[1].sum(), textures)
-    assert grad[3].abs().sum() > 0 and grad[0].abs().sum() == 0  # straight through, to the image's own texture

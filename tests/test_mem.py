@@ -231,6 +231,33 @@ def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(
                            captions, crowded)
 
 
+def test_sign_word_textures_put_every_sub_pixel_at_plus_or_minus_epsilon(tiny):
+    import copy
+
+    model, tokenizer, images, captions = tiny
+    settings = mem.MEMSettings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
+                               texture_sign=True, outer_iterations=2, surrogate_steps=1, pgd_steps=2, batch_size=6,
+                               amp="off")
+    state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
+    mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+    sums = state.textures[torch.from_numpy(state.word_sets)].sum(1).clamp(-1, 1)
+    assert (sums != 0).float().mean() > 0.5  # the textures moved from zero (straight through the sign)
+    raw = mem.word_code_noise(state.textures, torch.from_numpy(state.word_sets), SIZE, SIZE, 8, sign=True)
+    tiles = raw[:, :4, :4]
+    assert torch.equal(tiles, 8 * torch.sign(sums))  # the sign of the sum, not the sum
+    assert set(raw.unique().tolist()) <= {-8.0, 0.0, 8.0}
+    pixels = torch.from_numpy(images).to(torch.int16)
+    expected = ((pixels + raw.to(torch.int16)).clamp(0, 255) - pixels).numpy()
+    assert np.array_equal(state.noise, expected)
+    table = state.textures.clone().requires_grad_(True)  # the gradient passes the sign as if it were not there
+    mem.word_code_noise(table, torch.tensor([[0, 1]]), 4, 4, 8, sign=True).sum().backward()
+    inside = (state.textures[0] + state.textures[1]).abs() < 1
+    assert torch.equal(table.grad[0][inside], torch.full_like(table.grad[0][inside], 8.0))
+    assert table.grad[2:].abs().sum() == 0  # only the image's own textures
+    with pytest.raises(ValueError, match="texture_sign needs word textures"):
+        mem.MEMSettings(texture_sign=True, trigger_length=3).validate()
+
+
 def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path):
     words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2")
     whole = _protect(data, tmp_path / "whole", *words)
