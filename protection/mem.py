@@ -137,7 +137,7 @@ class MEMSettings:
     texture_tile: int = 4
     words_per_image: int = 3
     # texture_sign: a word-wise noise is epsilon times the SIGN of its textures' sum, every sub-pixel at
-    # +-epsilon (the gradient passes the sign straight through). A fresh model reads a full-range code sooner
+    # +-epsilon (0 only where the sum is exactly 0; the gradient passes the sign straight through). A fresh model reads a full-range code sooner
     # than one whose values error minimisation left inside the range (BENCHMARKS.md, session 25).
     texture_sign: bool = False
 

@@ -231,7 +231,7 @@ def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(
                            captions, crowded)
 
 
-def test_sign_word_textures_put_every_sub_pixel_at_plus_or_minus_epsilon(tiny):
+def test_sign_word_textures_put_the_sub_pixels_at_plus_or_minus_epsilon(tiny):
     import copy
 
     model, tokenizer, images, captions = tiny
@@ -259,12 +259,12 @@ def test_sign_word_textures_put_every_sub_pixel_at_plus_or_minus_epsilon(tiny):
 
 
 def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path):
-    words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2")
+    words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2", "--texture-sign")
     whole = _protect(data, tmp_path / "whole", *words)
     assert whole.returncode == 0, whole.stderr
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
     assert report["trigger_words"] == "caption words" and len(report["texture_words"]) == 12
-    assert report["settings"]["word_textures"] == 12
+    assert report["settings"]["word_textures"] == 12 and report["settings"]["texture_sign"] is True
     _killed_then_resumed(data, tmp_path / "killed", *words, kill_after=2)
     assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
@@ -276,6 +276,7 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     version = publish_protect_model(tmp_path / "repo", tmp_path / "whole" / "surrogate" / "1")
     served = json.loads((tmp_path / "repo" / contract.PROTECT_MODEL / str(version) / "settings.json").read_text())
     assert served["mem"]["word_textures"] == 0 and served["mem"]["trigger_length"] == 5
+    assert served["mem"]["texture_sign"] is False
 
 
 def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_the_averages_alone(tiny):
