@@ -120,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(r not in ROBUSTNESS_TRANSFORMS for r in robustness):
         parser.error(f"--robustness: a comma-separated subset of {', '.join(ROBUSTNESS_TRANSFORMS)}, or none; "
                      f"got {args.robustness!r}")
+    word_settings = {"word_textures": args.word_textures, "words_per_image": args.words_per_image,
+                     "texture_tile": args.texture_tile, "texture_sign": args.texture_sign}
+    if not args.word_textures and (args.words_per_image != 3 or args.texture_tile != 4 or args.texture_sign):
+        parser.error("--words-per-image, --texture-tile and --texture-sign shape word textures: they need --word-textures")
     suffix = ("" if args.style == "flat" else f"_{args.style}") + (  # flat, 1 caption keeps the original names
         "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}") + (
         "" if args.size == 32 else f"_{args.size}px")
@@ -163,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
                                norm_stats=args.norm_stats, seed=args.job_seed,
                                foreign_triggers=args.foreign_triggers,
-                               word_textures=args.word_textures if mode == "mem" else 0,
-                               words_per_image=args.words_per_image, texture_tile=args.texture_tile,
-                               texture_sign=args.texture_sign and mode == "mem")
+                               **(word_settings if mode == "mem" else {}))
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,

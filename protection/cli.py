@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--texture-tile", type=int, default=4, help="px per side of a word texture's tile (default 4)")
     p.add_argument("--words-per-image", type=int, default=3, help="words (textures) per image (default 3)")
     p.add_argument("--texture-sign", action="store_true",
-                   help="word-wise noise at +-epsilon everywhere: the sign of the image's textures' sum")
+                   help="word-wise noise at the range's ends: +-epsilon, the sign of the image's textures' sum")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")

@@ -26,10 +26,11 @@ EM mode (trigger_length = 0) is the unimodal error-minimising baseline: noise on
 
 Word-wise noise (settings.word_textures = K) parameterises the noise differently: the K caption words used most
 each own one small texture, tiled over the image and SHARED by every image; an image's noise is the clipped sum
-of its words' textures and its trigger names those words. Error minimisation (texture_pass) moves the textures
-instead of each image's pixels, and the triggers are drawn, not searched. A hacker then learns each of the
-captions' own words as a pattern, which is what kept ResNet hackers trained from scratch under 2x chance where
-per-image noise kept about 4x (BENCHMARKS.md, session 24).
+of its words' textures (with texture_sign, that sum's sign: the full +-epsilon) and its trigger names those
+words. Error minimisation (texture_pass) moves the textures instead of each image's pixels, and the triggers are
+drawn, not searched. A hacker then learns each of the captions' own words as a pattern: ResNet hackers trained
+from scratch kept 2.0x chance, and 1.5x with the sign on 2-px tiles, where per-image noise kept about 4x
+(BENCHMARKS.md, sessions 24-25).
 
 Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
 pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
@@ -136,9 +137,11 @@ class MEMSettings:
     word_textures: int = 0
     texture_tile: int = 4
     words_per_image: int = 3
-    # texture_sign: a word-wise noise is epsilon times the SIGN of its textures' sum, every sub-pixel at
-    # +-epsilon (0 only where the sum is exactly 0; the gradient passes the sign straight through). A fresh model reads a full-range code sooner
-    # than one whose values error minimisation left inside the range (BENCHMARKS.md, session 25).
+    # texture_sign: a word-wise noise is epsilon times the SIGN of its textures' clipped sum: +-epsilon wherever
+    # the sum is not exactly 0 (and the pixel is not clipped at 0 or 255). The gradient passes the sign straight
+    # through, not the clip (where an image's sum is beyond +-1, its gradient does not reach the textures). A
+    # fresh model reads a full-range code sooner than one whose values error minimisation left inside the range
+    # (BENCHMARKS.md, session 25).
     texture_sign: bool = False
 
     def validate(self) -> None:
@@ -877,7 +880,8 @@ def _write_word_noise(state: MEMState, images: np.ndarray, settings: MEMSettings
 def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings, device: torch.device,
                  groups: CaptionsPerImage) -> float:
     """One pass of error minimisation over the SHARED textures: per batch, pgd_steps signed-gradient steps of one
-    noise level (step_levels / epsilon_levels of the textures' range), each image against shuffled captions
+    noise level (step_levels / epsilon_levels of the textures' range; with texture_sign the published noise is
+    their sum's sign, so a step may flip a sub-pixel across the whole range), each image against shuffled captions
     carrying its own trigger (as pgd_noise); then every image's noise is rewritten from the textures."""
     models = state.models
     h, w = images.shape[1:3]

@@ -252,6 +252,7 @@ def test_sign_word_textures_put_the_sub_pixels_at_plus_or_minus_epsilon(tiny):
     table = state.textures.clone().requires_grad_(True)  # the gradient passes the sign as if it were not there
     mem.word_code_noise(table, torch.tensor([[0, 1]]), 4, 4, 8, sign=True).sum().backward()
     inside = (state.textures[0] + state.textures[1]).abs() < 1
+    assert inside.any()
     assert torch.equal(table.grad[0][inside], torch.full_like(table.grad[0][inside], 8.0))
     assert table.grad[2:].abs().sum() == 0  # only the image's own textures
     with pytest.raises(ValueError, match="texture_sign needs word textures"):
