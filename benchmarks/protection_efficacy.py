@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     from aigis.protection.captions import STYLES, synth_captioned
+    from aigis.protection.mem import MEMSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="default runs/bench/protection (style flat) or protection_photo")
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="made-up trigger words (default: the job's; 0: triggers from caption words)")
     parser.add_argument("--word-textures", type=int, default=0, metavar="K",
                         help="MEMSettings.word_textures: word-wise noise, K caption words owning shared textures")
-    parser.add_argument("--words-per-image", type=int, default=3, help="MEMSettings.words_per_image (word textures)")
-    parser.add_argument("--texture-tile", type=int, default=4, help="MEMSettings.texture_tile (word textures)")
+    parser.add_argument("--words-per-image", type=int, default=MEMSettings.words_per_image,
+                        help="MEMSettings.words_per_image (word textures)")
+    parser.add_argument("--texture-tile", type=int, default=MEMSettings.texture_tile,
+                        help="MEMSettings.texture_tile (word textures)")
     parser.add_argument("--texture-sign", action="store_true",
                         help="MEMSettings.texture_sign: word-wise noise at +-epsilon (the sign of the textures' sum)")
     parser.add_argument("--foreign-triggers", action="store_true",
@@ -100,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
     from aigis.protection.clip import PRESETS
     from aigis.protection.job import parse_clip_presets, protect_dataset
-    from aigis.protection.mem import MEMSettings
 
     if not 1 <= args.epsilon <= 255:
         parser.error(f"--epsilon must be 1..255 uint8 levels, got {args.epsilon}")
@@ -122,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"got {args.robustness!r}")
     word_settings = {"word_textures": args.word_textures, "words_per_image": args.words_per_image,
                      "texture_tile": args.texture_tile, "texture_sign": args.texture_sign}
-    if not args.word_textures and (args.words_per_image != 3 or args.texture_tile != 4 or args.texture_sign):
+    word_shape_changed = (args.words_per_image != MEMSettings.words_per_image
+                          or args.texture_tile != MEMSettings.texture_tile or args.texture_sign)
+    if not args.word_textures and word_shape_changed:
         parser.error("--words-per-image, --texture-tile and --texture-sign shape word textures: they need --word-textures")
     suffix = ("" if args.style == "flat" else f"_{args.style}") + (  # flat, 1 caption keeps the original names
         "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}") + (
@@ -144,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag += f"_pgd{args.pgd_steps}" if args.pgd_steps != 16 else ""
     surrogate_tag += f"_seed{args.job_seed}" if args.job_seed else ""
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
-    words = f"_words{args.word_textures}" if args.word_textures else ""  # (MEM only: EM keeps its job)
-    words += f"_per{args.words_per_image}" if args.word_textures and args.words_per_image != 3 else ""
-    words += f"_tile{args.texture_tile}" if args.word_textures and args.texture_tile != 4 else ""
-    words += "_sign" if args.word_textures and args.texture_sign else ""
+    words = ""  # (MEM only: EM keeps its job)
+    if args.word_textures:
+        words = f"_words{args.word_textures}"
+        words += f"_per{args.words_per_image}" if args.words_per_image != MEMSettings.words_per_image else ""
+        words += f"_tile{args.texture_tile}" if args.texture_tile != MEMSettings.texture_tile else ""
+        words += "_sign" if args.texture_sign else ""
     variant = surrogate_tag + words + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")

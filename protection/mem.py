@@ -210,6 +210,10 @@ class MEMSettings:
             raise ValueError(f"unknown MEM settings: {', '.join(unknown)} (written by a newer version?)")
         return cls(**{**SETTINGS_BEFORE_THEY_EXISTED, **values})
 
+    def per_image(self) -> "MEMSettings":
+        """These settings with one free noise per image: word textures (and what only they use) off."""
+        return dataclasses.replace(self, word_textures=0, texture_sign=False)
+
     def finished(self, iteration: int, pass_loss: float) -> bool:
         """Whether the outer loop ends after `iteration` iterations whose last pass had `pass_loss`."""
         if iteration >= self.outer_iterations:

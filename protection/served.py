@@ -74,7 +74,7 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     settings = mem_settings if mem_settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
     # A request protects its own batch: word textures are a code over a whole data set (each word one pattern
     # across every image), so a served version protects per image (trigger search + PGD), as settings.json says.
-    settings = dataclasses.replace(settings, word_textures=0, texture_sign=False)
+    settings = settings.per_image()
     settings.validate()
     source_hash = _tree_sha256(surrogate_dir)
 
