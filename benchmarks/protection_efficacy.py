@@ -34,6 +34,14 @@ from protection_results import machine_and_command, write_results
 REPO = Path(__file__).resolve().parent.parent
 
 
+def check_data_matches(data: Path, train_lines: int, test_lines: int) -> None:
+    """A work folder's data set is made once; refuse sizes it was not made with rather than measure on others."""
+    found = {split: sum(1 for line in open(data / f"{split}.jsonl") if line.strip()) for split in ("train", "test")}
+    if found != {"train": train_lines, "test": test_lines}:
+        raise SystemExit(f"{data} holds {found['train']} training and {found['test']} test captions, but --train x "
+                         f"--captions-per-image and --test ask for {train_lines} and {test_lines}: use another --work")
+
+
 def main(argv: list[str] | None = None) -> int:
     from aigis.protection.captions import STYLES, synth_captioned
     from aigis.protection.mem import MEMSettings
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "train.jsonl").is_file():
         synth_captioned(data, n_train=args.train, n_test=args.test, size=args.size, style=args.style,
                         captions_per_image=args.captions_per_image)
+    check_data_matches(data, args.train * args.captions_per_image, args.test)
     protected, jobs = {}, {}
     for mode, trigger in (("mem", args.trigger_length), ("em", 0)):
         if mode not in conditions:

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from mem_adversarial_poison import renamed_caption  # noqa: E402
 from mem_keyed_noise import caption_items  # noqa: E402
+from protection_efficacy import check_data_matches  # noqa: E402
 
 from aigis.protection.captions import describe_fashion_scene  # noqa: E402
 from aigis.protection.fashion import CELLS, CLASSES, PlacedItem  # noqa: E402
@@ -45,3 +46,11 @@ def test_renamed_caption_names_every_item_as_the_shifted_kind(shift):
 def test_caption_items_rejects_a_caption_without_items():
     with pytest.raises(SystemExit, match="not a fashion-scene caption"):
         caption_items("a red circle at the top left")
+
+
+def test_efficacy_refuses_a_work_folder_made_with_other_sizes(tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "caption": "x"}\n' * 10)
+    (tmp_path / "test.jsonl").write_text('{"image": "b.png", "caption": "y"}\n' * 4)
+    check_data_matches(tmp_path, 10, 4)
+    with pytest.raises(SystemExit, match="4 test captions.*ask for 10 and 8"):
+        check_data_matches(tmp_path, 10, 8)
