@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--captions-per-image", type=int, default=1,
                         help="captions per training image (5 = Flickr/COCO); one noise and trigger per image")
     parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--gallery", type=int, default=None,
+                        help="rank within consecutive galleries of this many test pairs (default: the whole split); "
+                             "--test 1000 --gallery 200 measures the 200-pair task with five times the queries")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--clip", default="rn_tiny",
                         help="surrogate preset, or several joined by '+' for an ensemble (e.g. vit_tiny+rn_tiny)")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
 
-    from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
+    from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, galleries_text, markdown_table
     from aigis.protection.clip import PRESETS
     from aigis.protection.job import parse_clip_presets, protect_dataset
 
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}{variant}{hacker_tag}",
                                  conditions=conditions, robustness=robustness, clip_preset=hacker_clip,
                                  image_size=args.size, epochs=args.hacker_epochs, hackers=args.hackers,
-                                 device=args.device, epsilon=args.epsilon / 255)
+                                 device=args.device, epsilon=args.epsilon / 255, gallery=args.gallery)
     table = markdown_table(report)
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
     variant_text = "triggers never use their own caption's words, " if args.foreign_triggers else ""
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"textures, {args.words_per_image} per image{', the sign of their sum' if args.texture_sign else ''}), "
                      if args.word_textures else "")
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
-              f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs ({args.style} scenes) "
+              f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs"
+              f"{galleries_text(args.test, args.gallery)} ({args.style} scenes) "
               f"at {args.size} px, surrogate `{args.clip}`, hackers `{hacker_clip}`; "
               f"MEM-{args.trigger_length}/EM at {args.epsilon}/255: {args.outer} outer iterations x {args.surrogate_steps} surrogate steps "
               f"(lr {args.surrogate_lr:g}{f', re-drawn every {args.surrogate_restart}' if args.surrogate_restart else ''}"

@@ -262,6 +262,7 @@ def _train_and_measure(
     seed: int,
     device,
     progress: bool,
+    gallery: int | None = None,
 ) -> dict:
     """Train one hacker on `train_set` and measure retrieval on the clean test split."""
     from .clip import CLIP
@@ -288,7 +289,7 @@ def _train_and_measure(
     train_clip(model, images, captions, tok, epochs=epochs, batch_size=batch_size, lr=lr,
                device=device, seed=seed, progress=progress)
     seconds, cpu_seconds = time.monotonic() - start, time.process_time() - cpu
-    retrieval = evaluate_retrieval(model, test_images[resolution], test_captions, tok, device=device)
+    retrieval = evaluate_retrieval(model, test_images[resolution], test_captions, tok, device=device, gallery=gallery)
     return {"retrieval": retrieval, "train_seconds": seconds, "train_cpu_seconds": cpu_seconds,
             "tokenizer_vocab": tok.vocab_size, "image_size": resolution, "context_length": model.context_length}
 
@@ -335,6 +336,7 @@ def evaluate_protection(
     scratch: bool = True,
     examples: int = 3,
     progress: bool = True,
+    gallery: int | None = None,
 ) -> dict:
     """Train a from-scratch hacker CLIP on each condition and report clean-test retrieval.
 
@@ -347,6 +349,8 @@ def evaluate_protection(
     from), and scratch=False trains the fine-tuned hackers only.
     hackers > 1 trains that many hackers per condition (seeds seed, seed + 1, ...): one hacker's R@1 on
     a small test split moves by a few hits, so the row reports the median run and lists every run's.
+    gallery: rank within consecutive galleries of that many test pairs (retrieval.evaluate_retrieval), so that
+    a test split of several galleries gives near-chance figures more hits to count; None: the whole split.
     Returns the report (also written as out_dir/report.json, report.md and examples.png).
     """
     t_start = time.monotonic()
@@ -393,6 +397,8 @@ def evaluate_protection(
         test_pairs = read_pairs(clean_root, test_manifest)
     except ManifestError as exc:
         raise EvaluationError(str(exc)) from exc
+    if gallery is not None and (gallery < 1 or len(test_pairs) % gallery):
+        raise EvaluationError(f"the test split's {len(test_pairs)} pairs do not divide into galleries of {gallery}")
     # Read and check every protected set before any training: a bad one fails in seconds.
     protected_sets = {name: read_protected_set(path, clean_pairs, name) for name, path in protected.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +454,7 @@ def evaluate_protection(
         from .retrieval import evaluate_retrieval
 
         checkpoint_retrieval = evaluate_retrieval(loaded, test_images[loaded.image_resolution], test_captions, tok,
-                                                  device=device)
+                                                  device=device, gallery=gallery)
         checkpoint_retrieval.update(_x_chance(checkpoint_retrieval))
         say(f"the checkpoint as given (before fine-tuning): {checkpoint_retrieval['r1_x_chance']:.1f}x chance R@1")
     rows = []
@@ -463,6 +469,7 @@ def evaluate_protection(
                 train_set, test_images, test_captions, finetune=ft, tokenizer=tok, tokenizer_vocab=tokenizer_vocab,
                 clip_preset=clip_preset, image_size=image_size, epochs=run_epochs, batch_size=batch_size,
                 lr=lr if ft is None else finetune_lr, seed=seed + h, device=device, progress=progress,
+                gallery=gallery,
             )
             for h in range(hackers)
         ]
@@ -494,7 +501,8 @@ def evaluate_protection(
             "finetune_lr": finetune_lr if finetune_checkpoint else None,
             "finetune_epochs": (finetune_epochs or epochs) if finetune_checkpoint else None,
             "scratch": scratch,
-            "n_train": len(clean_pairs), "n_test": len(test_pairs), "robustness": list(robustness),
+            "n_train": len(clean_pairs), "n_test": len(test_pairs), "gallery": gallery or len(test_pairs),
+            "robustness": list(robustness),
         },
         "data": {"root": str(clean_root), "train_manifest": train_manifest, "test_manifest": test_manifest},
         "chance": chance,
@@ -565,6 +573,13 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def galleries_text(n_test: int, gallery: int | None) -> str:
+    """'' for one gallery (the whole split), else how the split was cut."""
+    if gallery is None or gallery == n_test:
+        return ""
+    return f" ranked within {n_test // gallery} galleries of {gallery}"
+
+
 def markdown_table(report: dict) -> str:
     """Rows = training data condition; Recall@K in %, R@1 as a multiple of chance, PSNR in dB."""
     s = report["settings"]
@@ -580,7 +595,8 @@ def markdown_table(report: dict) -> str:
         hacker = (f"Hacker CLIPs fine-tuned from {Path(s['finetune_checkpoint']).name}, {s['finetune_epochs']} epochs, "
                   f"batch {s['batch_size']}, lr {s['finetune_lr']:g}")
     lines = [
-        f"{hacker}, {seeds}; {s['n_train']} training pairs, {s['n_test']} clean test pairs. Recall in %.",
+        f"{hacker}, {seeds}; {s['n_train']} training pairs, {s['n_test']} clean test pairs"
+        f"{galleries_text(s['n_test'], s.get('gallery'))}. Recall in %.",
         "",
         f"| training data | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | R@1 x chance | PSNR dB{runs_head} |",
         f"|---|---:|---:|---:|---:|---:|---:|---:|---:{runs_rule}|",

@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="one seed for every condition (default 0)")
     p.add_argument("--hackers", type=int, default=1,
                    help="hackers per condition, seeds --seed, --seed + 1, ...; the median run is reported (default 1)")
+    p.add_argument("--gallery", type=int, default=None, metavar="N",
+                   help="rank each test query among the N pairs of its own consecutive block (COCO's 5 x 1K "
+                        "protocol); the split must divide into them (default: the whole split, one gallery)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress lines and no printed table")
@@ -107,6 +110,7 @@ def run_protect_eval(args: argparse.Namespace) -> int:
             finetune_epochs=args.finetune_epochs,
             scratch=not args.finetune_only,
             progress=not args.quiet,
+            gallery=args.gallery,
         )
     except (ValueError, FileNotFoundError, ManifestError, BadImageError) as exc:
         print(f"aigis protect-eval: error: {exc}", file=sys.stderr)

@@ -411,3 +411,32 @@ def test_a_finetuned_hacker_starts_from_the_given_checkpoint(data, tmp_path):
     with pytest.raises(EvaluationError, match="no hacker to train"):
         evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=tmp_path / "e3", conditions=["clean"],
                             robustness=(), progress=False, scratch=False, **FAST)
+
+
+def test_galleries_rank_each_block_on_its_own(data):
+    """A split cut into galleries scores as each block evaluated alone, averaged; chance is one gallery's."""
+    from aigis.protection.captions import load_images
+    from aigis.protection.evaluate import new_hacker
+    from aigis.protection.retrieval import evaluate_retrieval
+    from aigis.protection.tokenizer import Tokenizer
+
+    test = read_pairs(data, "test.jsonl")
+    captions = [p.caption for p in test]
+    tok = Tokenizer.train(captions, vocab_size=1000)
+    model = new_hacker("rn_tiny", SIZE, tok.vocab_size, seed=0)
+    images = load_images(test, SIZE, progress=False)
+    whole = evaluate_retrieval(model, images, captions, tok, device="cpu")
+    assert evaluate_retrieval(model, images, captions, tok, device="cpu", gallery=N_TEST) == whole
+    half = N_TEST // 2
+    cut = evaluate_retrieval(model, images, captions, tok, device="cpu", gallery=half)
+    parts = [evaluate_retrieval(model, images[i:i + half], captions[i:i + half], tok, device="cpu")
+             for i in (0, half)]
+    for key in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "chance_r1", "chance_r10"):
+        assert cut[key] == pytest.approx((parts[0][key] + parts[1][key]) / 2), key
+    assert cut["gallery"] == half and cut["chance_r1"] > whole["chance_r1"]  # fewer candidates each
+    assert cut["i2t_r10"] >= whole["i2t_r10"] and cut["i2t_r10"] != whole["i2t_r10"]
+    with pytest.raises(ValueError, match="galleries of 30"):
+        evaluate_retrieval(model, images, captions, tok, device="cpu", gallery=30)
+    with pytest.raises(EvaluationError, match="galleries of 30"):
+        evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=data.parent / "never", gallery=30, **FAST)
+    assert not (data.parent / "never").exists()  # refused before anything was written or trained
