@@ -126,7 +126,8 @@ class MEMSettings:
     # foreign_triggers: a pair's trigger never uses a word (token) of its own caption. It matters only when the
     # candidates are caption words (a job's --trigger-words 0): the search would otherwise pick the nouns an
     # image shows, which teach a hacker the content; barred from them, the trigger ties the nouns of OTHER
-    # images to this image's noise, so what a hacker learns for those words is the shortcut.
+    # images to this image's noise, so what a hacker learns for those words is the shortcut. With word_textures,
+    # each image's words are drawn from those its own captions do not use.
     foreign_triggers: bool = False
     # word_textures K > 0: WORD-WISE noise. The K caption words used most (those the tokenizer can write as
     # triggers) each own one texture_tile-px texture, repeated over the image; an image's noise is epsilon times
@@ -835,9 +836,11 @@ def texture_owners(tokenizer: Tokenizer, captions: list[str], models: Sequence[C
     return torch.tensor(sorted(counts, key=lambda i: (-counts[i], i))[:count], dtype=torch.long)
 
 
-def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], settings: MEMSettings) -> None:
-    """Pick the words that own textures, draw every image's words (a set no other image has) and its trigger
-    (those words cycled in a random order), and start every texture, hence every noise, at zero."""
+def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], settings: MEMSettings,
+                   groups: CaptionsPerImage | None = None) -> None:
+    """Pick the words that own textures, draw every image's words (a set no other image has; with
+    foreign_triggers, none of them a word of the image's own captions) and its trigger (those words cycled in a
+    random order), and start every texture, hence every noise, at zero."""
     n, m, length = state.noise.shape[0], settings.words_per_image, settings.trigger_length
     words = texture_owners(tokenizer, captions, state.models, settings.word_textures)
     k = len(words)
@@ -846,10 +849,13 @@ def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], s
                          f"{math.comb(k, m) if k >= m else 0} sets of {m} for {n} images; lower words_per_image "
                          f"or give the captions more words")
     rng = np.random.default_rng(settings.seed)
-    sets: set[tuple[int, ...]] = set()
-    while len(sets) < n:
-        sets.add(tuple(sorted(rng.choice(k, size=m, replace=False).tolist())))
-    word_sets = np.array(sorted(sets), dtype=np.int64)[rng.permutation(n)]
+    if settings.foreign_triggers:
+        word_sets = _foreign_word_sets(words, tokenizer, captions, groups or CaptionsPerImage.single(n), m, rng)
+    else:
+        sets: set[tuple[int, ...]] = set()
+        while len(sets) < n:
+            sets.add(tuple(sorted(rng.choice(k, size=m, replace=False).tolist())))
+        word_sets = np.array(sorted(sets), dtype=np.int64)[rng.permutation(n)]
     for i, chosen in enumerate(word_sets):
         order = rng.permutation(chosen)
         state.triggers[i] = words[[int(order[j % m]) for j in range(length)]].numpy()
@@ -857,6 +863,34 @@ def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], s
     state.texture_words = words
     state.textures = torch.zeros(k, settings.texture_tile, settings.texture_tile, 3)
     state.noise[...] = 0
+
+
+def _foreign_word_sets(words: Tensor, tokenizer: Tokenizer, captions: list[str], groups: CaptionsPerImage, m: int,
+                       rng: np.random.Generator, tries: int = 1000) -> np.ndarray:
+    """[N, m] indices into words: per image, m words none of its captions uses, a set no other image has. A
+    caption word then names another image's texture more often than its own content, so a hacker that reads
+    it as content gains less (the reasoning of foreign_triggers)."""
+    own: list[set[int]] = [set() for _ in range(groups.n_images)]
+    for c, caption in enumerate(captions):
+        own[int(groups.image_of[c])].update(tokenizer.encode(caption))
+    ids = words.tolist()
+    taken: set[tuple[int, ...]] = set()
+    word_sets = np.empty((groups.n_images, m), dtype=np.int64)
+    for i, mine in enumerate(own):
+        allowed = np.array([j for j, w in enumerate(ids) if w not in mine], dtype=np.int64)
+        if len(allowed) < m:
+            raise ValueError(f"word textures with foreign_triggers: image {i}'s captions use all but "
+                             f"{len(allowed)} of the {len(ids)} texture words, fewer than words_per_image ({m})")
+        for _ in range(tries):
+            chosen = tuple(sorted(rng.choice(allowed, size=m, replace=False).tolist()))
+            if chosen not in taken:
+                break
+        else:
+            raise ValueError(f"word textures with foreign_triggers: no unused set of {m} words left for image {i}; "
+                             f"lower words_per_image or give the captions more words")
+        taken.add(chosen)
+        word_sets[i] = chosen
+    return word_sets
 
 
 def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int, levels: int,
@@ -957,7 +991,7 @@ def run_mem(
     tokens = tokenizer.tokenize(list(captions), state.model.context_length, settings.trigger_length)
     n = images.shape[0]
     if settings.word_textures and state.textures is None:
-        init_word_code(state, tokenizer, captions, settings)
+        init_word_code(state, tokenizer, captions, settings, groups)
     while not settings.finished(state.iteration, state.history[-1]["pass_loss"] if state.history else math.inf):
         started = time.monotonic()
         redrawn = restart_surrogates(state, settings)

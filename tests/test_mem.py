@@ -259,6 +259,33 @@ def test_sign_word_textures_put_the_sub_pixels_at_plus_or_minus_epsilon(tiny):
         mem.MEMSettings(texture_sign=True, trigger_length=3).validate()
 
 
+def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
+    import copy
+
+    model, tokenizer, images, captions = tiny
+    # Two captions per image: its own and its neighbour's, so words of BOTH must stay out of its set.
+    two_each = [c for i in range(6) for c in (captions[i], captions[(i + 1) % 6])]
+    groups = mem.CaptionsPerImage(np.repeat(np.arange(6), 2), 6)
+    settings = mem.MEMSettings(word_textures=40, words_per_image=3, trigger_length=5, foreign_triggers=True)
+    state = mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), settings)
+    mem.init_word_code(state, tokenizer, two_each, settings, groups)
+    words = state.texture_words.tolist()
+    for i, chosen in enumerate(state.word_sets):
+        own = set(tokenizer.encode(captions[i])) | set(tokenizer.encode(captions[(i + 1) % 6]))
+        assert not own & {words[k] for k in chosen}, i
+        assert set(state.triggers[i].tolist()) == {words[k] for k in chosen}
+    assert len({tuple(x) for x in state.word_sets}) == 6
+    plain = mem.MEMSettings(word_textures=40, words_per_image=3, trigger_length=5)
+    drawn = mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), plain)
+    mem.init_word_code(drawn, tokenizer, two_each, plain, groups)
+    assert any(set(tokenizer.encode(captions[i])) & {words[k] for k in s} for i, s in enumerate(drawn.word_sets))
+    # The five commonest words: every image's captions use most of them, which leaves no set of 3.
+    few = mem.MEMSettings(word_textures=5, words_per_image=3, trigger_length=3, foreign_triggers=True)
+    with pytest.raises(ValueError, match="fewer than words_per_image"):
+        mem.init_word_code(mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), few), tokenizer,
+                           two_each, few, groups)
+
+
 def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path):
     words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2", "--texture-sign")
     whole = _protect(data, tmp_path / "whole", *words)
