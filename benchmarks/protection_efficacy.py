@@ -155,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     surrogate_tag += f"_restart{args.surrogate_restart}" if args.surrogate_restart else ""
     surrogate_tag += "_bnbatch" if args.norm_stats == "batch" else ""
     surrogate_tag += f"_step{args.pgd_step}" if args.pgd_step != 1 else ""
-    surrogate_tag += "_foreign" if args.foreign_triggers else ""
-    surrogate_tag += f"_pgd{args.pgd_steps}" if args.pgd_steps != 16 else ""
-    surrogate_tag += f"_seed{args.job_seed}" if args.job_seed else ""
+    foreign = "_foreign" if args.foreign_triggers else ""  # MEM only: EM has no trigger and keeps its job
+    tail = f"_pgd{args.pgd_steps}" if args.pgd_steps != 16 else ""
+    tail += f"_seed{args.job_seed}" if args.job_seed else ""
+    em_tag, surrogate_tag = surrogate_tag + tail, surrogate_tag + foreign + tail
     hacker_tag = "" if hacker_clip == surrogates[0] else tag(["hacker", hacker_clip])
     words = ""  # (MEM only: EM keeps its job)
     if args.word_textures:
@@ -184,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
                                norm_stats=args.norm_stats, seed=args.job_seed,
-                               foreign_triggers=args.foreign_triggers,
+                               foreign_triggers=args.foreign_triggers and mode == "mem",
                                **(word_settings if mode == "mem" else {}))
         t0 = time.perf_counter()
-        job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else surrogate_tag + grid}"
+        job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else em_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
                                   image_size=args.size, device=args.device, trigger_words=args.trigger_words)
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                                  device=args.device, epsilon=args.epsilon / 255, gallery=args.gallery)
     table = markdown_table(report)
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
-    variant_text = "triggers never use their own caption's words, " if args.foreign_triggers else ""
+    variant_text = "MEM's triggers never use their own captions' words, " if args.foreign_triggers else ""
     variant_text += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared {args.texture_tile}-px "
                      f"textures, {args.words_per_image} per image{', the sign of their sum' if args.texture_sign else ''}), "
                      if args.word_textures else "")
