@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="made-up words added to the tokenizer for triggers to use (default "
                         "protection.job.DEFAULT_TRIGGER_WORDS; 0: triggers from the captions' own words)")
     p.add_argument("--foreign-triggers", action="store_true",
-                   help="a pair's trigger never uses a word of its own caption (for --trigger-words 0)")
+                   help="a pair's trigger never uses a word of its own caption(s): for --trigger-words 0, and with "
+                        "--word-textures each image's words are drawn from those its captions do not use")
     p.add_argument("--word-textures", type=int, default=0, metavar="K",
                    help="word-wise noise: the K most used caption words each own a shared texture, an image's noise "
                         "sums its words' textures and its trigger names them (default 0: one noise per image)")

@@ -28,9 +28,10 @@ Word-wise noise (settings.word_textures = K) parameterises the noise differently
 each own one small texture, tiled over the image and SHARED by every image; an image's noise is the clipped sum
 of its words' textures (with texture_sign, that sum's sign: the full +-epsilon) and its trigger names those
 words. Error minimisation (texture_pass) moves the textures instead of each image's pixels, and the triggers are
-drawn, not searched. A hacker then learns each of the captions' own words as a pattern: ResNet hackers trained
-from scratch kept about 2x chance (also with the sign on 2-px tiles: 2.0x over five draws), where per-image
-noise kept about 4x (BENCHMARKS.md, sessions 24-25).
+drawn, not searched (with foreign_triggers, from the words the image's own captions do not use). A hacker then
+learns each of the captions' own words as a pattern: ResNet hackers trained from scratch kept about 2x chance
+(also with the sign on 2-px tiles), about 1x with foreign words as well, where per-image noise kept about 4x
+(BENCHMARKS.md, sessions 24-26).
 
 Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
 pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
