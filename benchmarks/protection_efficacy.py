@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def check_data_matches(data: Path, train_lines: int, test_lines: int) -> None:
     """A work folder's data set is made once; refuse sizes it was not made with rather than measure on others."""
-    found = {split: sum(1 for line in open(data / f"{split}.jsonl") if line.strip()) for split in ("train", "test")}
+    found = {split: sum(1 for line in (data / f"{split}.jsonl").read_text().splitlines() if line.strip())
+             for split in ("train", "test")}
     if found != {"train": train_lines, "test": test_lines}:
         raise SystemExit(f"{data} holds {found['train']} training and {found['test']} test captions, but --train x "
                          f"--captions-per-image and --test ask for {train_lines} and {test_lines}: use another --work")
