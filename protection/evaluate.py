@@ -397,8 +397,12 @@ def evaluate_protection(
         test_pairs = read_pairs(clean_root, test_manifest)
     except ManifestError as exc:
         raise EvaluationError(str(exc)) from exc
-    if gallery is not None and (gallery < 1 or len(test_pairs) % gallery):
-        raise EvaluationError(f"the test split's {len(test_pairs)} pairs do not divide into galleries of {gallery}")
+    from .retrieval import gallery_size
+
+    try:
+        gallery_size(len(test_pairs), gallery)
+    except ValueError as exc:
+        raise EvaluationError(str(exc)) from None
     # Read and check every protected set before any training: a bad one fails in seconds.
     protected_sets = {name: read_protected_set(path, clean_pairs, name) for name, path in protected.items()}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,15 @@ def _chance(counts: np.ndarray, n: int, k: int) -> float:
     return float(np.mean([hit(int(c)) for c in counts]))
 
 
+def gallery_size(n: int, gallery: int | None) -> int:
+    """The number of pairs each query is ranked among: the whole split of n for None; a gallery that does not
+    divide the split is refused (ValueError)."""
+    gallery = n if gallery is None else gallery
+    if gallery < 1 or n % gallery:
+        raise ValueError(f"the test split's {n} pairs do not divide into galleries of {gallery}")
+    return gallery
+
+
 def evaluate_retrieval(
     model: CLIP, images_uint8: np.ndarray, captions: list[str], tokenizer: Tokenizer, device: str | torch.device | None = None,
     gallery: int | None = None,
@@ -197,9 +206,7 @@ def evaluate_retrieval(
     """
     _check_inputs(model, images_uint8, captions)
     n = len(captions)
-    gallery = n if gallery is None else gallery
-    if gallery < 1 or n % gallery:
-        raise ValueError(f"the test split's {n} pairs do not divide into galleries of {gallery}")
+    gallery = gallery_size(n, gallery)
     device = _device(device)
     image_features, text_features = embed(model, images_uint8, _tokens(model, captions, tokenizer), device)
     similarity = image_features @ text_features.t()  # [images, captions]
