@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="MEMSettings.texture_tile (word textures)")
     parser.add_argument("--texture-sign", action="store_true",
                         help="MEMSettings.texture_sign: word-wise noise at +-epsilon (the sign of the textures' sum)")
+    parser.add_argument("--texture-gray", action="store_true",
+                        help="MEMSettings.texture_gray: word textures in luminance only (the same on R, G, B)")
     parser.add_argument("--foreign-triggers", action="store_true",
                         help="MEMSettings.foreign_triggers: no pair's trigger uses its own caption's words")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
@@ -135,11 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--robustness: a comma-separated subset of {', '.join(ROBUSTNESS_TRANSFORMS)}, or none; "
                      f"got {args.robustness!r}")
     word_settings = {"word_textures": args.word_textures, "words_per_image": args.words_per_image,
-                     "texture_tile": args.texture_tile, "texture_sign": args.texture_sign}
+                     "texture_tile": args.texture_tile, "texture_sign": args.texture_sign,
+                     "texture_gray": args.texture_gray}
     word_shape_changed = (args.words_per_image != MEMSettings.words_per_image
-                          or args.texture_tile != MEMSettings.texture_tile or args.texture_sign)
+                          or args.texture_tile != MEMSettings.texture_tile or args.texture_sign or args.texture_gray)
     if not args.word_textures and word_shape_changed:
-        parser.error("--words-per-image, --texture-tile and --texture-sign shape word textures: they need --word-textures")
+        parser.error("--words-per-image, --texture-tile, --texture-sign and --texture-gray shape word textures: "
+                     "they need --word-textures")
     suffix = ("" if args.style == "flat" else f"_{args.style}") + (  # flat, 1 caption keeps the original names
         "" if args.captions_per_image == 1 else f"_cap{args.captions_per_image}") + (
         "" if args.size == 32 else f"_{args.size}px")
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         words += f"_per{args.words_per_image}" if args.words_per_image != MEMSettings.words_per_image else ""
         words += f"_tile{args.texture_tile}" if args.texture_tile != MEMSettings.texture_tile else ""
         words += "_sign" if args.texture_sign else ""
+        words += "_gray" if args.texture_gray else ""
     variant = surrogate_tag + words + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
     name = args.name or f"protection_efficacy{suffix}{budget}{variant}{hacker_tag}"
     work = Path(args.work or REPO / "runs" / "bench" / f"protection{suffix}")
@@ -203,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
     variant_text = "MEM's triggers never use their own captions' words, " if args.foreign_triggers else ""
     variant_text += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared {args.texture_tile}-px "
-                     f"textures, {args.words_per_image} per image{', the sign of their sum' if args.texture_sign else ''}), "
+                     f"textures, {args.words_per_image} per image{', the sign of their sum' if args.texture_sign else ''}"
+                     f"{', luminance only' if args.texture_gray else ''}), "
                      if args.word_textures else "")
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs"

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--words-per-image", type=int, default=3, help="words (textures) per image (default 3)")
     p.add_argument("--texture-sign", action="store_true",
                    help="word-wise noise at the range's ends: +-epsilon, the sign of the image's textures' sum")
+    p.add_argument("--texture-gray", action="store_true",
+                   help="word textures in luminance only (the same on R, G, B): the code survives grayscale "
+                        "re-encoding; use a larger --texture-tile")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
@@ -90,7 +93,7 @@ def _protect(args: argparse.Namespace) -> int:
             seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
             surrogate_restart=args.surrogate_restart, foreign_triggers=args.foreign_triggers,
             word_textures=args.word_textures, texture_tile=args.texture_tile, words_per_image=args.words_per_image,
-            texture_sign=args.texture_sign,
+            texture_sign=args.texture_sign, texture_gray=args.texture_gray,
             norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
         )
         settings.validate()

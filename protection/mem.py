@@ -31,7 +31,8 @@ words. Error minimisation (texture_pass) moves the textures instead of each imag
 drawn, not searched (with foreign_triggers, from the words the image's own captions do not use). A hacker then
 learns each of the captions' own words as a pattern: ResNet hackers trained from scratch kept about 2x chance
 (also with the sign on 2-px tiles), about 1x with foreign words as well, where per-image noise kept about 4x
-(BENCHMARKS.md, sessions 24-26).
+(BENCHMARKS.md, sessions 24-26). With texture_gray the textures are luminance only, which grayscale re-encoding
+keeps whole (session 27).
 
 Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
 pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
@@ -145,6 +146,10 @@ class MEMSettings:
     # fresh model reads a full-range code sooner than one whose values error minimisation left inside the range
     # (BENCHMARKS.md, session 25).
     texture_sign: bool = False
+    # texture_gray: each texture is one value per pixel, the same on R, G and B, so the code is all luminance:
+    # re-encoding the protected images in grayscale keeps it whole, where a coloured code keeps only its
+    # luminance part. The price: a third of the values per tile (use a larger texture_tile).
+    texture_gray: bool = False
 
     def validate(self) -> None:
         problems = []
@@ -178,8 +183,8 @@ class MEMSettings:
                                 f"({self.trigger_length}) and <= word_textures ({self.word_textures})")
             if self.noise_grid:
                 problems.append("word textures are tiled over the whole image: noise_grid must be 0")
-        elif self.texture_sign:
-            problems.append("texture_sign needs word textures (word_textures > 0)")
+        elif self.texture_sign or self.texture_gray:
+            problems.append("texture_sign and texture_gray need word textures (word_textures > 0)")
         if self.norm_stats not in NORM_STATS:
             problems.append(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
         if self.amp not in ("auto", "on", "off"):
@@ -214,7 +219,7 @@ class MEMSettings:
 
     def per_image(self) -> "MEMSettings":
         """These settings with one free noise per image: word textures (and what only they use) off."""
-        return dataclasses.replace(self, word_textures=0, texture_sign=False)
+        return dataclasses.replace(self, word_textures=0, texture_sign=False, texture_gray=False)
 
     def finished(self, iteration: int, pass_loss: float) -> bool:
         """Whether the outer loop ends after `iteration` iterations whose last pass had `pass_loss`."""
@@ -686,7 +691,7 @@ class MEMState:
     history: list[dict] = field(default_factory=list)
     # Further surrogates of an ensemble, each with its own optimiser; trained on the same batches.
     extra_surrogates: list[tuple[CLIP, torch.optim.Optimizer]] = field(default_factory=list)
-    # Word-wise noise (settings.word_textures): the shared textures (float [K, t, t, 3] in [-1, 1], on the CPU),
+    # Word-wise noise (settings.word_textures): the shared textures (float [K, t, t, 3 or 1 if gray] in [-1, 1], on the CPU),
     # the token id of the word that owns each, and each image's words (indices into them, [N, words_per_image]).
     textures: Tensor | None = None
     texture_words: Tensor | None = None
@@ -862,7 +867,8 @@ def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], s
         state.triggers[i] = words[[int(order[j % m]) for j in range(length)]].numpy()
     state.word_sets = word_sets
     state.texture_words = words
-    state.textures = torch.zeros(k, settings.texture_tile, settings.texture_tile, 3)
+    channels = 1 if settings.texture_gray else 3
+    state.textures = torch.zeros(k, settings.texture_tile, settings.texture_tile, channels)
     state.noise[...] = 0
 
 
@@ -896,8 +902,9 @@ def _foreign_word_sets(words: Tensor, tokenizer: Tokenizer, captions: list[str],
 
 def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int, levels: int,
                     sign: bool = False) -> Tensor:
-    """float [B, H, W, 3] in +-levels: each image's textures (word_sets [B, m]) summed, clipped to [-1, 1]
-    (sign: the sum's sign, its gradient passed straight through), repeated over the image."""
+    """float [B, H, W, C] in +-levels: each image's textures (word_sets [B, m]) summed, clipped to [-1, 1]
+    (sign: the sum's sign, its gradient passed straight through), repeated over the image. C is the textures'
+    channels: 3, or 1 for gray textures (it broadcasts over R, G and B when added to an image)."""
     tile = textures.shape[1]
     total = textures[word_sets].sum(1).clamp(-1, 1)
     if sign:

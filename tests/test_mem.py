@@ -255,8 +255,40 @@ def test_sign_word_textures_put_the_sub_pixels_at_plus_or_minus_epsilon(tiny):
     assert inside.any()
     assert torch.equal(table.grad[0][inside], torch.full_like(table.grad[0][inside], 8.0))
     assert table.grad[2:].abs().sum() == 0  # only the image's own textures
-    with pytest.raises(ValueError, match="texture_sign needs word textures"):
+    with pytest.raises(ValueError, match="texture_sign and texture_gray need word textures"):
         mem.MEMSettings(texture_sign=True, trigger_length=3).validate()
+
+
+def test_gray_word_textures_are_the_same_on_every_channel_and_survive_grayscale(tiny):
+    import copy
+
+    from PIL import Image
+
+    model, tokenizer, images, captions = tiny
+    settings = mem.MEMSettings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
+                               texture_sign=True, texture_gray=True, outer_iterations=2, surrogate_steps=1, pgd_steps=2,
+                               batch_size=6, amp="off")
+    state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
+    mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+    assert state.textures.shape == (12, 4, 4, 1) and state.textures.abs().max() > 0  # one channel, moved from 0
+    noise = state.noise.astype(np.int16)
+    pixels = images.astype(np.int16)
+    inside = ((pixels + 8 <= 255) & (pixels - 8 >= 0)).all(-1)  # no channel clipped at 0 or 255
+    assert inside.mean() > 0.5
+    assert (noise[..., 0] == noise[..., 1])[inside].all() and (noise[..., 0] == noise[..., 2])[inside].all()
+    assert (np.abs(noise[..., 0][inside]) == 8).mean() > 0.5
+    # Grayscale re-encoding keeps the code: luminance of (image + noise) minus luminance of the image IS the noise.
+    def gray(x):
+        return np.stack([np.asarray(Image.fromarray(a).convert("L"), dtype=np.int16) for a in x])
+    kept = gray((pixels + noise).astype(np.uint8)) - gray(images)
+    assert (np.abs(kept - noise[..., 0])[inside] <= 1).all()
+    colour = mem.MEMSettings(**{**settings.to_dict(), "texture_gray": False})
+    other = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), colour)
+    mem.run_mem(other, tokenizer, images, captions, colour, device="cpu", progress=False)
+    lost = gray((pixels + other.noise.astype(np.int16)).astype(np.uint8)) - gray(images)
+    assert np.abs(lost).mean() < 0.8 * np.abs(kept).mean()  # a coloured code keeps only its luminance part
+    with pytest.raises(ValueError, match="texture_sign and texture_gray need word textures"):
+        mem.MEMSettings(texture_gray=True, trigger_length=3).validate()
 
 
 def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
@@ -287,12 +319,14 @@ def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
 
 
 def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path):
-    words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2", "--texture-sign")
+    words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2", "--texture-sign",
+             "--texture-gray")  # one-channel textures through the checkpoint
     whole = _protect(data, tmp_path / "whole", *words)
     assert whole.returncode == 0, whole.stderr
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
     assert report["trigger_words"] == "caption words" and len(report["texture_words"]) == 12
     assert report["settings"]["word_textures"] == 12 and report["settings"]["texture_sign"] is True
+    assert report["settings"]["texture_gray"] is True
     _killed_then_resumed(data, tmp_path / "killed", *words, kill_after=2)
     assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
@@ -304,7 +338,7 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     version = publish_protect_model(tmp_path / "repo", tmp_path / "whole" / "surrogate" / "1")
     served = json.loads((tmp_path / "repo" / contract.PROTECT_MODEL / str(version) / "settings.json").read_text())
     assert served["mem"]["word_textures"] == 0 and served["mem"]["trigger_length"] == 5
-    assert served["mem"]["texture_sign"] is False
+    assert served["mem"]["texture_sign"] is False and served["mem"]["texture_gray"] is False
 
 
 def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_the_averages_alone(tiny):
