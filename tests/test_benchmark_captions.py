@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from mem_adversarial_poison import renamed_caption  # noqa: E402
 from mem_keyed_noise import caption_items  # noqa: E402
+from mem_speed import parse_source_size, photo_sized_copies  # noqa: E402
 from protection_efficacy import check_data_matches  # noqa: E402
 
 from aigis.protection.captions import describe_fashion_scene  # noqa: E402
@@ -54,3 +55,24 @@ def test_efficacy_refuses_a_work_folder_made_with_other_sizes(tmp_path):
     check_data_matches(tmp_path, 10, 4)
     with pytest.raises(SystemExit, match="4 test captions.*ask for 10 and 8"):
         check_data_matches(tmp_path, 10, 8)
+
+
+def test_speed_benchmark_photo_sized_copies_keep_every_line_as_a_photo_sized_jpeg(tmp_path):
+    from PIL import Image
+
+    from aigis.protection.captions import load_images, read_pairs, synth_captioned
+
+    root = synth_captioned(tmp_path, 3, 0, size=32, seed=0, captions_per_image=2)
+    manifest = photo_sized_copies(root, "train.jsonl", parse_source_size("200x150"))
+    small, large = read_pairs(root, "train.jsonl"), read_pairs(root, manifest)
+    assert [p.caption for p in large] == [p.caption for p in small]  # same lines, same order
+    assert len({p.path for p in large}) == 3 and all(p.path.suffix == ".jpg" for p in large)
+    for pair in large:
+        with Image.open(pair.path) as image:
+            assert image.format == "JPEG" and image.size == (200, 150)
+    # They decode back at the model's size like any user's file (short side resized, centre crop).
+    back = load_images(large[::2], 32, progress=False).astype(np.int16)
+    assert back.shape == (3, 32, 32, 3) and back.std() > 10
+    for text in ("500", "500x", "8x8", "axb"):
+        with pytest.raises(ValueError, match="--source-size"):
+            parse_source_size(text)
