@@ -208,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = f", noise on a {args.noise_grid} x {args.noise_grid} grid of cells" if args.noise_grid else ""
     variant_text = "MEM's triggers never use their own captions' words, " if args.foreign_triggers else ""
     variant_text += (f"MEM's noise word-wise ({args.word_textures} caption words owning shared {args.texture_tile}-px "
-                     f"textures, {args.words_per_image} per image{', the sign of their sum' if args.texture_sign else ''}"
+                     f"textures, {args.words_per_image} per image"
+                     f"{', the sign of their sum' if args.texture_sign else ''}"
                      f"{', luminance only' if args.texture_gray else ''}), "
                      if args.word_textures else "")
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"

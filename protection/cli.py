@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="word-wise noise at the range's ends: +-epsilon, the sign of the image's textures' sum")
     p.add_argument("--texture-gray", action="store_true",
                    help="word textures in luminance only (the same on R, G, B): the code survives grayscale "
-                        "re-encoding; use a larger --texture-tile")
+                        "re-encoding; keep the default 4-px --texture-tile (a gray tile has a third of the values)")
     p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
     p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
     p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")

@@ -146,9 +146,10 @@ class MEMSettings:
     # fresh model reads a full-range code sooner than one whose values error minimisation left inside the range
     # (BENCHMARKS.md, session 25).
     texture_sign: bool = False
-    # texture_gray: each texture is one value per pixel, the same on R, G and B, so the code is all luminance:
-    # re-encoding the protected images in grayscale keeps it whole, where a coloured code keeps only its
-    # luminance part. The price: a third of the values per tile (use a larger texture_tile).
+    # texture_gray: each texture is one value per pixel, the same on R, G and B, so the code is all luminance
+    # (except where a channel is clipped at 0 or 255): re-encoding the protected images in grayscale keeps it
+    # whole, where a coloured code keeps only its luminance part. The price: a third of the values per tile
+    # (keep the 4-px tile rather than 2 px; BENCHMARKS.md, session 27).
     texture_gray: bool = False
 
     def validate(self) -> None:
@@ -691,8 +692,9 @@ class MEMState:
     history: list[dict] = field(default_factory=list)
     # Further surrogates of an ensemble, each with its own optimiser; trained on the same batches.
     extra_surrogates: list[tuple[CLIP, torch.optim.Optimizer]] = field(default_factory=list)
-    # Word-wise noise (settings.word_textures): the shared textures (float [K, t, t, 3 or 1 if gray] in [-1, 1], on the CPU),
-    # the token id of the word that owns each, and each image's words (indices into them, [N, words_per_image]).
+    # Word-wise noise (settings.word_textures): the shared textures (float [K, t, t, 3], or [K, t, t, 1] if gray,
+    # in [-1, 1], on the CPU), the token id of the word that owns each, and each image's words (indices into them,
+    # [N, words_per_image]).
     textures: Tensor | None = None
     texture_words: Tensor | None = None
     word_sets: np.ndarray | None = None
@@ -927,7 +929,8 @@ def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: 
                  groups: CaptionsPerImage) -> float:
     """One pass of error minimisation over the SHARED textures: per batch, pgd_steps signed-gradient steps of one
     noise level (step_levels / epsilon_levels of the textures' range; with texture_sign the published noise is
-    their sum's sign, so a step may flip a sub-pixel across the whole range), each image against shuffled captions
+    their sum's sign, so a step may flip a sub-pixel -- with texture_gray a whole pixel -- across the whole range),
+    each image against shuffled captions
     carrying its own trigger (as pgd_noise); then every image's noise is rewritten from the textures."""
     models = state.models
     h, w = images.shape[1:3]

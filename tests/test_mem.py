@@ -277,9 +277,11 @@ def test_gray_word_textures_are_the_same_on_every_channel_and_survive_grayscale(
     assert inside.mean() > 0.5
     assert (noise[..., 0] == noise[..., 1])[inside].all() and (noise[..., 0] == noise[..., 2])[inside].all()
     assert (np.abs(noise[..., 0][inside]) == 8).mean() > 0.5
-    # Grayscale re-encoding keeps the code: luminance of (image + noise) minus luminance of the image IS the noise.
+
     def gray(x):
         return np.stack([np.asarray(Image.fromarray(a).convert("L"), dtype=np.int16) for a in x])
+
+    # Grayscale re-encoding keeps the code: luminance of (image + noise) minus luminance of the image IS the noise.
     kept = gray((pixels + noise).astype(np.uint8)) - gray(images)
     assert (np.abs(kept - noise[..., 0])[inside] <= 1).all()
     colour = mem.MEMSettings(**{**settings.to_dict(), "texture_gray": False})
@@ -318,15 +320,16 @@ def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
                            two_each, few, groups)
 
 
-def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path):
+@pytest.mark.parametrize("channels", [(), ("--texture-gray",)], ids=["colour", "gray"])
+def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path, channels):
     words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2", "--texture-sign",
-             "--texture-gray")  # one-channel textures through the checkpoint
+             *channels)  # three-channel or one-channel textures through the checkpoint
     whole = _protect(data, tmp_path / "whole", *words)
     assert whole.returncode == 0, whole.stderr
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
     assert report["trigger_words"] == "caption words" and len(report["texture_words"]) == 12
     assert report["settings"]["word_textures"] == 12 and report["settings"]["texture_sign"] is True
-    assert report["settings"]["texture_gray"] is True
+    assert report["settings"]["texture_gray"] is bool(channels)
     _killed_then_resumed(data, tmp_path / "killed", *words, kill_after=2)
     assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
