@@ -17,8 +17,8 @@ code (no search): they play the part class labels play in class-wise unlearnable
 The set is written by the protection job itself (PNGs, manifest, protection.json), then evaluated as the other
 probes are (six `rn_tiny` hackers from scratch). Results: benchmarks/results/mem_word_textures_<tag>.{json,md}.
 The job option `aigis protect --word-textures K [--texture-sign] [--texture-gray]` (mem.texture_pass, from zero)
-is what this probe found, made part of the product; the probe stays to reproduce session 24's probe rows and --start code, and builds
-its noise with the product's mem.word_code_noise (--binary is its sign option).
+is what this probe found, made part of the product; the probe stays to reproduce session 24's probe rows and
+--start code, and builds its noise with the product's mem.word_code_noise (--binary is its sign option).
 """
 
 from __future__ import annotations
