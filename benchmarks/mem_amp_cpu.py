@@ -15,16 +15,15 @@ import json
 import platform
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from mem_speed import five_caption_data
 
 from aigis.protection import mem
-from aigis.protection.captions import load_images, read_pairs, synth_captioned
-from aigis.protection.clip import PRESETS, build_clip
-from aigis.protection.tokenizer import Tokenizer
+from aigis.protection.captions import load_images
+from aigis.protection.clip import build_clip
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,30 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     kernels = bf16_kernels()
     print(kernels)
     with tempfile.TemporaryDirectory() as tmp:
-        root = synth_captioned(tmp, args.pairs, 0, size=args.size, seed=0, captions_per_image=cpi)
-        pairs = read_pairs(root, "train.jsonl")
-        captions = [p.caption for p in pairs]
-        groups = mem.CaptionsPerImage(np.repeat(np.arange(args.pairs), cpi), args.pairs)
-        tokenizer = Tokenizer.train(captions, 1000)
-        config = replace(PRESETS[args.clip], image_resolution=args.size)
+        pairs, captions, groups, tokenizer, config = five_caption_data(tmp, args.pairs, cpi, args.size, args.clip)
         images = load_images(pairs[::cpi], args.size, progress=False)
+        tokens = tokenizer.tokenize(captions, config.context_length, mem.MEMSettings.trigger_length)
         runs = {}
         for amp in ("off", "on"):
             settings = mem.MEMSettings(outer_iterations=args.iterations, trigger_iterations=1,
                                        surrogate_steps=args.surrogate_steps,
                                        batch_size=args.batch, norm_stats="running", amp=amp)
-            tokens = tokenizer.tokenize(captions, config.context_length, settings.trigger_length)
             torch.manual_seed(0)
             model = build_clip(config, tokenizer.vocab_size)
             state = mem.new_state(model, tokenizer, args.pairs, (args.size, args.size), settings,
                                   noise=np.zeros(images.shape, np.int8))
-            runs[amp] = (settings, tokens, state)
+            runs[amp] = (settings, state)
         rows = []
         for iteration in range(args.iterations):
             triggers = iteration == 0
             order = ("off", "on") if iteration % 2 == 0 else ("on", "off")
             for amp in order:
-                settings, tokens, state = runs[amp]
+                settings, state = runs[amp]
                 t0 = time.monotonic()
                 mem.train_surrogate(state, images, tokens, settings, device, groups)
                 t1 = time.monotonic()

@@ -111,20 +111,33 @@ def photo_sized_copies(root: Path, manifest: str, size: tuple[int, int]) -> str:
     from PIL import Image
 
     lines, written = [], {}
-    for line in (root / manifest).read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        entry = json.loads(line)
-        source = entry["image"]
-        if source not in written:
-            target = str(Path(source).with_suffix(f".{size[0]}x{size[1]}.jpg"))
-            with Image.open(root / source) as image:
-                image.convert("RGB").resize(size, Image.BICUBIC).save(root / target, quality=90)
-            written[source] = target
-        lines.append(json.dumps({**entry, "image": written[source]}))
+    for pair in read_pairs(root, manifest):
+        if pair.path not in written:
+            target = pair.path.with_suffix(f".{size[0]}x{size[1]}.jpg")
+            with Image.open(pair.path) as image:
+                image.convert("RGB").resize(size, Image.BICUBIC).save(target, quality=90)
+            written[pair.path] = target.relative_to(Path(root).resolve()).as_posix()
+        lines.append(json.dumps({"image": written[pair.path], "caption": pair.caption}))
     name = f"{Path(manifest).stem}_{size[0]}x{size[1]}.jsonl"
-    (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (Path(root) / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return name
+
+
+def five_caption_data(tmp: str, images: int, captions_per_image: int, size: int, clip: str,
+                      source_size: tuple[int, int] | None = None):
+    """The benchmark's data in `tmp`: (pairs, captions, groups, tokenizer, config). Every image has
+    captions_per_image caption lines (pairs[i * c + k] describes image i); config is the preset at `size`."""
+    from dataclasses import replace
+
+    from aigis.protection.clip import PRESETS
+
+    root = synth_captioned(tmp, images, 0, size=size, seed=0, captions_per_image=captions_per_image)
+    manifest = photo_sized_copies(root, "train.jsonl", source_size) if source_size else "train.jsonl"
+    pairs = read_pairs(root, manifest)
+    captions = [p.caption for p in pairs]
+    groups = mem.CaptionsPerImage(np.repeat(np.arange(images), captions_per_image), images)
+    tokenizer = Tokenizer.train(captions, 1000)
+    return pairs, captions, groups, tokenizer, replace(PRESETS[clip], image_resolution=size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,17 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         cpi = args.captions_per_image
-        root = synth_captioned(tmp, args.pairs, 0, size=args.size, seed=0, captions_per_image=cpi)
-        manifest = photo_sized_copies(root, "train.jsonl", source_size) if source_size else "train.jsonl"
-        pairs = read_pairs(root, manifest)  # one line per caption: pairs[i * cpi + c] describes image i
-        captions = [p.caption for p in pairs]
-        groups = mem.CaptionsPerImage(np.repeat(np.arange(args.pairs), cpi), args.pairs)
-        tokenizer = Tokenizer.train(captions, 1000)
-        from dataclasses import replace
-
-        from aigis.protection.clip import PRESETS
-
-        config = replace(PRESETS[args.clip], image_resolution=args.size)
+        pairs, captions, groups, tokenizer, config = five_caption_data(tmp, args.pairs, cpi, args.size, args.clip,
+                                                                       source_size)
         tokens = tokenizer.tokenize(captions, config.context_length, settings.trigger_length)
         torch.manual_seed(0)
         fast_model = build_clip(config, tokenizer.vocab_size).to(device)

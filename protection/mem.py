@@ -930,8 +930,8 @@ def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: 
     """One pass of error minimisation over the SHARED textures: per batch, pgd_steps signed-gradient steps of one
     noise level (step_levels / epsilon_levels of the textures' range; with texture_sign the published noise is
     their sum's sign, so a step may flip a sub-pixel -- with texture_gray a whole pixel -- across the whole range),
-    each image against shuffled captions
-    carrying its own trigger (as pgd_noise); then every image's noise is rewritten from the textures."""
+    each image against shuffled captions carrying its own trigger (as pgd_noise); then every image's noise is
+    rewritten from the textures."""
     models = state.models
     h, w = images.shape[1:3]
     step = settings.step_levels / settings.epsilon_levels
