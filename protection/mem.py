@@ -716,8 +716,9 @@ def make_optimizer(model: CLIP, settings: MEMSettings, fused: bool = True) -> to
     """AdamW as CLIP trains (betas 0.9/0.98, eps 1e-6), no decay on gains, biases and embeddings.
 
     fused: one kernel over every tensor instead of a Python loop per tensor (the same update up to
-    rounding). Every surrogate step updates the whole 49,408-row token table; on a CPU the per-tensor
-    loop was half of a rn_tiny step at batch 32. The benchmark's official way passes False.
+    rounding). Every surrogate step updates the whole token table (CLIP's has 49,408 rows); on a CPU
+    the per-tensor loop over CLIP's was half of a rn_tiny step at batch 32. The benchmark's official
+    way passes False.
     """
     from .retrieval import _param_groups
 
