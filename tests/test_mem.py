@@ -227,6 +227,28 @@ def test_surrogate_optimizer_is_fused_and_takes_the_per_tensor_step(tiny):
     assert not any(g["fused"] for g in resumed.param_groups)
 
 
+def test_mixed_precision_path_keeps_the_uint8_grid_and_text_triggers(tiny):
+    """amp="on" runs the bfloat16 autocast that a CUDA job uses by default, here on the CPU: the search, PGD
+    and surrogate steps under autocast must still give float32 weights, noise on the grid and text triggers."""
+    import copy
+
+    model, tokenizer, images, captions = tiny
+    settings = mem.MEMSettings(trigger_length=2, outer_iterations=2, surrogate_steps=2, pgd_steps=2, batch_size=6,
+                               candidates=3, amp="on")
+    state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
+    mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
+    assert all(h["pass_loss"] == h["pass_loss"] and h["surrogate_loss"] == h["surrogate_loss"] for h in state.history)
+    assert {p.dtype for p in state.model.parameters()} == {torch.float32}
+    assert not torch.equal(state.model.visual.conv1.weight, model.visual.conv1.weight)
+    assert state.noise.dtype == np.int8 and 1 <= np.abs(state.noise).max() <= settings.pgd_steps * 2
+    assert set(state.triggers.ravel().tolist()) <= set(tokenizer.trigger_candidates().tolist())
+    protected, texts, delta = mem.protect_batch(state.model, tokenizer, images, captions, settings, device="cpu")
+    assert protected.dtype == np.uint8 and np.array_equal(protected.astype(np.int16), images.astype(np.int16) + delta)
+    assert 1 <= np.abs(delta).max() <= settings.pgd_steps
+    for text, caption in zip(texts, captions):
+        assert text.endswith(caption) and len(tokenizer.encode(text[: -len(caption)])) == settings.trigger_length
+
+
 def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(tiny):
     import copy
 
