@@ -14,7 +14,7 @@ of image <-> caption. This implementation follows the method and fixes the offic
   round(epsilon * 255)); protected = clip(image + delta, 0, 255) is exactly what a PNG holds;
 - the causal text tower runs only up to the batch's last end-of-text token (padding never matters);
 - batches gather and scatter with array indexing (no per-sample loops); bfloat16 autocast on CUDA;
-- the surrogate's AdamW is fused (one kernel over all its tensors, not a Python loop per tensor);
+- the surrogate's AdamW is fused (one kernel over all its tensors; PyTorch's default loops per tensor on a CPU);
 - a ResNet surrogate's BatchNorm normalises each attacked batch with its own statistics (norm_stats), as a
   hacker's model in training does, instead of averages that lag a young surrogate's weights;
 - run_mem() reads images decoded once (uint8 [N, H, W, 3]) and keeps the noise in an int8 array
@@ -715,10 +715,11 @@ FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
 def make_optimizer(model: CLIP, settings: MEMSettings, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW as CLIP trains (betas 0.9/0.98, eps 1e-6), no decay on gains, biases and embeddings.
 
-    fused: one kernel over every tensor instead of a Python loop per tensor (the same update up to
-    rounding). Every surrogate step updates the whole token table (CLIP's has 49,408 rows); on a CPU
-    the per-tensor loop over CLIP's was half of a rn_tiny step at batch 32. The benchmark's official
-    way passes False.
+    fused: one kernel over every tensor (the same update up to rounding); False leaves PyTorch's default
+    (a loop per tensor on a CPU, grouped foreach kernels on CUDA), as the benchmark's official way does.
+    Every surrogate step updates the whole token table (CLIP's has 49,408 rows); on a CPU the per-tensor
+    loop over CLIP's was half of a rn_tiny step at batch 32. A checkpoint's param groups carry their
+    own `fused`, so a resumed job keeps the step it was written with.
     """
     from .retrieval import _param_groups
 

@@ -221,10 +221,19 @@ def test_surrogate_optimizer_is_fused_and_takes_the_per_tensor_step(tiny):
     moved = [n for (n, a), b in zip(fused_model.named_parameters(), model.parameters()) if not torch.equal(a, b)]
     assert "token_embedding.weight" in moved and "visual.conv1.weight" in moved
 
-    # A checkpoint written before the optimiser was fused resumes as it was written: per-tensor steps.
-    resumed = mem.make_optimizer(copy.deepcopy(loop_model), settings)
-    resumed.load_state_dict(loop_optimizer.state_dict())
+    # A checkpoint written before the optimiser was fused resumes as it was written (per-tensor steps), through
+    # the job's own checkpoint format: tensors plus param groups as JSON.
+    from aigis.protection.job import _optimizer_tensors, _restore_optimizer
+
+    tensors, groups = _optimizer_tensors(loop_optimizer)
+    resumed_model = copy.deepcopy(loop_model)
+    resumed = mem.make_optimizer(resumed_model, settings)
+    _restore_optimizer(resumed, tensors, json.loads(json.dumps(groups)))
     assert not any(g["fused"] for g in resumed.param_groups)
+    loss = contrastive_loss(resumed_model.encode_image(x), resumed_model.encode_text(tokens), resumed_model.logit_scale)
+    loss.backward()
+    resumed.step()
+    assert all(int(state["step"]) == 4 for state in resumed.state.values())
 
 
 def test_mixed_precision_path_keeps_the_uint8_grid_and_text_triggers(tiny):
@@ -232,15 +241,22 @@ def test_mixed_precision_path_keeps_the_uint8_grid_and_text_triggers(tiny):
     and surrogate steps under autocast must still give float32 weights, noise on the grid and text triggers."""
     import copy
 
+    import math
+
     model, tokenizer, images, captions = tiny
     settings = mem.MEMSettings(trigger_length=2, outer_iterations=2, surrogate_steps=2, pgd_steps=2, batch_size=6,
                                candidates=3, amp="on")
     state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
+    tower_dtypes = []  # autocast really on: the image tower computes in bfloat16
+    hook = state.model.visual.register_forward_hook(lambda module, args, out: tower_dtypes.append(out.dtype))
     mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
-    assert all(h["pass_loss"] == h["pass_loss"] and h["surrogate_loss"] == h["surrogate_loss"] for h in state.history)
+    hook.remove()
+    assert tower_dtypes and set(tower_dtypes) == {torch.bfloat16}
+    assert all(math.isfinite(h["pass_loss"]) and math.isfinite(h["surrogate_loss"]) for h in state.history)
     assert {p.dtype for p in state.model.parameters()} == {torch.float32}
     assert not torch.equal(state.model.visual.conv1.weight, model.visual.conv1.weight)
-    assert state.noise.dtype == np.int8 and 1 <= np.abs(state.noise).max() <= settings.pgd_steps * 2
+    most = settings.outer_iterations * settings.pgd_steps  # one uint8 level per PGD step
+    assert state.noise.dtype == np.int8 and 1 <= np.abs(state.noise).max() <= most
     assert set(state.triggers.ravel().tolist()) <= set(tokenizer.trigger_candidates().tolist())
     protected, texts, delta = mem.protect_batch(state.model, tokenizer, images, captions, settings, device="cpu")
     assert protected.dtype == np.uint8 and np.array_equal(protected.astype(np.int16), images.astype(np.int16) + delta)
