@@ -20,8 +20,8 @@ backward passes both ways; the optimiser step and the official way's decoding di
 surrogate 200 minibatches per iteration whatever the dataset, then passes over every caption line, so that
 share shrinks as the dataset grows. --paper-schedule DATASET sets the surrogate steps to keep the paper's
 ratio of surrogate minibatches to the official way's pass minibatches for that dataset's training split,
-at this benchmark's --pairs and --batch; the report then also combines the measured medians into a whole job of the paper's schedule (triggers searched in
-the first 5 of 20 outer iterations).
+at this benchmark's --pairs and --batch; the report then also combines the measured medians into a whole
+job of the paper's schedule (triggers searched in the first 5 of 20 outer iterations).
 
 With --captions-per-image c every image has c captions (c manifest lines): the official way treats each
 line as a sample of its own (a noise per caption, c PGDs per image per pass); ours keeps one noise and one
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         noise_file = Path(tmp) / "noise.npy"
         noise = np.lib.format.open_memmap(noise_file, mode="w+", dtype=np.int8, shape=images.shape)
         fast = mem.new_state(fast_model, tokenizer, args.pairs, (args.size, args.size), settings, noise=noise)
-        fast.optimizer = mem.make_optimizer(fast_model, settings, fused=args.our_optimizer == "fused")
+        if args.our_optimizer == "loop":  # new_state's optimiser is the job's (fused)
+            fast.optimizer = mem.make_optimizer(fast_model, settings, fused=False)
         naive = NaiveState(naive_model, tokenizer, len(pairs), args.size, settings)
 
         rows = []

@@ -709,9 +709,6 @@ class MEMState:
         return [m for m, _ in self.surrogates]
 
 
-FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda")
-
-
 def make_optimizer(model: CLIP, settings: MEMSettings, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW as CLIP trains (betas 0.9/0.98, eps 1e-6), no decay on gains, biases and embeddings.
 
@@ -723,8 +720,7 @@ def make_optimizer(model: CLIP, settings: MEMSettings, fused: bool = True) -> to
     """
     from .retrieval import _param_groups
 
-    fused = fused and all(p.device.type in FUSED_OPTIMIZER_DEVICES and p.is_floating_point()
-                          for p in model.parameters())
+    fused = fused and all(p.device.type in ("cpu", "cuda") for p in model.parameters())  # where PyTorch has it
     return torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98), eps=1e-6,
                              fused=fused or None)
 

@@ -240,7 +240,6 @@ def test_mixed_precision_path_keeps_the_uint8_grid_and_text_triggers(tiny):
     """amp="on" runs the bfloat16 autocast that a CUDA job uses by default, here on the CPU: the search, PGD
     and surrogate steps under autocast must still give float32 weights, noise on the grid and text triggers."""
     import copy
-
     import math
 
     model, tokenizer, images, captions = tiny
