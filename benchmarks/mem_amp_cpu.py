@@ -5,7 +5,7 @@
 The two settings run interleaved, iteration by iteration and in alternating order, on the same five-caption data
 (first iteration with trigger search, then noise only), each from the same initial surrogate. Reports seconds per
 surrogate round and per pass, and the medians over the noise-only iterations. The answer decides MEMSettings.amp
-"auto" (autocast on CUDA only). Results: benchmarks/results/mem_amp_cpu.{json,md}.
+"auto". Results: benchmarks/results/<--name, default mem_amp_cpu>.{json,md}.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", default="rn_tiny")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="mem_amp_cpu", help="result file stem under benchmarks/results/")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cpi, device = 5, torch.device("cpu")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     medians = {amp: {key: median(amp, key) for key in ("surrogate_s", "pass_s")} for amp in ("off", "on")}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mem_amp_cpu.json").write_text(json.dumps(
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(
         {"platform": platform.platform(), "kernels": kernels, "threads": args.threads, "clip": args.clip,
          "size": args.size, "images": args.pairs, "captions_per_image": cpi, "batch": args.batch,
          "surrogate_steps": args.surrogate_steps, "rows": rows, "noise_only_medians": medians}, indent=1))
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Noise-only medians: pass {medians['off']['pass_s']:.2f} s off, {medians['on']['pass_s']:.2f} s on "
               f"({ratio:.2f}x the time); surrogate {medians['off']['surrogate_s']:.2f} s off, "
               f"{medians['on']['surrogate_s']:.2f} s on."]
-    (RESULTS / "mem_amp_cpu.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -73,6 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or an aigis-bpe JSON file; triggers use its whole words")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the preset's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                   help="bfloat16 autocast: auto (default) = on CUDA and on CPUs with AMX, where it is faster")
     p.add_argument("--no-resume", action="store_true", help="discard checkpoints in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_protect)
@@ -93,7 +95,7 @@ def _protect(args: argparse.Namespace) -> int:
             seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
             surrogate_restart=args.surrogate_restart, foreign_triggers=args.foreign_triggers,
             word_textures=args.word_textures, texture_tile=args.texture_tile, words_per_image=args.words_per_image,
-            texture_sign=args.texture_sign, texture_gray=args.texture_gray,
+            texture_sign=args.texture_sign, texture_gray=args.texture_gray, amp=args.amp,
             norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
         )
         settings.validate()

@@ -236,7 +236,9 @@ class AttentionPool2d(nn.Module):
             )
         x = x + self.positional_embedding.to(x.dtype)
         d = c // self.heads
-        q = self.q_proj(x[:, :1]).reshape(n, 1, self.heads, d).transpose(1, 2)
+        # The query from a 2-D slice: a strided [N, 1, C] input sends bfloat16 linear to a batched matmul
+        # that copies the weight once per image (0.4 s per RN50 step on a CPU).
+        q = self.q_proj(x[:, 0]).reshape(n, 1, self.heads, d).transpose(1, 2)
         k = self.k_proj(x).reshape(n, -1, self.heads, d).transpose(1, 2)
         v = self.v_proj(x).reshape(n, -1, self.heads, d).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # [N, heads, 1, d]

@@ -9,14 +9,15 @@ Output (the originals are only read):
                                {"image": "images/<stem>.png", "caption": "<trigger words> <caption>"}
                                (every caption of an image carries that image's trigger)
     out/protection.json        epsilon, trigger length, mode, surrogate identity and sha256, settings,
-                               per-image sha256 of the protected PNGs
+                               whether the job ran bfloat16 autocast, per-image sha256 of the protected PNGs
     out/surrogate/<n>/         the final surrogate (mem.save_surrogate; of an ensemble, every member), for
                                protect-on-upload
     out/work/                  the noise memmap, tokenizer and checkpoints (ckpt-<iteration>/)
 
 A checkpoint after every outer iteration holds the noise, triggers, every surrogate's weights and optimiser
 state and the RNG state (safetensors + raw int8 + JSON, no pickle); a restarted job continues from the
-newest complete one and, on the CPU, ends with byte-identical output to an uninterrupted run.
+newest complete one, with the numeric precision it started with, and, on the CPU, ends with byte-identical
+output to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -150,8 +151,11 @@ def _checkpoints(work: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
-    """work/ckpt-<iteration>/: noise.int8 (raw), state.safetensors, state.json written last; older ones removed."""
+def save_checkpoint(work: Path, state, fingerprint: dict, autocast: bool = False) -> Path:
+    """work/ckpt-<iteration>/: noise.int8 (raw), state.safetensors, state.json written last; older ones removed.
+
+    autocast: whether the job runs bfloat16 autocast, which a resume must keep to end where an uninterrupted
+    run would."""
     import torch
     from safetensors.torch import save_file
 
@@ -188,6 +192,7 @@ def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
         "param_groups": groups[0],
         "extra_param_groups": groups[1:],
         "history": state.history,
+        "autocast": bool(autocast),
     }
     _write_atomic(tmp / "state.json", json.dumps(meta, indent=1).encode())
     shutil.rmtree(final, ignore_errors=True)
@@ -198,14 +203,14 @@ def save_checkpoint(work: Path, state, fingerprint: dict) -> Path:
     return final
 
 
-def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
-    """Restore the newest complete checkpoint into state; False if there is none. A checkpoint of a
-    different job (other data or settings) is an error, not silently reused."""
+def load_checkpoint(work: Path, state, fingerprint: dict) -> dict | None:
+    """Restore the newest complete checkpoint into state and return its state.json; None if there is none.
+    A checkpoint of a different job (other data or settings) is an error, not silently reused."""
     from safetensors.torch import load_file
 
     found = _checkpoints(work)
     if not found:
-        return False
+        return None
     _, path = found[-1]
     meta = json.loads((path / "state.json").read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -241,7 +246,10 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> bool:
     state.noise[...] = noise
     state.iteration = int(meta["iteration"])
     state.history = list(meta.get("history", []))
-    return True
+    if "autocast" not in meta:  # written before "auto" covered CPUs: autocast was "on", or "auto" on CUDA
+        amp = MEMSettings.from_dict(stored["settings"]).amp
+        meta["autocast"] = amp == "on" or (amp == "auto" and stored.get("device_type") == "cuda")
+    return meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,20 +403,23 @@ def protect_dataset(
     if init_checkpoint is not None:
         init_record = {"file": Path(init_checkpoint).name, "sha256": _sha256_file(Path(init_checkpoint))}
         fingerprint["init_checkpoint_sha256"] = init_record["sha256"]
-    resumed = resume and load_checkpoint(work, state, fingerprint)
+    resumed = load_checkpoint(work, state, fingerprint) if resume else None
+    # bfloat16 or not is decided once per job, by the hardware it starts on, and kept by a resume.
+    autocast = bool(resumed["autocast"]) if resumed else mem.autocast_enabled(settings.amp, device_t)
+    run_settings = replace(settings, amp="on" if autocast else "off")
     if resumed and progress:
         print(f"resuming after outer iteration {state.iteration}/{settings.outer_iterations}", file=sys.stderr)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
 
     def checkpoint(st, stats) -> None:
-        save_checkpoint(work, st, fingerprint)
+        save_checkpoint(work, st, fingerprint, autocast)
         if kill_after and st.iteration == kill_after:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
 
-    mem.run_mem(state, tokenizer, images, captions, settings, device=device_t, groups=groups, callback=checkpoint,
-                progress=progress)
+    mem.run_mem(state, tokenizer, images, captions, run_settings, device=device_t, groups=groups,
+                callback=checkpoint, progress=progress)
 
     # Publish: protected PNGs, manifest, surrogate, protection.json (no timings: reruns compare equal).
     from PIL import Image
@@ -473,6 +484,7 @@ def protect_dataset(
         "source_manifest_sha256": fingerprint["manifest_sha256"],
         "surrogate": {"path": f"surrogate/{version}", "identity": meta["identity"], "sha256": meta["sha256"]},
         "settings": settings.to_dict(),
+        "autocast": "bfloat16" if autocast else "off",
         "outer_iterations_run": state.iteration,
         "images": image_hashes,
     }

@@ -13,7 +13,8 @@ of image <-> caption. This implementation follows the method and fixes the offic
 - noise: PGD on the uint8 grid (an int16 delta on the device, stored as int8 with |delta| <=
   round(epsilon * 255)); protected = clip(image + delta, 0, 255) is exactly what a PNG holds;
 - the causal text tower runs only up to the batch's last end-of-text token (padding never matters);
-- batches gather and scatter with array indexing (no per-sample loops); bfloat16 autocast on CUDA;
+- batches gather and scatter with array indexing (no per-sample loops); bfloat16 autocast on CUDA and on
+  CPUs with bfloat16 matrix units (AMX);
 - the surrogate's AdamW is fused (one kernel over all its tensors; PyTorch's default loops per tensor on a CPU);
 - a ResNet surrogate's BatchNorm normalises each attacked batch with its own statistics (norm_stats), as a
   hacker's model in training does, instead of averages that lag a young surrogate's weights;
@@ -92,7 +93,7 @@ class MEMSettings:
 
     epsilon and pgd_step are in [0, 1] image units and are applied on the uint8 grid as
     round(epsilon * 255) and max(1, round(pgd_step * 255)) levels. trigger_length 0 is EM mode.
-    amp: "auto" (bfloat16 autocast on CUDA only), "on" or "off".
+    amp: "auto" (bfloat16 autocast where it pays: autocast_enabled), "on" or "off".
     """
 
     epsilon: float = 8 / 255
@@ -302,8 +303,29 @@ def attack_mode(models: Sequence[CLIP], batch_statistics: bool = False):
             m.train(mode)
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), where oneDNN runs bfloat16
+    convolutions and matmuls on matrix units. The probe is PyTorch's private API: if it moves, no."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - an unknown CPU is treated as one without
+        return False
+
+
+def autocast_enabled(amp: str, device: torch.device) -> bool:
+    """Whether MEM's models run under bfloat16 autocast for MEMSettings.amp on this device.
+
+    "auto" turns it on for CUDA and for a CPU with AMX, where every kind of MEM step measured faster with
+    it (1.1-3x, BENCHMARKS.md session 29); other CPUs were not measured and stay in float32.
+    """
+    if amp != "auto":
+        return amp == "on"
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+
+
 def _autocast(settings: MEMSettings, device: torch.device):
-    on = settings.amp == "on" or (settings.amp == "auto" and device.type == "cuda")
+    on = autocast_enabled(settings.amp, device)
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 
 

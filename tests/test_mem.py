@@ -264,6 +264,54 @@ def test_mixed_precision_path_keeps_the_uint8_grid_and_text_triggers(tiny):
         assert text.endswith(caption) and len(tokenizer.encode(text[: -len(caption)])) == settings.trigger_length
 
 
+def test_autocast_auto_is_on_for_cuda_and_amx_cpus_and_explicit_settings_win(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert mem.autocast_enabled("auto", cuda) and not mem.autocast_enabled("off", cuda)
+    assert mem.autocast_enabled("on", cpu) and not mem.autocast_enabled("off", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert mem.autocast_enabled("auto", cpu)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not mem.autocast_enabled("auto", cpu)
+
+    def moved():  # PyTorch's private probe failing: an unknown CPU runs float32
+        raise RuntimeError("probe moved")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", moved)
+    assert not mem.cpu_has_amx() and not mem.autocast_enabled("auto", cpu)
+
+
+def test_a_job_keeps_the_precision_it_started_with_when_resumed(job, data, tmp_path):
+    """A job's bfloat16-or-not is decided when it starts and recorded in its checkpoints and protection.json. A
+    checkpoint written before that record existed resumes as its job then ran: float32 on a CPU under "auto"."""
+    auto = mem.autocast_enabled("auto", torch.device("cpu"))
+    assert json.loads((job["out"] / "protection.json").read_text())["autocast"] == ("bfloat16" if auto else "off")
+
+    def images_and_captions(out: Path) -> dict[str, str]:
+        return {k: v for k, v in _tree_hashes(out).items() if k.startswith("images/") or k == "manifest.jsonl"}
+
+    runs = {}
+    for amp in ("off", "on"):
+        result = _protect(data, tmp_path / amp, "--amp", amp)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((tmp_path / amp / "protection.json").read_text())["autocast"] == (
+            "bfloat16" if amp == "on" else "off")
+        runs[amp] = images_and_captions(tmp_path / amp)
+    assert runs["on"] != runs["off"], "bfloat16 autocast changed nothing: the comparison below could not fail"
+
+    killed = tmp_path / "older"  # an "auto" job on this CPU as a version without the record ran it: float32
+    assert _protect(data, killed, "--amp", "off", env={KILL_ENV: "1"}).returncode == -9
+    state_json = killed / "work" / "ckpt-1" / "state.json"
+    meta = json.loads(state_json.read_text())
+    assert meta["autocast"] is False
+    del meta["autocast"]
+    meta["fingerprint"]["settings"]["amp"] = "auto"
+    state_json.write_text(json.dumps(meta))
+    resumed = _protect(data, killed)
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
+    assert json.loads((killed / "protection.json").read_text())["autocast"] == "off"
+    assert images_and_captions(killed) == runs["off"]
+
+
 def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(tiny):
     import copy
 

@@ -218,3 +218,20 @@ def test_tiny_presets_run_at_their_resolution_and_name_a_wrong_one(preset):
         model.encode_image(torch.zeros(1, 3, 2 * r, 2 * r))
     with pytest.raises(ValueError, match="unknown CLIP preset"):
         build_clip("RN51")
+
+
+def test_bfloat16_attention_pool_never_copies_its_query_weight_per_image():
+    """Under CPU autocast with frozen weights (MEM's PGD), a strided [N, 1, C] query input sent the pool's linear
+    to a batched matmul over the weight expanded and copied once per image (0.4 s of every RN50 step): no op
+    may see a [N, C, C] tensor."""
+    torch.manual_seed(0)
+    model = build_clip(RN).eval().requires_grad_(False)
+    images = _images(RN, 4).requires_grad_(True)
+    with torch.profiler.profile(record_shapes=True) as profile:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            features = model.encode_image(images)
+        features.float().sum().backward()
+    width = model.visual.attnpool.q_proj.weight.shape[0]
+    per_image = {e.key for e in profile.key_averages(group_by_input_shape=True) if [4, width, width] in e.input_shapes}
+    assert not per_image, per_image
+    assert features.dtype == torch.bfloat16 and images.grad is not None and torch.isfinite(images.grad).all()
