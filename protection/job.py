@@ -407,8 +407,11 @@ def protect_dataset(
     # bfloat16 or not is decided once per job, by the hardware it starts on, and kept by a resume.
     autocast = bool(resumed["autocast"]) if resumed else mem.autocast_enabled(settings.amp, device_t)
     run_settings = replace(settings, amp="on" if autocast else "off")
-    if resumed and progress:
-        print(f"resuming after outer iteration {state.iteration}/{settings.outer_iterations}", file=sys.stderr)
+    if progress:
+        print(f"MEM on {len(sources)} images ({len(pairs)} pairs), {device_t}, "
+              f"{'bfloat16 autocast' if autocast else 'float32'}"
+              f"{f'; resuming after outer iteration {state.iteration}/{settings.outer_iterations}' if resumed else ''}",
+              file=sys.stderr)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
 
     def checkpoint(st, stats) -> None:
