@@ -438,9 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and cpi == 1:
         lines += [
             "On a CPU both paths run the same text-tower forwards (B x (candidates + 1) sequences per trigger slot)",
-            "and the same PGD forward/backward passes; what the fixes remove here is the image tower re-run per",
-            "candidate, the padding after end-of-text, deep copies, per-sample copies and re-decoding. Batching,",
-            "device-side HotFlip, fewer host<->device copies and bfloat16 autocast pay off on a GPU:",
+            "and the same PGD forward/backward passes (in bfloat16 for ours where the CPU has AMX); what the fixes",
+            "remove here is the image tower re-run per candidate, the padding after end-of-text, deep copies,",
+            "per-sample copies and re-decoding. Batching, device-side HotFlip and fewer host<->device copies pay",
+            "off on a GPU:",
             "`python benchmarks/mem_speed.py --device cuda --pairs 512 --batch 128`.", ""]
     (RESULTS / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))

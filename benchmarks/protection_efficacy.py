@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="result file stem under benchmarks/results/ (default: from the "
                         "style, captions, size and epsilon; name a partial run so it does not replace a full table)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
+                        help="the jobs' bfloat16 autocast (auto: on CUDA and on CPUs with AMX; runs before session 29 "
+                             "were float32 on every CPU: off repeats them)")
     args = parser.parse_args(argv)
 
     from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, galleries_text, markdown_table
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                batch_size=args.batch,
                                trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
                                noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
-                               norm_stats=args.norm_stats, seed=args.job_seed,
+                               norm_stats=args.norm_stats, seed=args.job_seed, amp=args.amp,
                                foreign_triggers=args.foreign_triggers and mode == "mem",
                                **(word_settings if mode == "mem" else {}))
         t0 = time.perf_counter()
@@ -198,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,
                                   image_size=args.size, device=args.device, trigger_words=args.trigger_words)
         jobs[mode] = {"seconds": time.perf_counter() - t0, "settings": settings.to_dict(),
+                      "autocast": json.loads((job_dir / "protection.json").read_text())["autocast"],
                       **{k: v for k, v in summary.items() if not isinstance(v, (dict, list))}}
         protected[mode] = job_dir
     report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected, out_dir=work / f"evaluation{budget}{variant}{hacker_tag}",
@@ -212,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"{', the sign of their sum' if args.texture_sign else ''}"
                      f"{', luminance only' if args.texture_gray else ''}), "
                      if args.word_textures else "")
+    precision = "".join(f", {mode} job in {'float32' if job['autocast'] == 'off' else job['autocast']}"
+                        for mode, job in jobs.items())
     header = (f"{machine_and_command('protection_efficacy.py', argv)}\n"
               f"{args.train} training images x {args.captions_per_image} caption(s) / {args.test} test pairs"
               f"{galleries_text(args.test, args.gallery)} ({args.style} scenes) "
@@ -221,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{', batch-statistics BatchNorm in PGD and trigger search' if args.norm_stats == 'batch' else ''}), "
               f"{variant_text}"
               f"{args.pgd_steps} PGD steps of {args.pgd_step}/255, {args.candidates} candidates{cells}"
-              f"{f', job seed {args.job_seed}' if args.job_seed else ''}; hackers: {args.hacker_epochs} epochs from scratch, "
+              f"{f', job seed {args.job_seed}' if args.job_seed else ''}{precision}"
+              f"; hackers: {args.hacker_epochs} epochs from scratch, "
               f"{args.hackers} per condition.\n")
     write_results(name, {"jobs": jobs, "report": report}, header, table)
     return 0

@@ -246,10 +246,15 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> dict | None:
     state.noise[...] = noise
     state.iteration = int(meta["iteration"])
     state.history = list(meta.get("history", []))
-    if "autocast" not in meta:  # written before "auto" covered CPUs: autocast was "on", or "auto" on CUDA
-        amp = MEMSettings.from_dict(stored["settings"]).amp
-        meta["autocast"] = amp == "on" or (amp == "auto" and stored.get("device_type") == "cuda")
+    if "autocast" not in meta:
+        meta["autocast"] = autocast_before_it_was_recorded(stored["settings"], stored.get("device_type"))
     return meta
+
+
+def autocast_before_it_was_recorded(settings: dict, device_type: str | None) -> bool:
+    """What a job whose checkpoints do not record it ran: before session 29, "auto" was autocast on CUDA only."""
+    amp = MEMSettings.from_dict(settings).amp
+    return amp == "on" or (amp == "auto" and device_type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -316,8 +316,8 @@ def cpu_has_amx() -> bool:
 def autocast_enabled(amp: str, device: torch.device) -> bool:
     """Whether MEM's models run under bfloat16 autocast for MEMSettings.amp on this device.
 
-    "auto" turns it on for CUDA and for a CPU with AMX, where every kind of MEM step measured faster with
-    it (1.1-3x, BENCHMARKS.md session 29); other CPUs were not measured and stay in float32.
+    "auto" turns it on for CUDA and for a CPU with AMX, where no kind of MEM step measured slower with it
+    and RN50 at 224 px ran 3x faster (BENCHMARKS.md, session 29); other CPUs were not measured: float32.
     """
     if amp != "auto":
         return amp == "on"

@@ -23,7 +23,7 @@ from PIL import Image
 from aigis.protection import mem
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import PRESETS, build_clip, contrastive_loss, normalize_images
-from aigis.protection.job import DEFAULT_TRIGGER_WORDS, KILL_ENV
+from aigis.protection.job import DEFAULT_TRIGGER_WORDS, KILL_ENV, autocast_before_it_was_recorded
 from aigis.protection.tokenizer import Tokenizer
 
 N_IMAGES = 12
@@ -281,35 +281,57 @@ def test_autocast_auto_is_on_for_cuda_and_amx_cpus_and_explicit_settings_win(mon
 
 
 def test_a_job_keeps_the_precision_it_started_with_when_resumed(job, data, tmp_path):
-    """A job's bfloat16-or-not is decided when it starts and recorded in its checkpoints and protection.json. A
-    checkpoint written before that record existed resumes as its job then ran: float32 on a CPU under "auto"."""
+    """A job's bfloat16-or-not is decided when it starts, recorded in its checkpoints and protection.json, and
+    kept by a resume, which then ends byte-identical to an uninterrupted run in either precision."""
     auto = mem.autocast_enabled("auto", torch.device("cpu"))
     assert json.loads((job["out"] / "protection.json").read_text())["autocast"] == ("bfloat16" if auto else "off")
 
     def images_and_captions(out: Path) -> dict[str, str]:
         return {k: v for k, v in _tree_hashes(out).items() if k.startswith("images/") or k == "manifest.jsonl"}
 
+    def precision(out: Path) -> str:
+        return json.loads((out / "protection.json").read_text())["autocast"]
+
+    def killed_checkpoint(out: Path, *extra: str) -> tuple[Path, dict]:
+        assert _protect(data, out, *extra, env={KILL_ENV: "1"}).returncode == -9
+        state_json = out / "work" / "ckpt-1" / "state.json"
+        return state_json, json.loads(state_json.read_text())
+
+    def resumed(out: Path, *extra: str) -> None:
+        result = _protect(data, out, *extra)
+        assert result.returncode == 0 and json.loads(result.stdout)["resumed"] is True, result.stderr
+
     runs = {}
     for amp in ("off", "on"):
-        result = _protect(data, tmp_path / amp, "--amp", amp)
-        assert result.returncode == 0, result.stderr
-        assert json.loads((tmp_path / amp / "protection.json").read_text())["autocast"] == (
-            "bfloat16" if amp == "on" else "off")
+        assert _protect(data, tmp_path / amp, "--amp", amp).returncode == 0
+        assert precision(tmp_path / amp) == ("bfloat16" if amp == "on" else "off")
         runs[amp] = images_and_captions(tmp_path / amp)
-    assert runs["on"] != runs["off"], "bfloat16 autocast changed nothing: the comparison below could not fail"
+    assert runs["on"] != runs["off"], "bfloat16 autocast changed nothing: the comparisons below could not fail"
+    for amp in ("off", "on"):  # a resume in either precision ends where the uninterrupted run did
+        _, meta = killed_checkpoint(tmp_path / f"killed-{amp}", "--amp", amp)
+        assert meta["autocast"] is (amp == "on")
+        resumed(tmp_path / f"killed-{amp}", "--amp", amp)
+        assert images_and_captions(tmp_path / f"killed-{amp}") == runs[amp]
 
-    killed = tmp_path / "older"  # an "auto" job on this CPU as a version without the record ran it: float32
-    assert _protect(data, killed, "--amp", "off", env={KILL_ENV: "1"}).returncode == -9
-    state_json = killed / "work" / "ckpt-1" / "state.json"
-    meta = json.loads(state_json.read_text())
-    assert meta["autocast"] is False
+    # The recorded choice wins over what "auto" would decide on this host now (as after moving to another CPU).
+    state_json, meta = killed_checkpoint(tmp_path / "moved")
+    assert meta["autocast"] is auto
+    meta["autocast"] = not auto
+    state_json.write_text(json.dumps(meta))
+    resumed(tmp_path / "moved")
+    assert precision(tmp_path / "moved") == ("off" if auto else "bfloat16")
+
+    # A checkpoint from before the record resumes as its job ran then: "auto" was float32 on every CPU.
+    state_json, meta = killed_checkpoint(tmp_path / "older", "--amp", "off")
     del meta["autocast"]
     meta["fingerprint"]["settings"]["amp"] = "auto"
     state_json.write_text(json.dumps(meta))
-    resumed = _protect(data, killed)
-    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed"] is True, resumed.stderr
-    assert json.loads((killed / "protection.json").read_text())["autocast"] == "off"
-    assert images_and_captions(killed) == runs["off"]
+    resumed(tmp_path / "older")
+    assert precision(tmp_path / "older") == "off" and images_and_captions(tmp_path / "older") == runs["off"]
+    settings = mem.MEMSettings().to_dict()
+    assert not autocast_before_it_was_recorded(settings, "cpu") and autocast_before_it_was_recorded(settings, "cuda")
+    assert autocast_before_it_was_recorded({**settings, "amp": "on"}, "cpu")
+    assert not autocast_before_it_was_recorded({**settings, "amp": "off"}, "cuda")
 
 
 def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(tiny):
