@@ -259,6 +259,15 @@ def naive_pass(state: NaiveState, tokenizer, pairs, tokens, settings, device, up
 # ----------------------------------------------------------------------------------------------
 
 
+def gpu_peak(device: torch.device) -> int | None:
+    """Peak GPU memory allocated since the last call (bytes), then reset; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return int(peak)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", type=int, default=64, help="images (each with --captions-per-image captions)")
@@ -332,16 +341,24 @@ def main(argv: list[str] | None = None) -> int:
             update = iteration < settings.trigger_iterations
             row = {"iteration": iteration + 1, "triggers_updated": update}
             clock = []  # (wall, process CPU) at each boundary: CPU time is less hit by other processes' load
-            mark = lambda: clock.append((time.monotonic(), time.process_time()))  # noqa: E731
+
+            def mark() -> None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                clock.append((time.monotonic(), time.process_time()))
+
+            gpu_peak(device)
             mark()
             mem.train_surrogate(fast, images, tokens, settings, device, groups)
             mark()
             mem.perturb_pass(fast, tokenizer, images, tokens, settings, device, update, groups)
             mark()
+            row["fast_gpu_peak_bytes"] = gpu_peak(device)
             naive_train_surrogate(naive, pairs, tokens, settings, device)
             mark()
             naive_pass(naive, tokenizer, pairs, tokens, settings, device, update)
             mark()
+            row["naive_gpu_peak_bytes"] = gpu_peak(device)
             n = len(pairs)
             for kind, k in (("", 0), ("cpu_", 1)):
                 t0, t1, t2, t3, t4 = (c[k] for c in clock)
@@ -411,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Surrogate training per iteration (median, wall): ours {surrogate['fast']:.2f} s "
               f"({'fused AdamW' if args.our_optimizer == 'fused' else default_adamw}), official way "
               f"{surrogate['naive']:.2f} s ({default_adamw}, images decoded per batch).", ""]
+    if device.type == "cuda":
+        peaks = {path: max(r[f"{path}_gpu_peak_bytes"] for r in rows) / 2**30 for path in ("fast", "naive")}
+        lines += [f"GPU memory, peak over the iterations: ours {peaks['fast']:.2f} GiB, official way "
+                  f"{peaks['naive']:.2f} GiB (torch.cuda.max_memory_allocated).", ""]
     lines += ["| noise store | bytes per image |", "|---|---|",
               f"| ours (int8 memmap, one per image) | {memory['fast_noise_bytes_per_image']} |",
               f"| official (float32 per caption, {cpi} caption{'s' if cpi > 1 else ''}/image) | "
