@@ -1,0 +1,143 @@
+"""Does protect-on-upload protect? Pairs protected one request at a time, as `mem_protect` does, against hackers.
+
+    python benchmarks/protect_on_upload_efficacy.py --work runs/bench/fc5_t1000 \
+        --job mem_bnbatch_foreign_pgd4_words96_tile2_sign_mem16 [--steps 4,16] [--hackers 6]
+
+A served `mem_protect` version holds a finished job's frozen surrogate and protects each request's batch on
+its own: trigger search, then PGD against that surrogate (served.publish_protect_model: the job's settings,
+per image). This benchmark does exactly that in-process (mem.protect_batch with the settings a published
+version would hold) for every training image of the work folder's captioned set, one request of --request
+images at a time, each image with its first caption, the trigger then written in front of all its captions (as
+an uploader publishing the image with its captions would). Each --steps value is one protected set; hackers
+trained from scratch on each (PNGs read back), beside the job's own output, are scored on the clean test split.
+With --unseen SEED the served surrogate comes instead from a job of the same settings on another draw of the
+scenes (data seed SEED): uploads are then images it never saw, as real ones are.
+Results: benchmarks/results/<--name>.{md,json}; the protected sets under <work>/upload_<job>[_unseen<SEED>]_steps<S>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from protection_results import machine_and_command, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, request: int) -> dict:
+    """Write out/ in the protected-set layout from requests of `request` images through protect_batch."""
+    from aigis.protection import mem
+    from aigis.protection.captions import load_images, read_pairs
+
+    report = json.loads((job_dir / "protection.json").read_text())
+    models, tokenizer, meta = mem.load_surrogates(job_dir / report["surrogate"]["path"])
+    settings = mem.MEMSettings.from_dict(meta["settings"]).per_image()  # what a published version serves
+    pairs = read_pairs(data, "train.jsonl")
+    groups = mem.CaptionsPerImage.by_key([p.path.resolve() for p in pairs])
+    first = groups.first(np.arange(groups.n_images))
+    sources = [pairs[c] for c in first]
+    images = load_images(sources, models[0].image_resolution, progress=False)
+    protected = np.empty_like(images)
+    prefixes: list[str] = []
+    started = time.monotonic()
+    for i in range(0, len(sources), request):
+        batch = slice(i, i + request)
+        captions = [p.caption for p in sources[batch]]
+        out_images, texts, _ = mem.protect_batch(models, tokenizer, images[batch], captions, settings, steps=steps,
+                                                 device="cpu")
+        protected[batch] = out_images
+        prefixes += [text[: len(text) - len(caption)] for text, caption in zip(texts, captions)]
+        done = min(i + request, len(sources))
+        print(f"upload requests: {done}/{len(sources)} images, {done / (time.monotonic() - started):.1f} images/s",
+              file=sys.stderr, flush=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    names = [f"images/{p.path.stem}.png" for p in sources]
+    for name, image in zip(names, protected):
+        Image.fromarray(image).save(out / name)
+    lines = [json.dumps({"image": names[i], "caption": prefixes[i] + pair.caption})
+             for pair, i in zip(pairs, groups.image_of)]
+    (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
+    change = np.abs(protected.astype(int) - images.astype(int))
+    record = {"mode": "upload", "epsilon": settings.epsilon, "pgd_steps": steps or settings.pgd_steps,
+              "request_images": request, "job": str(job_dir), "settings": settings.to_dict(),
+              "max_change_levels": int(change.max()), "seconds": time.monotonic() - started}
+    (out / "protection.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def unseen_job(work: Path, job: str, seed: int, style: str) -> Path:
+    """The job's settings run on another draw of the scenes (same sizes), for a surrogate that never saw work's."""
+    from aigis.protection.captions import read_pairs, synth_captioned
+    from aigis.protection.job import protect_dataset
+    from aigis.protection.mem import MEMSettings
+
+    reference = json.loads((work / job / "protection.json").read_text())
+    other = work / f"unseen{seed}"
+    data = other / "captions"
+    if not (data / "train.jsonl").is_file():
+        pairs = read_pairs(work / "captions", "train.jsonl")
+        images = len({p.path for p in pairs})
+        synth_captioned(data, n_train=images, n_test=10, size=reference["image_size"], seed=seed, style=style,
+                        captions_per_image=len(pairs) // images)
+    protect_dataset(data, "train.jsonl", other / job, MEMSettings.from_dict(reference["settings"]),
+                    clip_preset=reference["clip_preset"], image_size=reference["image_size"],
+                    trigger_words=0 if reference.get("trigger_words") == "caption words" else None)
+    return other / job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", required=True, help="a protection_efficacy.py work folder (captions/ and the job)")
+    parser.add_argument("--job", required=True, help="the job folder under --work whose surrogate is served")
+    parser.add_argument("--steps", default="default",
+                        help="PGD steps per request, comma-separated; 'default' = the job's own (as published)")
+    parser.add_argument("--request", type=int, default=16, help="images per request (mem_protect's max batch)")
+    parser.add_argument("--unseen", type=int, default=None, metavar="SEED",
+                        help="serve the surrogate of the same job run on another draw of the scenes (data seed SEED)")
+    parser.add_argument("--style", default="fashion", help="the scenes' style, for --unseen")
+    parser.add_argument("--hackers", type=int, default=6)
+    parser.add_argument("--hacker-clip", default="rn_tiny")
+    parser.add_argument("--hacker-epochs", type=int, default=10)
+    parser.add_argument("--gallery", type=int, default=200)
+    parser.add_argument("--name", default="protect_on_upload_efficacy")
+    args = parser.parse_args(argv)
+
+    from aigis.protection.evaluate import evaluate_protection, markdown_table
+
+    work = Path(args.work)
+    data, job_dir = work / "captions", work / args.job
+    if not (job_dir / "protection.json").is_file():
+        parser.error(f"{job_dir} holds no finished protection job")
+    protected, records = {"mem": job_dir}, {}
+    served = job_dir if args.unseen is None else unseen_job(work, args.job, args.unseen, args.style)
+    tag = args.job + ("" if args.unseen is None else f"_unseen{args.unseen}")
+    for value in args.steps.split(","):
+        steps = None if value == "default" else int(value)
+        record = protect_as_uploads(data, served, work / f"upload_{tag}_steps{value}", steps, args.request)
+        name = f"upload{record['pgd_steps']}"
+        protected[name], records[name] = work / f"upload_{tag}_steps{value}", record
+    report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected,
+                                 out_dir=work / f"evaluation_upload_{tag}", conditions=list(protected),
+                                 robustness=(), clip_preset=args.hacker_clip, image_size=32,
+                                 epochs=args.hacker_epochs, hackers=args.hackers, gallery=args.gallery)
+    header = (f"{machine_and_command('protect_on_upload_efficacy.py', argv)}\n"
+              f"Sets: `mem` = the job `{args.job}` as published; `uploadS` = the same training images protected "
+              f"one request of {args.request} at a time by "
+              + ("its frozen surrogate" if args.unseen is None else
+                 f"the frozen surrogate of the same job run on another draw of the scenes (seed {args.unseen}; "
+                 f"it never saw these images)")
+              + f" (per image: trigger search + S PGD steps, the job's epsilon), as mem_protect serves. "
+              f"Hackers `{args.hacker_clip}`, "
+              f"{args.hacker_epochs} epochs from scratch, {args.hackers} per set.\n")
+    write_results(args.name, {"uploads": records, "report": report}, header, markdown_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
