@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# MEM's GPU checks (issue 4) in one run of under 10 minutes on a CUDA host, e.g. through the device tool:
+# MEM's GPU checks (issue 4) in one run of about 8 minutes at most on a CUDA host, e.g. through the device tool:
 #
 #     bash benchmarks/gpu_checks.sh          # results in $OUT, default runs/gpu_checks
 #
 # The host needs torch with CUDA, numpy, Pillow, safetensors and pytest (a GPU image has them; nothing is
-# downloaded): this package is installed without its dependencies into a scratch folder. Then, each step under
+# downloaded): this package is installed without its dependencies into a scratch folder (or, if pip cannot
+# build it there, laid out as its namespace with links to the stage folders). Then, each step under
 # its own time limit so that the whole run ends in time: the CUDA tests (tests/test_mem_cuda.py), and the speed
 # of ours against the official way on the GPU, with GPU memory -- rn_tiny with one caption per image, the
 # paper's RN50 at 224 px on Flickr8K's share, and COCO's share with photo-sized JPEGs. What comes back is small
@@ -24,10 +25,13 @@ pack() { tar czf "$OUT/gpu_checks.tar.gz" -C "$WORK" . && rm -rf "$WORK"; }
 trap pack EXIT
 
 SITE=$(mktemp -d)
-if ! $PY -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" . > "$WORK/install.log" 2>&1; then
-    echo "installing the package failed:" | tee -a "$OUT/steps.txt"
-    tail -20 "$WORK/install.log" | tee -a "$OUT/steps.txt"
-    exit 1
+if ! timeout -k 5 120 $PY -m pip install -q --no-deps --no-build-isolation --no-index --ignore-requires-python \
+        --target "$SITE" . > "$WORK/install.log" 2>&1; then
+    echo "pip could not install the package (install.log); laying out the aigis namespace by links" \
+        | tee -a "$OUT/steps.txt"
+    rm -rf "$SITE" && mkdir -p "$SITE/aigis"
+    cp -r aigis/. "$SITE/aigis/"
+    for stage in training export serving client protection; do ln -s "$REPO/$stage" "$SITE/aigis/$stage"; done
 fi
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 # Run from outside the checkout: its top-level aigis/ folder holds only part of the namespace (the stage folders
@@ -35,25 +39,26 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 cd "$WORK"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-    $PY -c "import numpy, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__, \
+    $PY -c "import numpy, torch, PIL, safetensors, pytest, aigis.protection.mem as mem; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'numpy', numpy.__version__, 'aigis from', mem.__file__, \
 'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)" 2>&1
 } | tee -a "$OUT/steps.txt"
 
 step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to NAME.log, record the exit status
     local name=$1 limit=$2 start=$SECONDS status
     shift 2
-    timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
+    timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     status=$?
     echo "$name: exit $status after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/steps.txt"
     tail -3 "$WORK/$name.log" | sed 's/^/    /' | tee -a "$OUT/steps.txt"
 }
 
-step cuda_tests 150 $PY -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_mem_cuda.py"
-step speed_rn_tiny 80 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --pairs 512 --batch 128 \
+step cuda_tests 120 $PY -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_mem_cuda.py"
+step speed_rn_tiny 60 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --pairs 512 --batch 128 \
     --name "$WORK/mem_speed_cuda_rn_tiny_512"
-step speed_rn50 150 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --clip RN50 --size 224 --captions-per-image 5 \
-    --pairs 256 --batch 128 --clip-vocab --paper-schedule flickr8k --source-size 500x375 --outer 3 \
+step speed_rn50 110 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --clip RN50 --size 224 --captions-per-image 5 \
+    --pairs 128 --batch 128 --clip-vocab --paper-schedule flickr8k --source-size 500x375 --outer 3 \
     --name "$WORK/mem_speed_cuda_schedule_flickr8k_rn50_224"
-step speed_coco 190 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --captions-per-image 5 --pairs 896 --batch 128 \
-    --clip-vocab --paper-schedule coco --source-size 640x480 --outer 4 \
-    --name "$WORK/mem_speed_cuda_schedule_coco_896"
+step speed_coco 130 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --captions-per-image 5 --pairs 448 --batch 128 \
+    --clip-vocab --paper-schedule coco --source-size 640x480 --outer 3 \
+    --name "$WORK/mem_speed_cuda_schedule_coco_448"

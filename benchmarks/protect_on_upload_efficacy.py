@@ -8,22 +8,26 @@ its own: trigger search, then PGD against that surrogate (served.publish_protect
 per image). This benchmark does exactly that in-process (mem.protect_batch with the settings a published
 version would hold) for every training image of the work folder's captioned set, one request of --request
 images at a time, each image with its first caption, the trigger then written in front of all its captions (as
-an uploader publishing the image with its captions would). Each --steps value is one protected set; hackers
+an uploader publishing the image with its captions would; with foreign triggers the search bars only that first
+caption's words, as a request carries one). Each --steps value is one protected set; hackers
 trained from scratch on each (PNGs read back), beside the job's own output, are scored on the clean test split.
 With --unseen SEED the served surrogate comes instead from a job of the same settings on another draw of the
-scenes (data seed SEED): uploads are then images it never saw, as real ones are.
+scenes (data seed SEED): uploads are then scenes it never saw, as real ones are (for "fashion", their items come
+from the same Fashion-MNIST pool).
 Results: benchmarks/results/<--name>.{md,json}; the protected sets under <work>/upload_<job>[_unseen<SEED>]_steps<S>/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from protection_results import machine_and_command, write_results
 
@@ -64,8 +68,10 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
              for pair, i in zip(pairs, groups.image_of)]
     (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
     change = np.abs(protected.astype(int) - images.astype(int))
-    record = {"mode": "upload", "epsilon": settings.epsilon, "pgd_steps": steps or settings.pgd_steps,
-              "request_images": request, "job": str(job_dir), "settings": settings.to_dict(),
+    served = dataclasses.replace(settings, pgd_steps=steps or settings.pgd_steps)
+    record = {"mode": "upload", "epsilon": settings.epsilon, "pgd_steps": served.pgd_steps,
+              "request_images": request, "job": str(job_dir), "settings": served.to_dict(),
+              "autocast": "bfloat16" if mem.autocast_enabled(settings.amp, torch.device("cpu")) else "off",
               "max_change_levels": int(change.max()), "seconds": time.monotonic() - started}
     (out / "protection.json").write_text(json.dumps(record, indent=1))
     return record
@@ -114,10 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     data, job_dir = work / "captions", work / args.job
     if not (job_dir / "protection.json").is_file():
         parser.error(f"{job_dir} holds no finished protection job")
+    values = args.steps.split(",")
+    if len(set(values)) != len(values):
+        parser.error(f"--steps {args.steps}: a value given twice")
     protected, records = {"mem": job_dir}, {}
     served = job_dir if args.unseen is None else unseen_job(work, args.job, args.unseen, args.style)
     tag = args.job + ("" if args.unseen is None else f"_unseen{args.unseen}")
-    for value in args.steps.split(","):
+    for value in values:
         steps = None if value == "default" else int(value)
         record = protect_as_uploads(data, served, work / f"upload_{tag}_steps{value}", steps, args.request)
         name = f"upload{record['pgd_steps']}"

@@ -80,7 +80,7 @@ def test_fused_adamw_on_the_gpu_takes_the_per_tensor_step(tiny):
             optimizer.step()
         stepped.append(surrogate)
     for (name, a), b in zip(stepped[0].named_parameters(), stepped[1].parameters()):
-        assert (a - b).abs().max() <= 1e-6, name
+        assert (a - b).abs().max() <= 1e-6 * max(1.0, float(a.abs().max())), name
     assert not torch.equal(stepped[0].visual.conv1.weight, model.visual.conv1.weight.to(CUDA))
 
 
