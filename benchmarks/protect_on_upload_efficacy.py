@@ -68,7 +68,7 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
              for pair, i in zip(pairs, groups.image_of)]
     (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
     change = np.abs(protected.astype(int) - images.astype(int))
-    served = dataclasses.replace(settings, pgd_steps=steps or settings.pgd_steps)
+    served = dataclasses.replace(settings, pgd_steps=settings.pgd_steps if steps is None else steps)
     record = {"mode": "upload", "epsilon": settings.epsilon, "pgd_steps": served.pgd_steps,
               "request_images": request, "job": str(job_dir), "settings": served.to_dict(),
               "autocast": "bfloat16" if mem.autocast_enabled(settings.amp, torch.device("cpu")) else "off",
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="a protection_efficacy.py work folder (captions/ and the job)")
     parser.add_argument("--job", required=True, help="the job folder under --work whose surrogate is served")
     parser.add_argument("--steps", default="default",
-                        help="PGD steps per request, comma-separated; 'default' = the job's own (as published)")
+                        help="PGD steps per request, comma-separated; 'default' = the job's own (as published); "
+                             "0 = triggers alone, no noise")
     parser.add_argument("--request", type=int, default=16, help="images per request (mem_protect's max batch)")
     parser.add_argument("--unseen", type=int, default=None, metavar="SEED",
                         help="serve the surrogate of the same job run on another draw of the scenes (data seed SEED)")
