@@ -38,6 +38,7 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
     """Write out/ in the protected-set layout from requests of `request` images through protect_batch."""
     from aigis.protection import mem
     from aigis.protection.captions import load_images, read_pairs
+    from aigis.protection.job import _output_names
 
     report = json.loads((job_dir / "protection.json").read_text())
     models, tokenizer, meta = mem.load_surrogates(job_dir / report["surrogate"]["path"])
@@ -61,7 +62,7 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
         print(f"upload requests: {done}/{len(sources)} images, {done / (time.monotonic() - started):.1f} images/s",
               file=sys.stderr, flush=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    names = [f"images/{p.path.stem}.png" for p in sources]
+    names = _output_names(sources)  # the job's own file names
     for name, image in zip(names, protected):
         Image.fromarray(image).save(out / name)
     lines = [json.dumps({"image": names[i], "caption": prefixes[i] + pair.caption})

@@ -72,18 +72,6 @@ def job(data, tmp_path_factory) -> dict:
     return {"out": out, "before": before, "after": _tree_hashes(data), "summary": json.loads(result.stdout)}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random CLIP, its tokenizer and a batch of 6 scenes (for in-process checks)."""
-    root = synth_captioned(tmp_path_factory.mktemp("mem-tiny"), 6, 0, size=SIZE, seed=5)
-    pairs = read_pairs(root, "train.jsonl")
-    captions = [p.caption for p in pairs]
-    tokenizer = Tokenizer.train(captions, 700)
-    torch.manual_seed(0)
-    model = build_clip("rn_tiny", tokenizer.vocab_size).eval()
-    return model, tokenizer, load_images(pairs, SIZE, progress=False), captions
-
-
 def _published(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 

@@ -22,9 +22,8 @@ from PIL import Image
 
 from aigis.protection import mem
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
-from aigis.protection.clip import build_clip, normalize_images
+from aigis.protection.clip import normalize_images
 from aigis.protection.job import KILL_ENV
-from aigis.protection.tokenizer import Tokenizer
 
 pytestmark = [
     pytest.mark.gpu,
@@ -35,16 +34,7 @@ SIZE = 32
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny random CLIP, its tokenizer and a batch of 8 scenes."""
-    root = synth_captioned(tmp_path_factory.mktemp("mem-cuda"), 8, 0, size=SIZE, seed=5)
-    pairs = read_pairs(root, "train.jsonl")
-    captions = [p.caption for p in pairs]
-    tokenizer = Tokenizer.train(captions, 700)
-    torch.manual_seed(0)
-    model = build_clip("rn_tiny", tokenizer.vocab_size).eval()
-    return model, tokenizer, load_images(pairs, SIZE, progress=False), captions
+# `tiny` (conftest.py): a tiny random CLIP, its tokenizer and 6 scenes at 32 px.
 
 
 def test_hotflip_is_scored_on_the_gpu_and_agrees_with_the_cpu(tiny):
