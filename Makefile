@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# The demo's protection runs on Fashion-MNIST item scenes; without the dataset (no apt-get) it falls back to
+# flat-colour scenes and says so.
 demo: $(STAMP)
+	-@$(MAKE) --no-print-directory fashion-mnist
 	$(BIN)/aigis demo
 
 test: $(STAMP)
@@ -25,7 +28,8 @@ test: $(STAMP)
 FASHION := runs/assets/fashion-mnist
 fashion-mnist:
 	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
-		echo "Fashion-MNIST already installed in /usr/share/datasets/fashion-mnist"; else \
+		echo "Fashion-MNIST already installed in /usr/share/datasets/fashion-mnist"; \
+	elif [ -f $(FASHION)/t10k-labels-idx1-ubyte.gz ]; then echo "Fashion-MNIST already in $(FASHION)"; else \
 		rm -rf runs/assets/.fashion-deb && mkdir -p runs/assets/.fashion-deb $(FASHION) && \
 		cd runs/assets/.fashion-deb && apt-get download dataset-fashion-mnist && \
 		dpkg-deb -x dataset-fashion-mnist_*.deb root && \

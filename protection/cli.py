@@ -5,6 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
+
+from .settings import MEM_PRESETS, NORM_STATS, MEMSettings, preset_settings
+
+_DEFAULTS = MEMSettings()
+
+# `aigis protect` options that set a MEMSettings field of another name (the rest share theirs).
+_OPTION_FIELDS = {"outer": "outer_iterations", "batch": "batch_size"}
+_SETTING_OPTIONS = ("trigger_length", "foreign_triggers", "word_textures", "texture_tile", "words_per_image",
+                    "texture_sign", "texture_gray", "outer", "trigger_iterations", "surrogate_steps", "noise_grid",
+                    "pgd_steps", "candidates", "batch", "lr", "surrogate_restart", "norm_stats", "seed",
+                    "stop_loss", "amp")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -19,39 +31,51 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="data root folder (images are resolved inside it)")
     p.add_argument("--manifest", default="train.jsonl", help="manifest file relative to --data (default train.jsonl)")
     p.add_argument("--out", required=True, help="output folder (never the originals' place)")
+    p.add_argument("--preset", choices=tuple(MEM_PRESETS), default="paper",
+                   help="named settings, overridden by any option below: paper (default; the reference's MEM, one "
+                        "noise per image, a 3-token trigger), word-code (word-wise noise and 16 foreign trigger "
+                        "words: the setting that met the 2x-chance target, BENCHMARKS.md), word-code-gray (the "
+                        "same in luminance, for images that may be re-encoded in grayscale)")
     p.add_argument("--mode", choices=("mem", "em"), default="mem", help="mem: noise + trigger; em: noise only")
-    p.add_argument("--epsilon", type=float, default=8, help="L-inf noise budget in /255 units (default 8)")
-    p.add_argument("--trigger-length", type=int, default=3, help="trigger words for --mode mem (default 3)")
+    p.add_argument("--epsilon", type=float, default=None,
+                   help=f"L-inf noise budget in /255 units (default {round(_DEFAULTS.epsilon * 255)})")
+    p.add_argument("--trigger-length", type=int, default=None,
+                   help=f"trigger words for --mode mem (paper {_DEFAULTS.trigger_length})")
     p.add_argument("--trigger-words", type=int, default=None,
                    help="made-up words added to the tokenizer for triggers to use (default "
                         "protection.job.DEFAULT_TRIGGER_WORDS; 0: triggers from the captions' own words)")
-    p.add_argument("--foreign-triggers", action="store_true",
+    p.add_argument("--foreign-triggers", action="store_true", default=None,
                    help="a pair's trigger never uses a word of its own caption(s): for --trigger-words 0, and with "
                         "--word-textures each image's words are drawn from those its captions do not use")
-    p.add_argument("--word-textures", type=int, default=0, metavar="K",
+    p.add_argument("--word-textures", type=int, default=None, metavar="K",
                    help="word-wise noise: the K most used caption words each own a shared texture, an image's noise "
-                        "sums its words' textures and its trigger names them (default 0: one noise per image)")
-    p.add_argument("--texture-tile", type=int, default=4, help="px per side of a word texture's tile (default 4)")
-    p.add_argument("--words-per-image", type=int, default=3, help="words (textures) per image (default 3)")
-    p.add_argument("--texture-sign", action="store_true",
+                        "sums its words' textures and its trigger names them (paper 0: one noise per image)")
+    p.add_argument("--texture-tile", type=int, default=None,
+                   help=f"px per side of a word texture's tile (paper {_DEFAULTS.texture_tile})")
+    p.add_argument("--words-per-image", type=int, default=None,
+                   help=f"words (textures) per image (default {_DEFAULTS.words_per_image})")
+    p.add_argument("--texture-sign", action="store_true", default=None,
                    help="word-wise noise at the range's ends: +-epsilon, the sign of the image's textures' sum")
-    p.add_argument("--texture-gray", action="store_true",
+    p.add_argument("--texture-gray", action="store_true", default=None,
                    help="word textures in luminance only (the same on R, G, B): the code survives grayscale "
-                        "re-encoding; keep the default 4-px --texture-tile (a gray tile has a third of the values)")
-    p.add_argument("--outer", type=int, default=20, help="outer iterations (default 20)")
-    p.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that update triggers")
-    p.add_argument("--surrogate-steps", type=int, default=200, help="surrogate batches per outer iteration")
-    p.add_argument("--noise-grid", type=int, default=0,
+                        "re-encoding; keep a 4-px --texture-tile (a gray tile has a third of the values)")
+    p.add_argument("--outer", type=int, default=None, help=f"outer iterations (paper {_DEFAULTS.outer_iterations})")
+    p.add_argument("--trigger-iterations", type=int, default=None,
+                   help=f"outer iterations that update triggers (default {_DEFAULTS.trigger_iterations})")
+    p.add_argument("--surrogate-steps", type=int, default=None,
+                   help=f"surrogate batches per outer iteration (paper {_DEFAULTS.surrogate_steps})")
+    p.add_argument("--noise-grid", type=int, default=None,
                    help="cut each image into N x N cells of one noise value each: a low-frequency noise that a "
                         "fresh model picks up sooner (BENCHMARKS.md, session 12); default 0: per-pixel noise")
-    p.add_argument("--pgd-steps", type=int, default=8, help="PGD steps per pass (default 8)")
-    p.add_argument("--candidates", type=int, default=16, help="HotFlip candidates per trigger slot (default 16)")
-    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--lr", type=float, default=1e-4, help="surrogate learning rate (default 1e-4)")
-    p.add_argument("--surrogate-restart", type=int, default=0, metavar="R",
+    p.add_argument("--pgd-steps", type=int, default=None, help=f"PGD steps per pass (paper {_DEFAULTS.pgd_steps})")
+    p.add_argument("--candidates", type=int, default=None,
+                   help=f"HotFlip candidates per trigger slot (default {_DEFAULTS.candidates})")
+    p.add_argument("--batch", type=int, default=None, help=f"batch size (paper {_DEFAULTS.batch_size})")
+    p.add_argument("--lr", type=float, default=None, help=f"surrogate learning rate (paper {_DEFAULTS.lr})")
+    p.add_argument("--surrogate-restart", type=int, default=None, metavar="R",
                    help="re-draw each surrogate from fresh random weights every R outer iterations (ensemble members "
                         "staggered); default 0: never")
-    p.add_argument("--norm-stats", choices=("running", "batch"), default=None,
+    p.add_argument("--norm-stats", choices=NORM_STATS, default=None,
                    help="BatchNorm statistics a ResNet surrogate uses while noise and triggers are optimised: each "
                         "batch's own, as a model in training sees them (default from scratch), or the stored averages "
                         "(default with --init, whose pretrained averages are sound)")
@@ -85,22 +109,9 @@ def _protect(args: argparse.Namespace) -> int:
 
     from .captions import ManifestError
     from .job import protect_dataset
-    from .mem import MEMSettings
 
     try:
-        settings = MEMSettings(
-            epsilon=args.epsilon / 255, trigger_length=0 if args.mode == "em" else args.trigger_length,
-            candidates=args.candidates, outer_iterations=args.outer, trigger_iterations=args.trigger_iterations,
-            surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, batch_size=args.batch, lr=args.lr,
-            seed=args.seed, stop_loss=args.stop_loss, noise_grid=args.noise_grid,
-            surrogate_restart=args.surrogate_restart, foreign_triggers=args.foreign_triggers,
-            word_textures=args.word_textures, texture_tile=args.texture_tile, words_per_image=args.words_per_image,
-            texture_sign=args.texture_sign, texture_gray=args.texture_gray, amp=args.amp,
-            norm_stats=args.norm_stats or ("running" if args.init else MEMSettings.norm_stats),
-        )
-        settings.validate()
-        if args.mode == "mem" and args.trigger_length < 1:
-            raise ValueError("--mode mem needs --trigger-length >= 1 (use --mode em for noise only)")
+        settings = settings_from_options(args)
         summary = protect_dataset(
             args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
             device=args.device, resume=not args.no_resume, progress=not args.quiet,
@@ -111,3 +122,21 @@ def _protect(args: argparse.Namespace) -> int:
         return 2
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def settings_from_options(args: argparse.Namespace) -> MEMSettings:
+    """The --preset's settings with every option the user gave on top (None: not given)."""
+    given: dict[str, Any] = {_OPTION_FIELDS.get(name, name): getattr(args, name) for name in _SETTING_OPTIONS
+                             if getattr(args, name) is not None}
+    if args.epsilon is not None:
+        given["epsilon"] = args.epsilon / 255
+    if args.norm_stats is None and args.init:
+        given["norm_stats"] = "running"  # a pretrained surrogate's averages are sound
+    if args.mode == "em":
+        if MEM_PRESETS[args.preset].get("word_textures") or given.get("word_textures"):
+            raise ValueError(f"--mode em is noise only: word textures need a trigger (preset {args.preset!r}); use "
+                             f"--preset paper")
+        given["trigger_length"] = 0
+    elif given.get("trigger_length", 1) < 1:
+        raise ValueError("--mode mem needs --trigger-length >= 1 (use --mode em for noise only)")
+    return preset_settings(args.preset, **given)

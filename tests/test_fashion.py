@@ -98,3 +98,14 @@ def test_missing_or_malformed_files_are_named(tmp_path, catalogue_dir, monkeypat
     assert fashion.fashion_mnist_dir() == catalogue_dir
     with pytest.raises(ValueError, match="at least 16 px"):
         synth_captioned(tmp_path / "tiny", 2, 0, size=12, style="fashion")
+
+
+def test_the_demo_protects_item_scenes_when_fashion_mnist_is_there_and_says_why_when_not(tmp_path, catalogue_dir,
+                                                                                        monkeypatch, capsys):
+    from aigis.demo import demo_scene_style
+
+    monkeypatch.setenv(fashion.ENV_VAR, str(catalogue_dir))
+    assert demo_scene_style() == "fashion"
+    monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path / "empty"))
+    assert demo_scene_style() == "flat"
+    assert f"no Fashion-MNIST files in {tmp_path / 'empty'}" in capsys.readouterr().out

@@ -474,6 +474,44 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     assert served["mem"]["texture_sign"] is False and served["mem"]["texture_gray"] is False
 
 
+def test_presets_name_whole_settings_and_validate():
+    from aigis.protection.settings import MEM_PRESETS, preset_settings
+
+    assert preset_settings("paper") == mem.MEMSettings()
+    for name, changes in MEM_PRESETS.items():
+        settings = preset_settings(name)
+        assert {k: getattr(settings, k) for k in changes} == changes, name
+    code = preset_settings("word-code", outer_iterations=7)
+    assert code.outer_iterations == 7 and code.word_textures == 96 and code.texture_sign and code.foreign_triggers
+    gray = preset_settings("word-code-gray")
+    assert gray.texture_gray and gray.texture_tile == 4
+    with pytest.raises(ValueError, match="unknown MEM preset 'paperr': choose one of paper, word-code"):
+        preset_settings("paperr")
+    with pytest.raises(ValueError, match="unknown MEM settings: outer"):
+        preset_settings("paper", outer=3)
+    with pytest.raises(ValueError, match="words_per_image"):
+        preset_settings("word-code", trigger_length=2)
+
+
+def test_protect_preset_runs_the_word_code_and_options_override_it(data, tmp_path, capsys):
+    from aigis.cli import main
+
+    code = main(["protect", "--data", str(data), "--manifest", "train.jsonl", "--out", str(tmp_path / "o"),
+                 "--preset", "word-code", *JOB_ARGS, "--word-textures", "20"])
+    assert code == 0, capsys.readouterr().err
+    settings = json.loads((tmp_path / "o" / "protection.json").read_text())["settings"]
+    assert settings["word_textures"] == 20 and settings["outer_iterations"] == 2 and settings["batch_size"] == 6
+    assert settings["trigger_length"] == 16 and settings["texture_tile"] == 2 and settings["lr"] == 5e-4
+    assert settings["texture_sign"] is True and settings["foreign_triggers"] is True
+    for line in _published(tmp_path / "o"):
+        assert len(line["caption"].split()) > 16  # 16 trigger words, then the caption
+
+    code = main(["protect", "--data", str(data), "--manifest", "train.jsonl", "--out", str(tmp_path / "em"),
+                 "--preset", "word-code", "--mode", "em", *JOB_ARGS])
+    assert code == 2 and "--mode em is noise only" in capsys.readouterr().err
+    assert not (tmp_path / "em").exists()
+
+
 def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_the_averages_alone(tiny):
     import copy
 
