@@ -228,14 +228,13 @@ def publish_and_protect_over_grpc(repo: Path, data: Path, protected_dir: Path, s
 
     from aigis import contract
     from aigis.client import ProtectionClient
+    from aigis.export.repository import load_model_version
     from aigis.protection.captions import load_images, read_pairs
-    from aigis.export.repository import point_to
     from aigis.protection.served import publish_protect_model
 
-    surrogate = sorted((protected_dir / "surrogate").iterdir())[-1]
-    version = publish_protect_model(repo, surrogate)  # the job's PGD steps per request
-    point_to(repo, contract.PROTECT_MODEL, version)       # serve this job's surrogate (a re-run may add a version)
-    control.load(contract.PROTECT_MODEL)
+    surrogate = protected_dir / json.loads((protected_dir / "protection.json").read_text())["surrogate"]["path"]
+    version = publish_protect_model(repo, surrogate)  # a word-code job's artefact: uploads get its code
+    load_model_version(control, repo, contract.PROTECT_MODEL, version)  # serve it (a re-run may add a version)
     pairs = read_pairs(data, "test.jsonl")[:8]
     images = load_images(pairs, DEMO_PROTECT["size"], progress=False)
     with ProtectionClient(server_url, timeout_s=120) as client:

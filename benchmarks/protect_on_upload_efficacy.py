@@ -5,7 +5,9 @@
 
 A served `mem_protect` version holds a finished job's frozen surrogate and protects each request's batch on
 its own: trigger search, then PGD against that surrogate (served.publish_protect_model: the job's settings,
-per image). This benchmark does exactly that in-process (mem.protect_batch with the settings a published
+per image) -- or, published from a word-texture job whose artefact holds its code (jobs since session 30),
+with that code: each image its own draw of the code's words, no search (--steps code). This benchmark does
+exactly that in-process (mem.protect_batch / mem.protect_with_word_code with the settings a published
 version would hold) for every training image of the work folder's captioned set, one request of --request
 images at a time, each image with its first caption, the trigger then written in front of all its captions (as
 an uploader publishing the image with its captions would; with foreign triggers the search bars only that first
@@ -34,15 +36,22 @@ from protection_results import machine_and_command, write_results
 REPO = Path(__file__).resolve().parents[1]
 
 
-def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, request: int) -> dict:
-    """Write out/ in the protected-set layout from requests of `request` images through protect_batch."""
+def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, request: int,
+                       code: bool = False) -> dict:
+    """Write out/ in the protected-set layout from requests of `request` images through protect_batch, or
+    (code) through protect_with_word_code with the job's word code."""
     from aigis.protection import mem
     from aigis.protection.captions import load_images, read_pairs
     from aigis.protection.job import _output_names
 
     report = json.loads((job_dir / "protection.json").read_text())
     models, tokenizer, meta = mem.load_surrogates(job_dir / report["surrogate"]["path"])
-    settings = mem.MEMSettings.from_dict(meta["settings"]).per_image()  # what a published version serves
+    settings = mem.served_settings(meta)  # what a published version serves
+    word_code = mem.load_word_code(job_dir / report["surrogate"]["path"], meta) if code else None
+    if code and (word_code is None or not settings.word_textures):
+        raise SystemExit(f"{job_dir}: its surrogate artefact holds no word code (a word-texture job saved since "
+                         f"session 30 does)")
+    settings = settings if code else settings.per_image()
     pairs = read_pairs(data, "train.jsonl")
     groups = mem.CaptionsPerImage.by_key([p.path.resolve() for p in pairs])
     first = groups.first(np.arange(groups.n_images))
@@ -54,8 +63,12 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
     for i in range(0, len(sources), request):
         batch = slice(i, i + request)
         captions = [p.caption for p in sources[batch]]
-        out_images, texts, _ = mem.protect_batch(models, tokenizer, images[batch], captions, settings, steps=steps,
-                                                 device="cpu")
+        if word_code is not None:
+            out_images, texts, _ = mem.protect_with_word_code(word_code, tokenizer, images[batch], captions, settings,
+                                                              models[0].image_resolution)
+        else:
+            out_images, texts, _ = mem.protect_batch(models, tokenizer, images[batch], captions, settings,
+                                                     steps=steps, device="cpu")
         protected[batch] = out_images
         prefixes += [text[: len(text) - len(caption)] for text, caption in zip(texts, captions)]
         done = min(i + request, len(sources))
@@ -70,9 +83,11 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
     (out / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
     change = np.abs(protected.astype(int) - images.astype(int))
     served = dataclasses.replace(settings, pgd_steps=settings.pgd_steps if steps is None else steps)
-    record = {"mode": "upload", "epsilon": settings.epsilon, "pgd_steps": served.pgd_steps,
+    record = {"mode": "upload with the word code" if code else "upload", "epsilon": settings.epsilon,
+              "pgd_steps": None if code else served.pgd_steps,
               "request_images": request, "job": str(job_dir), "settings": served.to_dict(),
-              "autocast": "bfloat16" if mem.autocast_enabled(settings.amp, torch.device("cpu")) else "off",
+              "autocast": None if code else (
+                  "bfloat16" if mem.autocast_enabled(settings.amp, torch.device("cpu")) else "off"),
               "max_change_levels": int(change.max()), "seconds": time.monotonic() - started}
     (out / "protection.json").write_text(json.dumps(record, indent=1))
     return record
@@ -103,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", required=True, help="a protection_efficacy.py work folder (captions/ and the job)")
     parser.add_argument("--job", required=True, help="the job folder under --work whose surrogate is served")
     parser.add_argument("--steps", default="default",
-                        help="PGD steps per request, comma-separated; 'default' = the job's own (as published); "
-                             "0 = triggers alone, no noise")
+                        help="PGD steps per request, comma-separated; 'default' = the job's own; 0 = triggers "
+                             "alone, no noise; 'code' = no search nor PGD: the word-texture job's own code (what a "
+                             "version published from such a job serves)")
     parser.add_argument("--request", type=int, default=16, help="images per request (mem_protect's max batch)")
     parser.add_argument("--unseen", type=int, default=None, metavar="SEED",
                         help="serve the surrogate of the same job run on another draw of the scenes (data seed SEED)")
@@ -129,9 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     served = job_dir if args.unseen is None else unseen_job(work, args.job, args.unseen, args.style)
     tag = args.job + ("" if args.unseen is None else f"_unseen{args.unseen}")
     for value in values:
-        steps = None if value == "default" else int(value)
-        record = protect_as_uploads(data, served, work / f"upload_{tag}_steps{value}", steps, args.request)
-        name = f"upload{record['pgd_steps']}"
+        steps = None if value in ("default", "code") else int(value)
+        record = protect_as_uploads(data, served, work / f"upload_{tag}_steps{value}", steps, args.request,
+                                    code=value == "code")
+        name = "upload_code" if value == "code" else f"upload{record['pgd_steps']}"
         protected[name], records[name] = work / f"upload_{tag}_steps{value}", record
     report = evaluate_protection(data, "train.jsonl", "test.jsonl", protected,
                                  out_dir=work / f"evaluation_upload_{tag}", conditions=list(protected),
@@ -143,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("its frozen surrogate" if args.unseen is None else
                  f"the frozen surrogate of the same job run on another draw of the scenes (seed {args.unseen}; "
                  f"it never saw these images)")
-              + f" (per image: trigger search + S PGD steps, the job's epsilon), as mem_protect serves. "
+              + f" (per image: trigger search + S PGD steps, the job's epsilon; `upload_code`: the job's word code "
+              f"for each image's own draw of words, no search), as mem_protect serves. "
               f"Hackers `{args.hacker_clip}`, "
               f"{args.hacker_epochs} epochs from scratch, {args.hackers} per set.\n")
     write_results(args.name, {"uploads": records, "report": report}, header, markdown_table(report))

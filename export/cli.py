@@ -39,10 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = actions.add_parser("validate", help="every ensemble step resolves; names, dtypes, shapes agree")
     check.add_argument("--repo", required=True)
     check.set_defaults(func=run_validate)
-    rollout = actions.add_parser("rollout", help="serve another ensemble version on a running server (no restart)")
+    rollout = actions.add_parser("rollout", help="serve another version of the ensemble (or of --model) on a running "
+                                                 "server (no restart)")
     rollout.add_argument("--repo", required=True)
     rollout.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC endpoint")
-    rollout.add_argument("--version", type=int, required=True, help="ensemble version to serve (back or forward)")
+    rollout.add_argument("--version", type=int, required=True, help="version to serve (back or forward)")
+    rollout.add_argument("--model", default=None,
+                         help="a stand-alone model to roll instead of the ensemble, e.g. mem_protect")
     rollout.add_argument("--prune", action="store_true",
                          help="then unload the extractors the version does not use (after a rollback)")
     rollout.set_defaults(func=run_rollout)
@@ -103,9 +106,24 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_rollout(args: argparse.Namespace) -> int:
-    from aigis.export.repository import RepositoryError, load_version, prune_extractors, served_version
+    from aigis.export.repository import (RepositoryError, load_model_version, load_version, model_served_version,
+                                         prune_extractors, served_version)
     from aigis.serving.control import ModelControl, ModelControlError
 
+    if args.model is not None:
+        if args.prune:
+            print("aigis models rollout: error: --prune is for ensemble rollbacks, not --model", file=sys.stderr)
+            return 2
+        try:
+            with ModelControl(args.url) as control:
+                before = model_served_version(control, args.model)
+                load_model_version(control, args.repo, args.model, args.version)
+                after = model_served_version(control, args.model)
+        except (RepositoryError, ModelControlError) as exc:
+            print(f"aigis models rollout: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.url}: {args.model} version {before} -> {after}")
+        return 0
     try:
         with ModelControl(args.url) as control:
             before = served_version(control)

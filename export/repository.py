@@ -391,12 +391,31 @@ def _policy_versions(config: dict) -> list[int]:
     return [int(v) for v in ((config.get("version_policy") or {}).get("specific") or {}).get("versions", [])]
 
 
+def load_model_version(control: Any, repo: str | Path, model: str, version: int) -> bool:
+    """Serve version `version` of one stand-alone model (e.g. mem_protect) on a running server, no restart;
+    returns whether it was (re)loaded. Ensemble versions go through load_version, which moves their steps."""
+    if model in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
+        raise RepositoryError(f"{model} is an ensemble: roll it out with load_version (it moves its steps too)")
+    if version not in versions(Path(repo), model):
+        raise RepositoryError(f"{repo}: no {model} version {version}; versions: {versions(Path(repo), model) or 'none'}")
+    moved = point_to(repo, model, version)
+    if moved or not control.is_ready(model, str(version)):
+        control.load(model)
+        return True
+    return False
+
+
+def model_served_version(control: Any, model: str) -> int | None:
+    """The version of `model` the server answers with now, or None."""
+    if not control.is_ready(model):
+        return None
+    found = _policy_versions(control.config(model))
+    return found[0] if found else None
+
+
 def served_version(control: Any) -> int | None:
     """The ensemble version the server answers with now, or None."""
-    if not control.is_ready(contract.ENSEMBLE_MODEL):
-        return None
-    found = _policy_versions(control.config(contract.ENSEMBLE_MODEL))
-    return found[0] if found else None
+    return model_served_version(control, contract.ENSEMBLE_MODEL)
 
 
 # ---- listing and validation ----------------------------------------------------------------------------

@@ -103,6 +103,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_protect)
 
+    publish = sub.add_parser(
+        "protect-publish", help="publish a protection job's surrogate as a new version of the mem_protect model",
+        description="Add a version of mem_protect (protect-on-upload) to a Triton model repository from a finished "
+                    "`aigis protect` job. The repository's first version is served at once; later ones after "
+                    "`aigis models rollout --model mem_protect --version N` (or a server restart).")
+    publish.add_argument("--repo", required=True, help="the Triton model repository")
+    publish.add_argument("--job", required=True,
+                         help="the job's output folder (its newest surrogate is published), or one surrogate artefact "
+                              "folder (OUT/surrogate/N)")
+    publish.add_argument("--steps", type=int, default=None, help="PGD steps per request (default: the job's)")
+    publish.add_argument("--gpu", action="store_true", help="a GPU instance (default: CPU)")
+    publish.add_argument("--max-batch", type=int, default=16, help="max_batch_size: images per request (default 16)")
+    publish.set_defaults(func=_publish)
+
 
 def _protect(args: argparse.Namespace) -> int:
     from aigis.preprocess import BadImageError
@@ -140,3 +154,34 @@ def settings_from_options(args: argparse.Namespace) -> MEMSettings:
     elif given.get("trigger_length", 1) < 1:
         raise ValueError("--mode mem needs --trigger-length >= 1 (use --mode em for noise only)")
     return preset_settings(args.preset, **given)
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aigis import contract
+    from aigis.export.repository import RepositoryError
+
+    from .served import publish_protect_model
+    from .triton_model import SETTINGS_FILE
+
+    job = Path(args.job)
+    artefact = job
+    try:
+        if (job / "protection.json").is_file():  # a job's folder: the surrogate it reported, inside the folder
+            path = json.loads((job / "protection.json").read_text())["surrogate"]["path"]
+            artefact = (job / path).resolve()
+            if not artefact.is_relative_to(job.resolve()):
+                raise ValueError(f"{job / 'protection.json'} names a surrogate outside the job's folder: {path!r}")
+        version = publish_protect_model(args.repo, artefact, steps=args.steps, gpu=args.gpu,
+                                        max_batch_size=args.max_batch)
+        recorded = json.loads((Path(args.repo) / contract.PROTECT_MODEL / str(version) / SETTINGS_FILE).read_text())
+    except (KeyError, TypeError) as exc:
+        print(f"aigis protect-publish: error: {job / 'protection.json'}: no surrogate path ({exc})", file=sys.stderr)
+        return 2
+    except (RepositoryError, ValueError, FileNotFoundError) as exc:
+        print(f"aigis protect-publish: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{contract.PROTECT_MODEL} version {version} in {args.repo}: protects with {recorded['protects_with']} "
+          f"(surrogate {recorded['surrogate']})")
+    return 0

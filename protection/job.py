@@ -465,7 +465,8 @@ def protect_dataset(
         "clip_preset": presets[0], "image_size": size, "pairs": len(pairs), "images": len(sources),
         "outer_iterations": state.iteration, **({"ensemble": presets} if len(presets) > 1 else {}),
         **({"init_checkpoint": init_record} if init_record else {})},
-        negatives=negatives_per_model)
+        negatives=negatives_per_model,
+        word_code=None if state.textures is None else mem.WordCode(state.textures, state.texture_words))
     version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
     if exists:
         shutil.rmtree(staging)

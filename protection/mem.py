@@ -72,6 +72,7 @@ SURROGATE_FORMAT = "aigis-mem-surrogate-1"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 NEGATIVES_FILE = "negatives.safetensors"
+WORD_CODE_FILE = "word_code.safetensors"
 META_FILE = "meta.json"
 
 # The most text sequences one batched candidate forward may hold. On a GPU, one big forward (bounded by
@@ -806,6 +807,91 @@ def _write_word_noise(state: MEMState, images: np.ndarray, settings: MEMSettings
         state.noise[i : i + 256] = ((pixels + noise).clamp(0, 255) - pixels).to(torch.int8).numpy()
 
 
+@dataclass
+class WordCode:
+    """A word-texture job's code over its whole data set: textures[k] (float [K, t, t, C]) is the pattern that
+    token id words[k] names. Saved with the surrogate, it lets protect-on-upload give new images the SAME code,
+    so each word still means one pattern across the job's images and every upload."""
+
+    textures: Tensor
+    words: Tensor
+
+
+def load_word_code(directory: str | Path, meta: dict) -> WordCode | None:
+    """The artefact's word code (None if its job had none); load_surrogates has checked its sha256."""
+    from safetensors.torch import load_file
+
+    name = meta.get("word_code")
+    if name is None:
+        return None
+    if name not in meta.get("files", {}):
+        raise ValueError(f"{directory}: meta.json names a word code {name!r} without its sha256")
+    stored = load_file(str(_inside(Path(directory), name)))
+    textures, words = stored["textures"], stored["words"]
+    if textures.ndim != 4 or textures.shape[0] != words.shape[0] or textures.shape[3] not in (1, 3):
+        raise ValueError(f"{directory}: word code of textures {list(textures.shape)} for {list(words.shape)} words")
+    return WordCode(textures, words)
+
+
+def protect_with_word_code(
+    code: WordCode, tokenizer: Tokenizer, images_uint8: np.ndarray, captions: list[str], settings: MEMSettings,
+    code_size: int,
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Protect uploads with a job's word code: no search, no surrogate. Returns what protect_batch returns.
+
+    Each image gets words_per_image of the code's words (with foreign_triggers, none a word of its caption),
+    drawn from a hash of its pixels and caption (the same upload is protected the same way every time); its
+    noise is those words' textures as the job computes it at the job's image size `code_size`, repeated
+    block-wise over the upload's own size (a model that resizes the upload back sees the code); its trigger
+    names the words, cycled to trigger_length.
+    """
+    settings.validate()
+    if not settings.word_textures:
+        raise ValueError("protect_with_word_code needs word-texture settings (word_textures > 0)")
+    if not isinstance(images_uint8, np.ndarray) or images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 \
+            or images_uint8.shape[-1] != 3:
+        raise ValueError(f"images must be a uint8 numpy array [N, H, W, 3], got "
+                         f"{getattr(images_uint8, 'dtype', type(images_uint8))} {list(np.shape(images_uint8))}")
+    if len(captions) != images_uint8.shape[0]:
+        raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
+    n, h, w, _ = images_uint8.shape
+    m, k = settings.words_per_image, settings.trigger_length
+    ids = code.words.tolist()
+    word_sets = np.empty((n, m), dtype=np.int64)
+    trigger_ids = np.empty((n, k), dtype=np.int64)
+    for i, caption in enumerate(captions):
+        own = set(tokenizer.encode(caption)) if settings.foreign_triggers else set()
+        allowed = np.array([j for j, word in enumerate(ids) if word not in own], dtype=np.int64)
+        if len(allowed) < m:
+            raise ValueError(f"caption {i} uses all but {len(allowed)} of the code's {len(ids)} words, fewer than "
+                             f"words_per_image ({m})")
+        digest = hashlib.sha256(images_uint8[i].tobytes() + caption.encode("utf-8")).digest()
+        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        chosen = rng.choice(allowed, size=m, replace=False)
+        word_sets[i] = np.sort(chosen)
+        trigger_ids[i] = [ids[int(chosen[j % m])] for j in range(k)]
+    noise = word_code_noise(code.textures, torch.from_numpy(word_sets), code_size, code_size,
+                            settings.epsilon_levels, settings.texture_sign).round().to(torch.int16)
+    rows = (np.arange(h) * code_size) // h  # block-wise: upload pixel (y, x) takes code pixel (rows[y], cols[x])
+    cols = (np.arange(w) * code_size) // w
+    noise = noise[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+    pixels = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(torch.int16)
+    protected = (pixels + noise).clamp(0, 255)
+    delta = (protected - pixels).to(torch.int8).numpy()
+    texts = [apply_trigger_text(trigger_ids[i], c, tokenizer) for i, c in enumerate(captions)]
+    return protected.to(torch.uint8).numpy(), texts, delta
+
+
+def served_settings(meta: dict, settings: MEMSettings | None = None) -> MEMSettings:
+    """What a published mem_protect version protects uploads with: the job's settings (or `settings`) and, for a
+    word-texture job whose artefact holds its code, that code (protect_with_word_code); otherwise a trigger
+    search and PGD per request (protect_batch), per image."""
+    settings = settings if settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
+    if settings.word_textures and meta.get("word_code"):
+        return settings
+    return settings.per_image()
+
+
 def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings, device: torch.device,
                  groups: CaptionsPerImage) -> float:
     """One pass of error minimisation over the SHARED textures: per batch, pgd_steps signed-gradient steps of one
@@ -954,8 +1040,10 @@ def _member_file(i: int, name: str) -> str:
 def save_surrogate(
     directory: str | Path, model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, settings: MEMSettings,
     extra: dict[str, Any] | None = None, negatives: Negatives | list[Negatives | None] | None = None,
+    word_code: WordCode | None = None,
 ) -> dict:
-    """Write a surrogate artefact: model.safetensors, tokenizer.json, optional negatives, meta.json (last).
+    """Write a surrogate artefact: model.safetensors, tokenizer.json, optional negatives and word code (a
+    word-texture job's textures and their words, for protect-on-upload), meta.json (last).
 
     An ensemble's primary is written as a lone surrogate is; member i >= 1 adds member<i>.model.safetensors
     (and its negatives), listed with its config under meta["members"]. meta.json holds the format tag,
@@ -984,6 +1072,11 @@ def save_surrogate(
                       str(directory / entry["negatives"]))
             files.append(entry["negatives"])
         members.append(entry)
+    if word_code is not None:
+        save_file({"textures": word_code.textures.detach().float().cpu().contiguous(),
+                   "words": word_code.words.detach().to(torch.int64).cpu().contiguous()},
+                  str(directory / WORD_CODE_FILE), metadata={"format": SURROGATE_FORMAT})
+        files.append(WORD_CODE_FILE)
     hashes = {name: file_sha256(directory / name) for name in files}
     weight_hashes = [hashes[m["weights"]] for m in members]
     sha256 = weight_hashes[0] if len(members) == 1 else hashlib.sha256("\n".join(weight_hashes).encode()).hexdigest()
@@ -996,6 +1089,8 @@ def save_surrogate(
         "settings": settings.to_dict(),
         "extra": extra or {},
     }
+    if word_code is not None:
+        meta["word_code"] = WORD_CODE_FILE
     if len(members) > 1:
         meta["members"] = [{"config": m["config"], "weights": m["weights"], "negatives": m["negatives"]}
                            for m in members[1:]]

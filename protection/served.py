@@ -61,20 +61,20 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     """Write mem_protect version N+1 from a surrogate artefact; return N+1, or the version that already holds it.
 
     `steps` is the number of PGD steps per request (None: the settings' own); serving uses the
-    surrogate's MEM settings unless `mem_settings` (a MEMSettings) overrides them. Like every model in the
+    surrogate's MEM settings unless `mem_settings` (a MEMSettings) overrides them (mem.served_settings: an
+    artefact holding a word-texture job's code protects uploads with that code, no search). Like every model in the
     repository, the served version is the one `<model>/config.pbtxt` names: the first version sets it,
     later ones are served after `aigis.export.repository.point_to` (or a rollout) moves it.
     """
-    from aigis.protection.mem import MEMSettings, load_surrogate
+    from aigis.protection.mem import load_surrogate, served_settings
 
     surrogate_dir = Path(surrogate_dir)
     if not surrogate_dir.is_dir():
         raise FileNotFoundError(f"surrogate artefact {surrogate_dir} does not exist (run `aigis protect` first)")
     _, _, meta = load_surrogate(surrogate_dir)     # refuses a broken artefact before anything is written
-    settings = mem_settings if mem_settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
-    # A request protects its own batch: word textures are a code over a whole data set (each word one pattern
-    # across every image), so a served version protects per image (trigger search + PGD), as settings.json says.
-    settings = settings.per_image()
+    # A word-texture job's artefact holds its code, which uploads then get too; otherwise (and for artefacts
+    # saved before the code was) a request gets its own trigger search + PGD, per image, as settings.json says.
+    settings = served_settings(meta, mem_settings)
     settings.validate()
     source_hash = _tree_sha256(surrogate_dir)
 
@@ -88,6 +88,7 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
                 return version
     version = (existing_versions(repo) or [0])[-1] + 1
     settings_json = json.dumps({"mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
+                                "protects_with": "word code" if settings.word_textures else "search + PGD",
                                 "surrogate": meta.get("identity", meta.get("sha256"))}, indent=2)
 
     def write(folder: Path) -> None:

@@ -38,7 +38,7 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         import torch
 
-        from aigis.protection.mem import MEMSettings, load_surrogates
+        from aigis.protection.mem import MEMSettings, load_surrogates, load_word_code
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         self.version = str(args["model_version"])
@@ -53,13 +53,15 @@ class TritonPythonModel:
         self.max_caption_chars = int(settings.get("max_caption_chars", 1000))
         # every member of an ensemble job: the noise is made against all of them, as the job made it
         self.models, self.tokenizer, self.meta = load_surrogates(version_dir / SURROGATE_DIR)
+        # a word-texture job's code (publish kept its settings only when the artefact holds it): no search, no PGD
+        self.word_code = load_word_code(version_dir / SURROGATE_DIR, self.meta) if self.settings.word_textures else None
         for model in self.models:
             model.to(self.device).eval()
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
 
     def execute(self, requests: list) -> list:
-        from aigis.protection.mem import protect_batch
+        from aigis.protection.mem import protect_batch, protect_with_word_code
 
         parsed: list[tuple[np.ndarray, list[str], tuple[int, ...]] | Exception] = []
         for request in requests:
@@ -79,8 +81,12 @@ class TritonPythonModel:
             images = np.concatenate([parsed[i][0] for i in members])
             captions = [c for i in members for c in parsed[i][1]]
             try:
-                protected, triggered, _ = protect_batch(self.models, self.tokenizer, images, captions, self.settings,
-                                                        steps=self.steps, device=self.device)
+                if self.word_code is not None:
+                    protected, triggered, _ = protect_with_word_code(self.word_code, self.tokenizer, images, captions,
+                                                                     self.settings, self.models[0].image_resolution)
+                else:
+                    protected, triggered, _ = protect_batch(self.models, self.tokenizer, images, captions,
+                                                            self.settings, steps=self.steps, device=self.device)
             except Exception as exc:  # a failure of the group fails its requests, not the model
                 for i in members:
                     answers[i] = exc

@@ -464,14 +464,72 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
     assert made_up.returncode == 2 and "word textures" in made_up.stderr, made_up.stderr
-    # Its surrogate served: a request protects its own batch per image (a word code spans a whole data set).
+    # Its surrogate artefact holds the job's code, so a served version protects uploads with that same code.
     from aigis import contract
     from aigis.protection.served import publish_protect_model
 
-    version = publish_protect_model(tmp_path / "repo", tmp_path / "whole" / "surrogate" / "1")
+    artefact = tmp_path / "whole" / "surrogate" / "1"
+    _, _, meta = mem.load_surrogate(artefact)
+    code = mem.load_word_code(artefact, meta)
+    assert code.words.tolist() == [int(i) for i in _checkpoint_words(tmp_path / "whole")]
+    assert code.textures.shape == (12, 4, 4, 1 if channels else 3) and code.textures.abs().max() > 0
+    version = publish_protect_model(tmp_path / "repo", artefact)
     served = json.loads((tmp_path / "repo" / contract.PROTECT_MODEL / str(version) / "settings.json").read_text())
-    assert served["mem"]["word_textures"] == 0 and served["mem"]["trigger_length"] == 5
-    assert served["mem"]["texture_sign"] is False and served["mem"]["texture_gray"] is False
+    assert served["protects_with"] == "word code" and served["mem"]["word_textures"] == 12
+    assert served["mem"]["texture_gray"] is bool(channels)
+    # An artefact saved before codes were (no word_code in meta.json) is still served per image.
+    old = {k: v for k, v in meta.items() if k != "word_code"}
+    assert mem.served_settings(old).word_textures == 0 and mem.served_settings(meta).word_textures == 12
+
+
+def _checkpoint_words(out: Path) -> list[int]:
+    """The texture words a finished job recorded, as token ids (protection.json holds their text)."""
+    _, tokenizer, _ = mem.load_surrogate(out / "surrogate" / "1")
+    words = json.loads((out / "protection.json").read_text())["texture_words"]
+    return [tokenizer.encode(w)[0] for w in words]
+
+
+@pytest.mark.parametrize("gray", [False, True], ids=["colour", "gray"])
+def test_uploads_protected_with_a_jobs_word_code_carry_its_words_patterns(tiny, gray):
+    model, tokenizer, images, captions = tiny
+    settings = mem.MEMSettings(word_textures=40, words_per_image=3, texture_tile=4, trigger_length=5,
+                               texture_sign=True, texture_gray=gray, foreign_triggers=True)
+    words = mem.texture_owners(tokenizer, captions, [model], 40)
+    textures = torch.rand(len(words), 4, 4, 1 if gray else 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    code = mem.WordCode(textures, words)
+    index = {int(w): k for k, w in enumerate(words)}
+
+    def code_noise(text: str, caption: str) -> np.ndarray:
+        """The noise the job's code gives the words this trigger names, at the job's size [SIZE, SIZE, C]."""
+        trigger = tokenizer.encode(text[: len(text) - len(caption)])
+        assert text.endswith(caption) and len(trigger) == 5
+        chosen = sorted({index[t] for t in trigger})  # the trigger names exactly the image's words
+        assert len(chosen) == 3 and not set(trigger) & set(tokenizer.encode(caption))  # none of its own words
+        return mem.word_code_noise(textures, torch.tensor([chosen]), SIZE, SIZE, 8, sign=True).round()[0].numpy()
+
+    flat = np.full_like(images, 128)  # mid-gray uploads: no pixel clipped, so the noise shows whole
+    protected, texts, delta = mem.protect_with_word_code(code, tokenizer, flat, captions, settings, SIZE)
+    assert np.array_equal(protected.astype(int) - flat, delta) and np.abs(delta).max() == settings.epsilon_levels
+    for i, (text, caption) in enumerate(zip(texts, captions)):
+        assert np.array_equal(delta[i], np.broadcast_to(code_noise(text, caption), delta[i].shape)), i
+        if gray:
+            assert (delta[i] == delta[i][..., :1]).all()
+    assert len(set(texts)) == len(texts)  # images drew different words
+    again, again_texts, _ = mem.protect_with_word_code(code, tokenizer, flat, captions, settings, SIZE)
+    assert np.array_equal(again, protected) and again_texts == texts  # the same upload, the same protection
+    # An upload twice the job's size carries the code in 2 x 2 blocks (what a model resizing it back reads).
+    big = np.full((len(captions), 2 * SIZE, 2 * SIZE, 3), 128, np.uint8)
+    _, big_texts, big_delta = mem.protect_with_word_code(code, tokenizer, big, captions, settings, SIZE)
+    for i, (text, caption) in enumerate(zip(big_texts, captions)):
+        blocks = code_noise(text, caption).repeat(2, 0).repeat(2, 1)
+        assert np.array_equal(big_delta[i], np.broadcast_to(blocks, big_delta[i].shape)), i
+    # Real images: clipped at 0 and 255, never beyond epsilon.
+    real, _, real_delta = mem.protect_with_word_code(code, tokenizer, images, captions, settings, SIZE)
+    assert np.abs(real_delta).max() <= 8 and np.array_equal(real.astype(int) - images, real_delta)
+    with pytest.raises(ValueError, match="word_textures > 0"):
+        mem.protect_with_word_code(code, tokenizer, flat, captions, settings.per_image(), SIZE)
+    with pytest.raises(ValueError, match="uint8"):
+        mem.protect_with_word_code(code, tokenizer, flat.astype(np.float32), captions, settings, SIZE)
 
 
 def test_presets_name_whole_settings_and_validate():

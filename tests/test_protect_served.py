@@ -10,15 +10,19 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from aigis import contract
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import build_clip
-from aigis.protection.mem import MEMSettings, load_surrogate, save_surrogate
+from aigis.protection.mem import MEMSettings, WordCode, load_surrogate, save_surrogate, texture_owners
 from aigis.protection.served import existing_versions, publish_protect_model
 from aigis.protection.tokenizer import Tokenizer
 
 SETTINGS = MEMSettings(trigger_length=3, candidates=4, pgd_steps=2, batch_size=8, seed=0)
+# A word-texture job's settings (its artefact then holds the code uploads are protected with).
+CODE_SETTINGS = MEMSettings(word_textures=40, words_per_image=3, trigger_length=5, texture_tile=4, texture_sign=True,
+                            foreign_triggers=True, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +36,13 @@ def pairs_and_surrogate(tmp_path_factory):
     save_surrogate(surrogate, model, tokenizer, SETTINGS)
     ensemble = base / "ensemble" / "1"  # the primary and a second draw, as `--clip rn_tiny+rn_tiny` saves them
     save_surrogate(ensemble, [model, build_clip("rn_tiny", vocab_size=tokenizer.vocab_size)], tokenizer, SETTINGS)
+    words = texture_owners(tokenizer, [p.caption for p in pairs], [model], CODE_SETTINGS.word_textures)
+    code = WordCode(torch.rand(len(words), 4, 4, 3, generator=torch.Generator().manual_seed(0)) * 2 - 1, words)
+    coded = base / "coded" / "1"
+    save_surrogate(coded, model, tokenizer, CODE_SETTINGS, word_code=code)
     images = load_images(pairs[:6], 32, progress=False)
-    return {"base": base, "pairs": pairs[:6], "images": images, "surrogate": surrogate, "ensemble": ensemble}
+    return {"base": base, "pairs": pairs[:6], "images": images, "surrogate": surrogate, "ensemble": ensemble,
+            "coded": coded, "code": code}
 
 
 def test_publishing_writes_a_self_contained_version_once(pairs_and_surrogate, tmp_path):
@@ -48,6 +57,32 @@ def test_publishing_writes_a_self_contained_version_once(pairs_and_surrogate, tm
     assert publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=2) == 1   # same artefact: no new version
     assert publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=3) == 2
     assert not any(p.name.startswith(".staging") for p in (repo / contract.PROTECT_MODEL).iterdir())
+
+
+def test_protect_publish_takes_a_jobs_folder_and_keeps_a_word_code(pairs_and_surrogate, tmp_path, capsys):
+    import shutil
+
+    from aigis.cli import main
+
+    job = tmp_path / "job"  # a job's output folder: protection.json names its surrogate
+    shutil.copytree(pairs_and_surrogate["coded"], job / "surrogate" / "1")
+    (job / "protection.json").write_text(json.dumps({"surrogate": {"path": "surrogate/1"}}))
+    repo = tmp_path / "repo"
+    assert main(["protect-publish", "--repo", str(repo), "--job", str(job), "--max-batch", "4"]) == 0
+    assert "protects with word code" in capsys.readouterr().out
+    folder = repo / contract.PROTECT_MODEL / "1"
+    settings = json.loads((folder / "settings.json").read_text())
+    assert settings["protects_with"] == "word code" and settings["mem"]["word_textures"] == 40
+    assert "max_batch_size: 4" in (folder / "config.pbtxt").read_text()
+    # The per-image artefact: no code, a search + PGD per request.
+    assert main(["protect-publish", "--repo", str(repo), "--job", str(pairs_and_surrogate["surrogate"])]) == 0
+    assert "protects with search + PGD" in capsys.readouterr().out
+    (job / "protection.json").write_text(json.dumps({"surrogate": {"path": "../../elsewhere"}}))
+    assert main(["protect-publish", "--repo", str(repo), "--job", str(job)]) == 2
+    assert "outside the job's folder" in capsys.readouterr().err
+    (job / "protection.json").write_text(json.dumps({"images": []}))
+    assert main(["protect-publish", "--repo", str(repo), "--job", str(job)]) == 2
+    assert "no surrogate path" in capsys.readouterr().err
 
 
 def test_a_broken_artefact_is_refused_before_anything_is_written(pairs_and_surrogate, tmp_path):
@@ -65,7 +100,7 @@ def test_a_broken_artefact_is_refused_before_anything_is_written(pairs_and_surro
 
 
 @pytest.mark.slow
-def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path):
+def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys):
     from aigis.client import ProtectionClient
     from aigis.client.errors import InvalidInputError
     from aigis.serving.server import TritonServer
@@ -113,3 +148,25 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path):
         assert served.model_version == "2" and len(members) == 2
         assert np.array_equal(served.images, expected) and served.captions == expected_captions
         assert not np.array_equal(served.images, answer.images)  # not the primary alone
+
+        # A word-texture job's artefact (version 3): uploads get the job's own code, no search and no PGD.
+        from aigis.protection.mem import protect_with_word_code
+
+        # Published and rolled out with the ops commands.
+        from aigis.cli import main
+
+        capsys.readouterr()
+        assert main(["protect-publish", "--repo", str(repo), "--job", str(pairs_and_surrogate["coded"])]) == 0
+        assert "mem_protect version 3" in capsys.readouterr().out
+        rollout = ["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--model", contract.PROTECT_MODEL]
+        assert main([*rollout, "--version", "3"]) == 0
+        assert f"{contract.PROTECT_MODEL} version 2 -> 3" in capsys.readouterr().out
+        assert main([*rollout, "--version", "9"]) == 2 and "no mem_protect version 9" in capsys.readouterr().err
+        assert main([*rollout, "--version", "3", "--prune"]) == 2
+        with ProtectionClient(server.grpc_url, timeout_s=120) as client:
+            coded = client.protect(images, captions)
+        expected, expected_captions, _ = protect_with_word_code(pairs_and_surrogate["code"], tokenizer, images,
+                                                                captions, CODE_SETTINGS, 32)
+        assert coded.model_version == "3"
+        assert np.array_equal(coded.images, expected) and coded.captions == expected_captions
+        assert np.abs(coded.images.astype(int) - images).max() == CODE_SETTINGS.epsilon_levels
