@@ -183,13 +183,14 @@ DEMO_PROTECT: dict[str, Any] = {
 
 def demo_scene_style() -> str:
     """Fashion-MNIST item scenes when the dataset is installed (`make fashion-mnist`), else flat-colour ones."""
-    from aigis.protection.fashion import FashionDataError, fashion_mnist_dir
+    from aigis.protection.fashion import FashionDataError, fashion_mnist_dir, missing_files
 
     try:
         folder = fashion_mnist_dir()
-        if (folder / "train-images-idx3-ubyte.gz").is_file():
+        missing = missing_files(folder)
+        if not missing:
             return "fashion"
-        reason = f"no Fashion-MNIST files in {folder}"
+        reason = f"{folder} lacks {', '.join(missing)}"
     except FashionDataError as exc:
         reason = str(exc)
     print(f"protection demo on flat-colour scenes ({reason}); the word code kept 0.12-0.15 of clean there, not "

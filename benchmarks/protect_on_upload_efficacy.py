@@ -47,7 +47,7 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
     report = json.loads((job_dir / "protection.json").read_text())
     models, tokenizer, meta = mem.load_surrogates(job_dir / report["surrogate"]["path"])
     settings = mem.served_settings(meta)  # what a published version serves
-    word_code = mem.load_word_code(job_dir / report["surrogate"]["path"], meta) if code else None
+    word_code = mem.load_word_code(job_dir / report["surrogate"]["path"], meta, settings) if code else None
     if code and (word_code is None or not settings.word_textures):
         raise SystemExit(f"{job_dir}: its surrogate artefact holds no word code (a word-texture job saved since "
                          f"session 30 does)")

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from aigis import contract
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="publish a trained run as a new version of the Triton ensemble")
@@ -45,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     rollout.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC endpoint")
     rollout.add_argument("--version", type=int, required=True, help="version to serve (back or forward)")
     rollout.add_argument("--model", default=None,
-                         help="a stand-alone model to roll instead of the ensemble, e.g. mem_protect")
+                         help=f"a stand-alone model to roll instead of the ensemble, e.g. {contract.PROTECT_MODEL}")
     rollout.add_argument("--prune", action="store_true",
                          help="then unload the extractors the version does not use (after a rollback)")
     rollout.set_defaults(func=run_rollout)

@@ -396,6 +396,11 @@ def load_model_version(control: Any, repo: str | Path, model: str, version: int)
     returns whether it was (re)loaded. Ensemble versions go through load_version, which moves their steps."""
     if model in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
         raise RepositoryError(f"{model} is an ensemble: roll it out with load_version (it moves its steps too)")
+    for ensemble in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
+        for pinned in versions(Path(repo), ensemble):
+            if any(step == model for step, _ in ensemble_dependencies(version_config(repo, ensemble, pinned))):
+                raise RepositoryError(f"{model} is a step of {ensemble} version {pinned}, which pins its version: "
+                                      f"roll out the ensemble instead")
     if version not in versions(Path(repo), model):
         raise RepositoryError(f"{repo}: no {model} version {version}; versions: {versions(Path(repo), model) or 'none'}")
     moved = point_to(repo, model, version)

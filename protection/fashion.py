@@ -55,11 +55,18 @@ def fashion_mnist_dir(root: str | Path | None = None) -> Path:
     if os.environ.get(ENV_VAR):
         return Path(os.environ[ENV_VAR])
     for candidate in (DEBIAN_DIR, LOCAL_DIR):
-        if (candidate / "train-images-idx3-ubyte.gz").is_file():
+        if not missing_files(candidate):
             return candidate
     raise FashionDataError(
         f"Fashion-MNIST not found in {DEBIAN_DIR} or {LOCAL_DIR}: install the Debian package "
         f"dataset-fashion-mnist, run `make fashion-mnist`, or set {ENV_VAR} to a folder with its .gz files")
+
+
+def missing_files(folder: str | Path) -> list[str]:
+    """The Fashion-MNIST files (images and labels of both splits) that folder lacks."""
+    names = [f"{prefix}-{kind}-idx{dims}-ubyte.gz" for prefix in SPLIT_FILES.values()
+             for kind, dims in (("images", 3), ("labels", 1))]
+    return [name for name in names if not (Path(folder) / name).is_file()]
 
 
 def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:

@@ -270,12 +270,14 @@ def _output_names(pairs) -> list[str]:
     return [f"images/{s}.png" if seen[s] == 1 else f"images/{s}-{i}.png" for i, s in enumerate(stems)]
 
 
-def _next_surrogate_version(root: Path, sha256: str) -> tuple[int, bool]:
-    """(version, exists): the version already holding these weights, else the next free number."""
+def _next_surrogate_version(root: Path, files: dict[str, str]) -> tuple[int, bool]:
+    """(version, exists): the version already holding exactly these files (by sha256: the weights, tokenizer,
+    negatives and word code), else the next free number. An artefact saved before a file existed (e.g. the word
+    code) is not the same and gets a new version."""
     versions = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.is_dir() else []
     for v in versions:
         meta = root / str(v) / "meta.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("sha256") == sha256:
+        if meta.is_file() and json.loads(meta.read_text()).get("files") == files:
             return v, True
     return (versions[-1] + 1 if versions else 1), False
 
@@ -467,7 +469,7 @@ def protect_dataset(
         **({"init_checkpoint": init_record} if init_record else {})},
         negatives=negatives_per_model,
         word_code=None if state.textures is None else mem.WordCode(state.textures, state.texture_words))
-    version, exists = _next_surrogate_version(surrogate_root, meta["sha256"])
+    version, exists = _next_surrogate_version(surrogate_root, meta["files"])
     if exists:
         shutil.rmtree(staging)
     else:

@@ -817,8 +817,9 @@ class WordCode:
     words: Tensor
 
 
-def load_word_code(directory: str | Path, meta: dict) -> WordCode | None:
-    """The artefact's word code (None if its job had none); load_surrogates has checked its sha256."""
+def load_word_code(directory: str | Path, meta: dict, settings: MEMSettings) -> WordCode | None:
+    """The artefact's word code (None if its job had none), checked against the settings it is served with;
+    load_surrogates has checked its sha256."""
     from safetensors.torch import load_file
 
     name = meta.get("word_code")
@@ -828,9 +829,27 @@ def load_word_code(directory: str | Path, meta: dict) -> WordCode | None:
         raise ValueError(f"{directory}: meta.json names a word code {name!r} without its sha256")
     stored = load_file(str(_inside(Path(directory), name)))
     textures, words = stored["textures"], stored["words"]
-    if textures.ndim != 4 or textures.shape[0] != words.shape[0] or textures.shape[3] not in (1, 3):
-        raise ValueError(f"{directory}: word code of textures {list(textures.shape)} for {list(words.shape)} words")
+    channels = 1 if settings.texture_gray else 3
+    if textures.ndim != 4 or textures.shape[0] != words.shape[0] or textures.shape[1] != textures.shape[2] \
+            or textures.shape[3] != channels or words.shape[0] < settings.words_per_image:
+        raise ValueError(f"{directory}: a word code of textures {list(textures.shape)} for {list(words.shape)} words "
+                         f"does not fit settings with {channels}-channel textures and {settings.words_per_image} "
+                         f"words per image")
     return WordCode(textures, words)
+
+
+def upload_size_error(height: int, width: int, code_size: int) -> str | None:
+    """Why an upload cannot carry a word code made at code_size px (None: it can)."""
+    if min(height, width) < code_size:
+        return (f"a {height}x{width} upload is smaller than the {code_size} px the word code was made at: its "
+                f"texture tiles cannot be drawn")
+    return None
+
+
+def _ranked_words(allowed: np.ndarray, key: bytes) -> np.ndarray:
+    """allowed, ordered by a hash of (key, word index): a draw that depends on nothing but its inputs."""
+    scores = [hashlib.sha256(key + int(j).to_bytes(4, "little")).digest() for j in allowed]
+    return allowed[np.argsort(scores, kind="stable")]
 
 
 def protect_with_word_code(
@@ -839,11 +858,12 @@ def protect_with_word_code(
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Protect uploads with a job's word code: no search, no surrogate. Returns what protect_batch returns.
 
-    Each image gets words_per_image of the code's words (with foreign_triggers, none a word of its caption),
-    drawn from a hash of its pixels and caption (the same upload is protected the same way every time); its
-    noise is those words' textures as the job computes it at the job's image size `code_size`, repeated
-    block-wise over the upload's own size (a model that resizes the upload back sees the code); its trigger
-    names the words, cycled to trigger_length.
+    Each image gets words_per_image of the code's words -- with foreign_triggers none of its caption's words,
+    unless the caption uses so many that too few are left -- chosen by a hash of its pixels and caption (the
+    same upload is protected the same way every time, on any machine). Its noise is those words' textures as the
+    job draws them, in blocks of (short side / code_size) px aligned with the centre crop a model takes (the job
+    published short-side-resized, centre-cropped images), so a model resizing the upload reads the job's code;
+    its trigger names the words, cycled to trigger_length. Uploads under code_size px are refused.
     """
     settings.validate()
     if not settings.word_textures:
@@ -855,26 +875,32 @@ def protect_with_word_code(
     if len(captions) != images_uint8.shape[0]:
         raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
     n, h, w, _ = images_uint8.shape
+    problem = upload_size_error(h, w, code_size)
+    if problem:
+        raise ValueError(problem)
     m, k = settings.words_per_image, settings.trigger_length
     ids = code.words.tolist()
+    if len(ids) < m:
+        raise ValueError(f"a word code of {len(ids)} words cannot give {m} words per image")
     word_sets = np.empty((n, m), dtype=np.int64)
     trigger_ids = np.empty((n, k), dtype=np.int64)
     for i, caption in enumerate(captions):
         own = set(tokenizer.encode(caption)) if settings.foreign_triggers else set()
-        allowed = np.array([j for j, word in enumerate(ids) if word not in own], dtype=np.int64)
-        if len(allowed) < m:
-            raise ValueError(f"caption {i} uses all but {len(allowed)} of the code's {len(ids)} words, fewer than "
-                             f"words_per_image ({m})")
-        digest = hashlib.sha256(images_uint8[i].tobytes() + caption.encode("utf-8")).digest()
-        rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-        chosen = rng.choice(allowed, size=m, replace=False)
+        foreign = np.array([j for j, word in enumerate(ids) if word not in own], dtype=np.int64)
+        mine = np.array([j for j, word in enumerate(ids) if word in own], dtype=np.int64)
+        key = hashlib.sha256(images_uint8[i].tobytes() + caption.encode("utf-8")).digest()
+        chosen = np.concatenate([_ranked_words(foreign, key), _ranked_words(mine, key)])[:m]
         word_sets[i] = np.sort(chosen)
         trigger_ids[i] = [ids[int(chosen[j % m])] for j in range(k)]
-    noise = word_code_noise(code.textures, torch.from_numpy(word_sets), code_size, code_size,
-                            settings.epsilon_levels, settings.texture_sign).round().to(torch.int16)
-    rows = (np.arange(h) * code_size) // h  # block-wise: upload pixel (y, x) takes code pixel (rows[y], cols[x])
-    cols = (np.arange(w) * code_size) // w
-    noise = noise[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+    tile = code.textures.shape[1]
+    period = word_code_noise(code.textures, torch.from_numpy(word_sets), tile, tile, settings.epsilon_levels,
+                             settings.texture_sign).round().to(torch.int16)  # one tile of each image's noise
+    short = min(h, w)
+    # upload pixel y lies in code pixel floor((y - top) * code_size / short) of the centre crop; the code repeats
+    # every `tile` code pixels, so pixels outside the crop continue the pattern
+    rows = np.floor((np.arange(h) - (h - short) // 2) * code_size / short).astype(np.int64) % tile
+    cols = np.floor((np.arange(w) - (w - short) // 2) * code_size / short).astype(np.int64) % tile
+    noise = period[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
     pixels = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(torch.int16)
     protected = (pixels + noise).clamp(0, 255)
     delta = (protected - pixels).to(torch.int8).numpy()

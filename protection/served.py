@@ -28,6 +28,11 @@ from aigis.protection.triton_model import TritonPythonModel  # noqa: F401
 '''
 
 
+# What a version protects uploads with (settings.json "protects_with"): the job's word code, or its own search.
+PROTECTS_WITH_CODE = "word code"
+PROTECTS_WITH_SEARCH = "search + PGD"
+
+
 def protect_config(version: int, max_batch_size: int = 16, gpu: bool = False, max_queue_delay_us: int = 5000) -> dict:
     """mem_protect's config (Triton JSON form): uint8 images of any size + captions in, protected pairs out."""
     return {
@@ -78,18 +83,17 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     settings.validate()
     source_hash = _tree_sha256(surrogate_dir)
 
+    record = {"mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
+              "protects_with": PROTECTS_WITH_CODE if settings.word_textures else PROTECTS_WITH_SEARCH,
+              "surrogate": meta.get("identity", meta.get("sha256")), "max_batch_size": max_batch_size, "gpu": gpu}
     repo = Path(repo)
     model_dir = repo / contract.PROTECT_MODEL
-    for version in existing_versions(repo):
+    for version in existing_versions(repo):  # the same artefact published the same way: that version
         recorded = model_dir / str(version) / SETTINGS_FILE
-        if recorded.is_file():
-            known = json.loads(recorded.read_text())
-            if known.get("surrogate_sha256") == source_hash and known.get("steps") == steps:
-                return version
+        if recorded.is_file() and json.loads(recorded.read_text()) == record:
+            return version
     version = (existing_versions(repo) or [0])[-1] + 1
-    settings_json = json.dumps({"mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
-                                "protects_with": "word code" if settings.word_textures else "search + PGD",
-                                "surrogate": meta.get("identity", meta.get("sha256"))}, indent=2)
+    settings_json = json.dumps(record, indent=2)
 
     def write(folder: Path) -> None:
         shutil.copytree(surrogate_dir, folder / SURROGATE_DIR)

@@ -8,6 +8,8 @@ from typing import Any
 
 # What MEMSettings.norm_stats may name: the stored BatchNorm averages, or each attacked batch's own statistics.
 NORM_STATS = ("running", "batch")
+# What MEMSettings.amp may name: bfloat16 autocast where it pays (mem.autocast_enabled), always, or never.
+AMP_CHOICES = ("auto", "on", "off")
 
 # Settings added after jobs were already saved, with the value that reproduces the behaviour from before.
 SETTINGS_BEFORE_THEY_EXISTED = {"norm_stats": "running"}
@@ -116,8 +118,8 @@ class MEMSettings:
             problems.append("texture_sign and texture_gray need word textures (word_textures > 0)")
         if self.norm_stats not in NORM_STATS:
             problems.append(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {self.norm_stats!r}")
-        if self.amp not in ("auto", "on", "off"):
-            problems.append(f"amp must be 'auto', 'on' or 'off', got {self.amp!r}")
+        if self.amp not in AMP_CHOICES:
+            problems.append(f"amp must be one of {', '.join(AMP_CHOICES)}, got {self.amp!r}")
         if problems:
             raise ValueError("invalid MEM settings: " + "; ".join(problems))
 
@@ -161,19 +163,19 @@ class MEMSettings:
 # Named settings (`aigis protect --preset NAME`): what each changes from the paper's defaults. Options given
 # beside a preset override its values. Measured on the synthetic scenes only (BENCHMARKS.md); the word codes'
 # schedule (60 short rounds, batch 100) was measured on a few hundred images.
+# Word-wise noise on 2-px tiles at +-epsilon, each image's three words drawn from those its captions do not
+# use, 16 of them before every caption: ResNet hackers from scratch kept about 1x chance (session 26).
+_WORD_CODE: dict[str, Any] = {
+    "trigger_length": 16, "word_textures": 96, "texture_tile": 2, "texture_sign": True, "foreign_triggers": True,
+    "pgd_steps": 4, "candidates": 8, "outer_iterations": 60, "surrogate_steps": 2, "batch_size": 100, "lr": 5e-4,
+}
 MEM_PRESETS: dict[str, dict[str, Any]] = {
     # The reference's from-scratch MEM: one noise per image, a 3-token trigger. Against ResNet hackers trained
     # from scratch it kept about 4x chance (sessions 19-20).
     "paper": {},
-    # Word-wise noise on 2-px tiles at +-epsilon, each image's three words drawn from those its captions do not
-    # use, 16 of them before every caption: ResNet hackers from scratch kept about 1x chance (session 26).
-    "word-code": {"trigger_length": 16, "word_textures": 96, "texture_tile": 2, "texture_sign": True,
-                  "foreign_triggers": True, "pgd_steps": 4, "candidates": 8, "outer_iterations": 60, "surrogate_steps": 2,
-                  "batch_size": 100, "lr": 5e-4},
+    "word-code": _WORD_CODE,
     # The same code in luminance only on 4-px tiles, for images that may be re-encoded in grayscale (session 27).
-    "word-code-gray": {"trigger_length": 16, "word_textures": 96, "texture_tile": 4, "texture_sign": True,
-                       "texture_gray": True, "foreign_triggers": True, "pgd_steps": 4, "outer_iterations": 60,
-                       "surrogate_steps": 2, "batch_size": 100, "lr": 5e-4},
+    "word-code-gray": {**_WORD_CODE, "texture_tile": 4, "texture_gray": True},
 }
 
 

@@ -54,7 +54,9 @@ class TritonPythonModel:
         # every member of an ensemble job: the noise is made against all of them, as the job made it
         self.models, self.tokenizer, self.meta = load_surrogates(version_dir / SURROGATE_DIR)
         # a word-texture job's code (publish kept its settings only when the artefact holds it): no search, no PGD
-        self.word_code = load_word_code(version_dir / SURROGATE_DIR, self.meta) if self.settings.word_textures else None
+        self.word_code = (load_word_code(version_dir / SURROGATE_DIR, self.meta, self.settings)
+                          if self.settings.word_textures else None)
+        self.code_size = self.models[0].image_resolution  # the job's image size, which its code was made at
         for model in self.models:
             model.to(self.device).eval()
             for parameter in model.parameters():
@@ -83,7 +85,7 @@ class TritonPythonModel:
             try:
                 if self.word_code is not None:
                     protected, triggered, _ = protect_with_word_code(self.word_code, self.tokenizer, images, captions,
-                                                                     self.settings, self.models[0].image_resolution)
+                                                                     self.settings, self.code_size)
                 else:
                     protected, triggered, _ = protect_batch(self.models, self.tokenizer, images, captions,
                                                             self.settings, steps=self.steps, device=self.device)
@@ -130,6 +132,12 @@ class TritonPythonModel:
             captions.append(text)
         if len(captions) != images.shape[0]:
             raise _BadRequest(f"{len(captions)} captions for {images.shape[0]} images")
+        if self.word_code is not None:
+            from aigis.protection.mem import upload_size_error
+
+            problem = upload_size_error(images.shape[1], images.shape[2], self.code_size)
+            if problem:
+                raise _BadRequest(f"{contract.PROTECT_IMAGES}: {problem}")
         return images, captions, tuple(raw.shape)
 
     def finalize(self) -> None:

@@ -196,6 +196,11 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
         assert validate(repo) == []           # the pointers agree with the served ensemble's steps
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "9"]) == 2
         assert "no ensemble version 9" in capsys.readouterr().err
+        # --model rolls stand-alone models only: a step of the ensemble moves with it, never alone
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "1",
+                           "--model", contract.CLASSIFIER_MODEL]) == 2
+        assert "is a step of" in capsys.readouterr().err
+        assert pointed_version(repo, contract.CLASSIFIER_MODEL) == 2
 
 
 def test_cli_lists_versions_and_refuses_bad_runs(workspace, tmp_path, capsys):

@@ -108,4 +108,7 @@ def test_the_demo_protects_item_scenes_when_fashion_mnist_is_there_and_says_why_
     assert demo_scene_style() == "fashion"
     monkeypatch.setenv(fashion.ENV_VAR, str(tmp_path / "empty"))
     assert demo_scene_style() == "flat"
-    assert f"no Fashion-MNIST files in {tmp_path / 'empty'}" in capsys.readouterr().out
+    assert f"{tmp_path / 'empty'} lacks train-images-idx3-ubyte.gz" in capsys.readouterr().out
+    (catalogue_dir / "t10k-labels-idx1-ubyte.gz").unlink()  # a partial download
+    monkeypatch.setenv(fashion.ENV_VAR, str(catalogue_dir))
+    assert demo_scene_style() == "flat" and "lacks t10k-labels-idx1-ubyte.gz" in capsys.readouterr().out

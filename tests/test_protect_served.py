@@ -16,7 +16,7 @@ from aigis import contract
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import build_clip
 from aigis.protection.mem import MEMSettings, WordCode, load_surrogate, save_surrogate, texture_owners
-from aigis.protection.served import existing_versions, publish_protect_model
+from aigis.protection.served import PROTECTS_WITH_CODE, PROTECTS_WITH_SEARCH, existing_versions, publish_protect_model
 from aigis.protection.tokenizer import Tokenizer
 
 SETTINGS = MEMSettings(trigger_length=3, candidates=4, pgd_steps=2, batch_size=8, seed=0)
@@ -69,14 +69,21 @@ def test_protect_publish_takes_a_jobs_folder_and_keeps_a_word_code(pairs_and_sur
     (job / "protection.json").write_text(json.dumps({"surrogate": {"path": "surrogate/1"}}))
     repo = tmp_path / "repo"
     assert main(["protect-publish", "--repo", str(repo), "--job", str(job), "--max-batch", "4"]) == 0
-    assert "protects with word code" in capsys.readouterr().out
+    assert f"protects with {PROTECTS_WITH_CODE}" in capsys.readouterr().out
     folder = repo / contract.PROTECT_MODEL / "1"
     settings = json.loads((folder / "settings.json").read_text())
-    assert settings["protects_with"] == "word code" and settings["mem"]["word_textures"] == 40
+    assert settings["protects_with"] == PROTECTS_WITH_CODE and settings["mem"]["word_textures"] == 40
     assert "max_batch_size: 4" in (folder / "config.pbtxt").read_text()
     # The per-image artefact: no code, a search + PGD per request.
     assert main(["protect-publish", "--repo", str(repo), "--job", str(pairs_and_surrogate["surrogate"])]) == 0
-    assert "protects with search + PGD" in capsys.readouterr().out
+    assert "version 2" in capsys.readouterr().out
+    assert json.loads((repo / contract.PROTECT_MODEL / "2" / "settings.json").read_text())["protects_with"] == \
+        PROTECTS_WITH_SEARCH
+    # The same artefact published the same way is that version; published another way, a new one.
+    assert main(["protect-publish", "--repo", str(repo), "--job", str(job), "--max-batch", "4"]) == 0
+    assert "version 1 " in capsys.readouterr().out
+    assert main(["protect-publish", "--repo", str(repo), "--job", str(job), "--max-batch", "8"]) == 0
+    assert "version 3 " in capsys.readouterr().out
     (job / "protection.json").write_text(json.dumps({"surrogate": {"path": "../../elsewhere"}}))
     assert main(["protect-publish", "--repo", str(repo), "--job", str(job)]) == 2
     assert "outside the job's folder" in capsys.readouterr().err
@@ -170,3 +177,7 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys):
         assert coded.model_version == "3"
         assert np.array_equal(coded.images, expected) and coded.captions == expected_captions
         assert np.abs(coded.images.astype(int) - images).max() == CODE_SETTINGS.epsilon_levels
+        with ProtectionClient(server.grpc_url, timeout_s=120) as client:  # smaller than the code: refused, named
+            with pytest.raises(InvalidInputError, match="smaller than the 32 px"):
+                client.protect(np.ascontiguousarray(images[:, :16, :16]), captions)
+            assert client.protect(images[:2], captions[:2]).model_version == "3"  # and the model still answers
