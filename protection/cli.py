@@ -117,7 +117,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     publish.add_argument("--job", required=True,
                          help="the job's output folder (the surrogate its protection.json names is published), or "
                               "one surrogate artefact folder (OUT/surrogate/N)")
-    publish.add_argument("--steps", type=int, default=None, help="PGD steps per request (default: the job's)")
+    publish.add_argument("--steps", type=int, default=None,
+                         help="PGD steps per request for a search + PGD version (default: the job's; a word code has none)")
     publish.add_argument("--gpu", action="store_true", help="a GPU instance (default: CPU)")
     publish.add_argument("--max-batch", type=int, default=16, help="max_batch_size: images per request (default 16)")
     publish.set_defaults(func=_publish)
