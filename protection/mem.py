@@ -437,6 +437,16 @@ def pgd_noise(
 # Protect-on-upload against a frozen surrogate
 
 
+def _check_upload_batch(images_uint8: Any, captions: list[str]) -> None:
+    """Refuse a batch protect_batch / protect_with_word_code cannot take, naming what is wrong."""
+    if not isinstance(images_uint8, np.ndarray) or images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 \
+            or images_uint8.shape[-1] != 3:
+        raise ValueError(f"images must be a uint8 numpy array [N, H, W, 3], got "
+                         f"{getattr(images_uint8, 'dtype', type(images_uint8))} {list(np.shape(images_uint8))}")
+    if len(captions) != images_uint8.shape[0]:
+        raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
+
+
 def protect_batch(
     model: CLIP | Sequence[CLIP],
     tokenizer: Tokenizer,
@@ -457,12 +467,7 @@ def protect_batch(
     default to the ones load_surrogates() attached to each model (model.mem_negatives), if any.
     """
     settings.validate()
-    if not isinstance(images_uint8, np.ndarray) or images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 \
-            or images_uint8.shape[-1] != 3:
-        raise ValueError(f"images must be a uint8 numpy array [N, H, W, 3], got "
-                         f"{getattr(images_uint8, 'dtype', type(images_uint8))} {list(np.shape(images_uint8))}")
-    if len(captions) != images_uint8.shape[0]:
-        raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
+    _check_upload_batch(images_uint8, captions)
     if images_uint8.shape[0] == 0:
         return images_uint8.copy(), [], np.zeros_like(images_uint8, dtype=np.int8)
     device = _device(device)
@@ -822,12 +827,9 @@ def load_word_code(directory: str | Path, meta: dict, settings: MEMSettings) -> 
     load_surrogates has checked its sha256."""
     from safetensors.torch import load_file
 
-    name = meta.get("word_code")
-    if name is None:
+    if WORD_CODE_FILE not in meta.get("files", {}):
         return None
-    if name not in meta.get("files", {}):
-        raise ValueError(f"{directory}: meta.json names a word code {name!r} without its sha256")
-    stored = load_file(str(_inside(Path(directory), name)))
+    stored = load_file(str(_inside(Path(directory), WORD_CODE_FILE)))
     textures, words = stored["textures"], stored["words"]
     channels = 1 if settings.texture_gray else 3
     if textures.ndim != 4 or textures.shape[0] != words.shape[0] or textures.shape[1] != textures.shape[2] \
@@ -868,12 +870,7 @@ def protect_with_word_code(
     settings.validate()
     if not settings.word_textures:
         raise ValueError("protect_with_word_code needs word-texture settings (word_textures > 0)")
-    if not isinstance(images_uint8, np.ndarray) or images_uint8.dtype != np.uint8 or images_uint8.ndim != 4 \
-            or images_uint8.shape[-1] != 3:
-        raise ValueError(f"images must be a uint8 numpy array [N, H, W, 3], got "
-                         f"{getattr(images_uint8, 'dtype', type(images_uint8))} {list(np.shape(images_uint8))}")
-    if len(captions) != images_uint8.shape[0]:
-        raise ValueError(f"{images_uint8.shape[0]} images but {len(captions)} captions")
+    _check_upload_batch(images_uint8, captions)
     n, h, w, _ = images_uint8.shape
     problem = upload_size_error(h, w, code_size)
     if problem:
@@ -886,10 +883,10 @@ def protect_with_word_code(
     trigger_ids = np.empty((n, k), dtype=np.int64)
     for i, caption in enumerate(captions):
         own = set(tokenizer.encode(caption)) if settings.foreign_triggers else set()
-        foreign = np.array([j for j, word in enumerate(ids) if word not in own], dtype=np.int64)
-        mine = np.array([j for j, word in enumerate(ids) if word in own], dtype=np.int64)
+        is_own = np.array([word in own for word in ids])
         key = hashlib.sha256(images_uint8[i].tobytes() + caption.encode("utf-8")).digest()
-        chosen = np.concatenate([_ranked_words(foreign, key), _ranked_words(mine, key)])[:m]
+        chosen = np.concatenate([_ranked_words(np.flatnonzero(~is_own), key),
+                                 _ranked_words(np.flatnonzero(is_own), key)])[:m]
         word_sets[i] = np.sort(chosen)
         trigger_ids[i] = [ids[int(chosen[j % m])] for j in range(k)]
     tile = code.textures.shape[1]
@@ -913,7 +910,7 @@ def served_settings(meta: dict, settings: MEMSettings | None = None) -> MEMSetti
     word-texture job whose artefact holds its code, that code (protect_with_word_code); otherwise a trigger
     search and PGD per request (protect_batch), per image."""
     settings = settings if settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
-    if settings.word_textures and meta.get("word_code"):
+    if settings.word_textures and WORD_CODE_FILE in meta.get("files", {}):
         return settings
     return settings.per_image()
 
@@ -1115,8 +1112,6 @@ def save_surrogate(
         "settings": settings.to_dict(),
         "extra": extra or {},
     }
-    if word_code is not None:
-        meta["word_code"] = WORD_CODE_FILE
     if len(members) > 1:
         meta["members"] = [{"config": m["config"], "weights": m["weights"], "negatives": m["negatives"]}
                            for m in members[1:]]

@@ -478,7 +478,7 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     assert served["protects_with"] == "word code" and served["mem"]["word_textures"] == 12
     assert served["mem"]["texture_gray"] is bool(channels)
     # An artefact saved before codes were (no word_code in meta.json) is still served per image.
-    old = {k: v for k, v in meta.items() if k != "word_code"}
+    old = {**meta, "files": {k: v for k, v in meta["files"].items() if k != mem.WORD_CODE_FILE}}
     assert mem.served_settings(old).word_textures == 0 and mem.served_settings(meta).word_textures == 12
 
 
