@@ -187,27 +187,51 @@ def test_surrogate_optimizer_is_fused_and_takes_the_per_tensor_step(tiny):
     settings = mem.MEMSettings(batch_size=6, amp="off")
     tokens = tokenizer.tokenize(captions[:6], model.context_length, settings.trigger_length)
     x = normalize_images(torch.from_numpy(images[:6]))
+    steps = 3
+
+    def train(surrogate, optimizer, leader=None):
+        """`steps` steps; with a leader (model, optimizer), each step takes the leader's gradients, and the
+        leader steps too."""
+        for _ in range(steps):
+            source = surrogate if leader is None else leader[0]
+            loss = contrastive_loss(source.encode_image(x), source.encode_text(tokens), source.logit_scale)
+            source.zero_grad(set_to_none=True)
+            loss.backward()
+            if leader is not None:
+                for p, q in zip(surrogate.parameters(), leader[0].parameters()):
+                    p.grad = q.grad.clone()
+                leader[1].step()
+            optimizer.step()
+
+    # One step, the same gradients: the fused kernel and the per-tensor loop compute the same AdamW update,
+    # so they may differ only by float32 rounding of each step: a few ulps of the parameter (decay and the
+    # update are applied to it) plus a rounding-sized part of the move itself (at most lr per step).
+    loop_model = copy.deepcopy(model).train()
+    loop_optimizer = mem.make_optimizer(loop_model, settings, fused=False)
+    fused_model = copy.deepcopy(model).train()
+    fused_optimizer = mem.make_optimizer(fused_model, settings, fused=True)
+    assert all(g["fused"] for g in fused_optimizer.param_groups)
+    assert not any(g["fused"] for g in loop_optimizer.param_groups)
+    train(fused_model, fused_optimizer, leader=(loop_model, loop_optimizer))
+    ulp = torch.finfo(torch.float32).eps
+    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
+        allowed = steps * (8 * ulp * b.abs() + 1e-4 * settings.lr)
+        assert ((a - b).abs() <= allowed).all(), (name, (a - b).abs().max().item())
+    moved = [n for (n, a), b in zip(fused_model.named_parameters(), model.parameters()) if not torch.equal(a, b)]
+    assert "token_embedding.weight" in moved and "visual.conv1.weight" in moved
+
+    # Trained on their own gradients the two drift apart further (attention key biases get gradients of pure
+    # rounding noise, which Adam scales to lr), but the whole update stays the same to a part in a thousand.
     trained = []
     for fused in (True, False):
         surrogate = copy.deepcopy(model).train()
         optimizer = mem.make_optimizer(surrogate, settings, fused=fused)
-        assert all(bool(g["fused"]) is fused for g in optimizer.param_groups)
-        for _ in range(3):
-            loss = contrastive_loss(surrogate.encode_image(x), surrogate.encode_text(tokens), surrogate.logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        train(surrogate, optimizer)
         trained.append((surrogate, optimizer))
     (fused_model, fused_optimizer), (loop_model, loop_optimizer) = trained
-    # The same update up to rounding: attention key biases get gradients of pure rounding noise (softmax
-    # ignores a constant shift), which Adam scales to lr, so each tensor is held to a 30th of 3 steps' lr.
-    for (name, a), b in zip(fused_model.named_parameters(), loop_model.parameters()):
-        assert (a - b).abs().max() <= 1e-5, name
     difference = torch.cat([(a - b).flatten() for a, b in zip(fused_model.parameters(), loop_model.parameters())])
     update = torch.cat([(b - m).flatten() for b, m in zip(loop_model.parameters(), model.parameters())])
     assert difference.norm() < 1e-3 * update.norm()
-    moved = [n for (n, a), b in zip(fused_model.named_parameters(), model.parameters()) if not torch.equal(a, b)]
-    assert "token_embedding.weight" in moved and "visual.conv1.weight" in moved
 
     # A checkpoint written before the optimiser was fused resumes as it was written (per-tensor steps), through
     # the job's own checkpoint format: tensors plus param groups as JSON.
