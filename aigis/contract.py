@@ -38,14 +38,26 @@ def class_names(task_names: list[str]) -> list[str]:
 # ---- Triton model and tensor names ---------------------------------------------------------------
 ENSEMBLE_MODEL = "lorax"                 # uint8 images in, class probabilities out
 BYTES_ENSEMBLE_MODEL = "lorax_bytes"     # encoded JPEG/PNG bytes in (decode step first)
-DECODE_MODEL = "lorax_decode"            # python backend: bytes -> uint8 images
-CLASSIFIER_MODEL = "lorax_classifier"    # unified classifier over concatenated features
 PROTECT_MODEL = "mem_protect"            # MEM protect-on-upload
 
 
 def extractor_model(task_name: str) -> str:
     """One Triton model per task extractor (backbone with that task's adapter merged in)."""
     return f"lorax_extractor_{task_name}"
+
+
+# The steps that change with each ensemble version are models of their own, named by that version (each
+# holds only version 1). A rollout then loads the new version's steps beside the served ones and switches
+# the ensembles last: Triton never reloads a model that a served ensemble version depends on, which would
+# take that ensemble down until it is loaded again.
+def classifier_model(version: int | str) -> str:
+    """The unified classifier over the features of tasks 1..version (python-free ONNX model)."""
+    return f"lorax_classifier_v{version}"
+
+
+def decode_model(version: int | str) -> str:
+    """The python-backend decode step of lorax_bytes version `version`: encoded bytes -> uint8 images."""
+    return f"lorax_decode_v{version}"
 
 
 IMAGES = "IMAGES"              # uint8 [N, H, W, 3], already decoded and centre-cropped

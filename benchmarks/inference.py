@@ -112,7 +112,7 @@ class InProcessPipeline:
         model = {"onnxruntime": OrtModel, "openvino": OpenVinoModel}[runtime]
         self.contract = contract
         self.extractors = [model(repo / contract.extractor_model(t) / "1" / "model.onnx", threads) for t in tasks]
-        self.classifier = model(repo / contract.CLASSIFIER_MODEL / str(version) / "model.onnx", threads)
+        self.classifier = model(repo / contract.classifier_model(version) / "1" / "model.onnx", threads)
         self.pool = ThreadPoolExecutor(max_workers=len(tasks))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -11,17 +11,18 @@ File decoding runs in the default executor so a large JPEG does not stall the ev
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from aigis import contract
 
-from .attribution import AttributionCodec, Prepared, resolve_manifest
+from .attribution import MANIFEST_WAIT_S, AttributionCodec, Prepared, resolve_manifest
 from .batcher import AsyncMicroBatcher, BatchStats
 from .errors import ClientClosedError, ClientError, InvalidInputError
 from .images import ImageLike
-from .manifest import Manifest
+from .manifest import Manifest, ServedModel
 from .results import Attribution
 from .retry import RetryPolicy
 from .transport import AsyncTransport
@@ -60,12 +61,7 @@ class AsyncAttributionClient:
             return self
         transport = AsyncTransport(self.url, self._timeout_s, self._retry)
         try:
-            served = await transport.served_model(self.model, self.version, AttributionCodec.expected_inputs())
-            ensemble = None
-            if served.manifest() is None and served.name != contract.ENSEMBLE_MODEL:
-                ensemble = await transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,))
-            manifest = resolve_manifest(served, lambda: ensemble)
-            codec = AttributionCodec(served, manifest, int(self._settings["max_batch_size"]))
+            codec = AttributionCodec(*await self._read_served(transport), int(self._settings["max_batch_size"]))
         except BaseException:
             await transport.close()
             raise
@@ -115,11 +111,24 @@ class AsyncAttributionClient:
         assert self._batcher is not None
         return await self._batcher.submit(prepared)
 
+    async def _read_served(self, transport: AsyncTransport) -> tuple[ServedModel, Manifest]:
+        served = await transport.served_model(self.model, self.version, AttributionCodec.expected_inputs())
+        ensemble = None
+        if served.manifest() is None and served.name != contract.ENSEMBLE_MODEL:
+            ensemble = await transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,))
+        return served, resolve_manifest(served, lambda: ensemble)
+
     async def _send(self, prepared: Sequence[Prepared]) -> list[Attribution]:
         codec = self._ready()
         assert self._transport is not None and self._in_flight is not None
         async with self._in_flight:
             answer = await self._transport.infer(self.model, self.version, codec.request(prepared), codec.OUTPUTS)
+        # As AttributionClient: an answer from a version not seen yet (a rollout) -> re-read the served config.
+        deadline = time.monotonic() + MANIFEST_WAIT_S
+        while codec.manifest_for(answer.model_version) is None and time.monotonic() < deadline:
+            codec.learn(*await self._read_served(self._transport))
+            if codec.manifest_for(answer.model_version) is None:
+                await asyncio.sleep(0.05)
         return codec.read(answer, len(prepared))
 
     async def _send_isolating(self, prepared: list[Prepared]) -> list[Attribution | BaseException]:

@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -48,9 +49,28 @@ class AttributionCodec:
             raise ManifestError(f"model {served.name!r} has no {contract.PROBS} output ({list(served.output_names)})")
         self.served = served
         self.manifest = manifest
+        # Answers are read with the manifest of the version that produced them: during a rollout the server
+        # answers with the old and the new version side by side. A config that pins no version describes
+        # whichever version answers (key None).
+        self._manifests: dict[str | None, Manifest] = {}
+        self.learn(served, manifest)
         self.preparer = ImagePreparer(manifest.crop)
         limit = served.max_batch_size if served.max_batch_size > 0 else 1
         self.max_batch_size = max(1, min(max_batch_size, limit))
+
+    def learn(self, served: ServedModel, manifest: Manifest) -> None:
+        """Remember `manifest` for the versions `served`'s config serves; it becomes the current manifest."""
+        if manifest.crop != self.manifest.crop or served.input_name != self.served.input_name:
+            raise ManifestError(f"model {served.name!r} now takes {served.input_name} at crop {manifest.crop}, "
+                                f"this client was opened for {self.served.input_name} at crop {self.manifest.crop}: "
+                                f"open a new client")
+        for version in served.versions or (None,):
+            self._manifests[version] = manifest
+        self.manifest = manifest
+
+    def manifest_for(self, version: str) -> Manifest | None:
+        """The manifest of `version`, if this client has seen that version's config."""
+        return self._manifests.get(version) or self._manifests.get(None)
 
     @staticmethod
     def expected_inputs() -> tuple[str, ...]:
@@ -91,10 +111,33 @@ class AttributionCodec:
         return error
 
     def read(self, answer: Answer, count: int) -> list[Attribution]:
+        """The attributions of one answer, read with its version's manifest (ManifestError if unknown)."""
         probs = answer.arrays[contract.PROBS]
         if probs is None or probs.shape[0] != count:
             raise ManifestError(f"{self.served.name}: expected {count} rows of {contract.PROBS}, got {None if probs is None else probs.shape}")
-        return attributions(probs, self.manifest, answer.model_version)
+        manifest = self.manifest_for(answer.model_version)
+        if manifest is None:
+            raise ManifestError(f"{self.served.name} version {answer.model_version} answered, and its manifest is "
+                                f"not served (the server serves {sorted(v for v in self._manifests if v)})")
+        if probs.ndim != 2 or probs.shape[1] != len(manifest.class_names):
+            raise ManifestError(f"{self.served.name} version {answer.model_version}: {contract.PROBS} has shape "
+                                f"{list(probs.shape)}, its manifest names {len(manifest.class_names)} classes")
+        return attributions(probs, manifest, answer.model_version)
+
+
+# How long a client waits for the config of a version that answered but that it has not seen yet: the server
+# switches its config when the new version is ready, and answers from it can arrive a moment before.
+MANIFEST_WAIT_S = 5.0
+
+
+def read_answer(codec: AttributionCodec, answer: Answer, count: int, refresh: Callable[[], None]) -> list[Attribution]:
+    """codec.read, first re-reading the served config (`refresh`) while the answering version is unknown."""
+    deadline = time.monotonic() + MANIFEST_WAIT_S
+    while codec.manifest_for(answer.model_version) is None and time.monotonic() < deadline:
+        refresh()
+        if codec.manifest_for(answer.model_version) is None:
+            time.sleep(0.05)
+    return codec.read(answer, count)
 
 
 def resolve_manifest(served: ServedModel, fetch_ensemble: Any) -> Manifest:
@@ -131,13 +174,9 @@ class AttributionClient:
         self.model = model
         self.version = "" if version is None else str(version)
         self._transport = Transport(url, timeout_s, RetryPolicy(retries, backoff_s))
+        self._refresh_lock = threading.Lock()
         try:
-            served = self._transport.served_model(model, self.version, AttributionCodec.expected_inputs())
-            manifest = resolve_manifest(
-                served,
-                lambda: self._transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,)),
-            )
-            self._codec = AttributionCodec(served, manifest, max_batch_size)
+            self._codec = AttributionCodec(*self._read_served(), max_batch_size)
         except BaseException:
             self._transport.close()
             raise
@@ -199,10 +238,21 @@ class AttributionClient:
         """
         return self._batcher.submit(self._codec.prepare(image))
 
+    def _read_served(self) -> tuple[ServedModel, Manifest]:
+        served = self._transport.served_model(self.model, self.version, AttributionCodec.expected_inputs())
+        manifest = resolve_manifest(
+            served, lambda: self._transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,)))
+        return served, manifest
+
+    def _refresh(self) -> None:
+        """Re-read the served config (a rollout switched the version) and learn its manifest."""
+        with self._refresh_lock:
+            self._codec.learn(*self._read_served())
+
     def _send(self, prepared: Sequence[Prepared]) -> list[Attribution]:
         with self._in_flight:
             answer = self._transport.infer(self.model, self.version, self._codec.request(prepared), AttributionCodec.OUTPUTS)
-        return self._codec.read(answer, len(prepared))
+        return read_answer(self._codec, answer, len(prepared), self._refresh)
 
     def _send_isolating(self, prepared: list[Prepared]) -> list[Attribution | BaseException]:
         """Send a micro-batch; if the server rejects its input, resend each image alone so that one

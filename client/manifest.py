@@ -84,6 +84,7 @@ class ServedModel:
     max_batch_size: int           # 0 = the model does not batch
     output_names: tuple[str, ...]
     parameters: dict[str, str]
+    versions: tuple[str, ...] | None = None   # the versions its config serves (None: whichever is latest)
 
     @property
     def input_datatype(self) -> str:
@@ -112,6 +113,7 @@ class ServedModel:
         parameters = {
             key: str(value.get("string_value", "")) for key, value in (config.get("parameters") or {}).items()
         }
+        pinned = ((config.get("version_policy") or {}).get("specific") or {}).get("versions")
         return cls(
             name=name,
             inputs=inputs,
@@ -119,6 +121,7 @@ class ServedModel:
             max_batch_size=int(config.get("max_batch_size", 0) or 0),
             output_names=tuple(item["name"] for item in config.get("output", [])),
             parameters=parameters,
+            versions=tuple(str(v) for v in pinned) if pinned else None,
         )
 
     def manifest(self) -> Manifest | None:

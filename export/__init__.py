@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 __all__ = ["ExportReport", "RepositoryError", "TargetOptions", "export", "export_run", "list_models", "load_version",
-           "pointed_version", "prune_extractors", "served_version", "validate", "versions"]
+           "pointed_version", "retire_steps", "served_version", "validate", "versions"]
 
 
 def __getattr__(name: str):

@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     rollout.add_argument("--model", default=None,
                          help=f"a stand-alone model to roll instead of the ensemble, e.g. {contract.PROTECT_MODEL}")
     rollout.add_argument("--prune", action="store_true",
-                         help="then unload the extractors the version does not use (after a rollback)")
+                         help="also unload the extractors the version does not use (after a rollback); the old "
+                              "version's classifier and decode steps are always unloaded once it has drained")
     rollout.set_defaults(func=run_rollout)
 
 
@@ -109,7 +110,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 def run_rollout(args: argparse.Namespace) -> int:
     from aigis.export.repository import (RepositoryError, load_model_version, load_version, model_served_version,
-                                         prune_extractors, served_version)
+                                         served_version)
     from aigis.serving.control import ModelControl, ModelControlError
 
     if args.model is not None:
@@ -129,12 +130,11 @@ def run_rollout(args: argparse.Namespace) -> int:
     try:
         with ModelControl(args.url) as control:
             before = served_version(control)
-            loaded = load_version(control, args.repo, args.version)
+            done = load_version(control, args.repo, args.version, prune=args.prune)
             after = served_version(control)
-            unloaded = prune_extractors(control, args.repo, args.version) if args.prune else []
     except (RepositoryError, ModelControlError) as exc:
         print(f"aigis models rollout: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.url}: ensemble version {before} -> {after} (loaded {', '.join(loaded) or 'nothing new'})"
-          + (f"; unloaded {', '.join(unloaded)}" if unloaded else ""))
+    print(f"{args.url}: ensemble version {before} -> {after} (loaded {', '.join(done.loaded) or 'nothing new'})"
+          + (f"; unloaded {', '.join(done.unloaded)}" if done.unloaded else ""))
     return 0

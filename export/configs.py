@@ -1,8 +1,9 @@
 """Triton model configurations of the attribution models, built as dicts in Triton's JSON form.
 
-The same dict is written as the version's config.pbtxt, read back by `aigis models validate`, and sent as
-the Load API's config override when an ops command serves a given version (Triton keeps one config per
-model, while our classifier and ensembles change their inputs and steps from version to version).
+The same dict is written as the version's config.pbtxt and read back by `aigis models validate`. Triton keeps
+one config per model, while our ensembles change their inputs and steps from version to version: the
+ensembles' model-level config.pbtxt names the served version, and the steps that change with the version
+(classifier, decode) are models of their own per ensemble version (aigis.contract).
 """
 
 from __future__ import annotations
@@ -91,19 +92,21 @@ def extractor_config(task: str, crop: int, feature_dim: int, options: TargetOpti
 
 
 def classifier_config(version: int, num_tasks: int, feature_dim: int, options: TargetOptions) -> dict:
+    """lorax_classifier_v<version>: the features of tasks 1..version -> LOGITS, PROBS; only ever version 1."""
     classes = 2 * num_tasks
-    return _onnx_model(contract.CLASSIFIER_MODEL, version,
+    return _onnx_model(contract.classifier_model(version), 1,
                        [tensor(contract.features_input(t), "TYPE_FP32", [feature_dim]) for t in range(num_tasks)],
                        [tensor(contract.LOGITS, "TYPE_FP32", [classes]), tensor(contract.PROBS, "TYPE_FP32", [classes])],
                        options)
 
 
 def decode_config(version: int, crop: int, options: TargetOptions) -> dict:
-    """lorax_decode: encoded JPEG/PNG bytes -> the evaluation view, exactly as the client computes it."""
+    """lorax_decode_v<version>: encoded JPEG/PNG bytes -> the evaluation view, exactly as the client computes
+    it; only ever version 1."""
     return {
-        "name": contract.DECODE_MODEL,
+        "name": contract.decode_model(version),
         "backend": DECODE_BACKEND,
-        "version_policy": {"specific": {"versions": [version]}},
+        "version_policy": {"specific": {"versions": [1]}},
         "max_batch_size": options.max_batch_size,
         "input": [tensor(contract.IMAGE_BYTES, "TYPE_STRING", [1])],
         "output": [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])],
@@ -129,12 +132,12 @@ def ensemble_config(version: int, tasks: list[str], crop: int, manifest: dict, o
     source = contract.IMAGES
     if from_bytes:
         source = "decoded_images"
-        steps.append(_step(contract.DECODE_MODEL, version, {contract.IMAGE_BYTES: contract.IMAGE_BYTES},
+        steps.append(_step(contract.decode_model(version), 1, {contract.IMAGE_BYTES: contract.IMAGE_BYTES},
                            {contract.IMAGES: source}))
     for t, task in enumerate(tasks):
         steps.append(_step(contract.extractor_model(task), 1, {contract.IMAGES: source},
                            {contract.FEATURES: f"features_{t}"}))
-    steps.append(_step(contract.CLASSIFIER_MODEL, version,
+    steps.append(_step(contract.classifier_model(version), 1,
                        {contract.features_input(t): f"features_{t}" for t in range(len(tasks))},
                        {contract.LOGITS: contract.LOGITS, contract.PROBS: contract.PROBS}))
     image_input = (tensor(contract.IMAGE_BYTES, "TYPE_STRING", [1]) if from_bytes

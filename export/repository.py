@@ -2,20 +2,22 @@
 
     <repo>/lorax_extractor_<task>/1/model.onnx       written once per task, never rewritten
     <repo>/lorax_extractor_<task>/1/source.json      which adapter it holds (its sha256)
-    <repo>/lorax_classifier/<v>/model.onnx           classifier over the v extractors of tasks 1..v
-    <repo>/lorax/<v>/                                ensemble version v = the model after task v
-    <repo>/lorax_decode/<v>/model.py, lorax_bytes/<v>/   the same for encoded-bytes clients
+    <repo>/lorax_classifier_v<v>/1/model.onnx        classifier over the extractors of tasks 1..v
+    <repo>/lorax_decode_v<v>/1/model.py              bytes -> images, the first step of lorax_bytes version v
+    <repo>/lorax/<v>/, <repo>/lorax_bytes/<v>/        ensemble version v = the model after task v
     <repo>/<model>/<v>/config.pbtxt                  the full config of version v (never rewritten)
     <repo>/<model>/config.pbtxt                      the SERVED version's config: the one pointer that moves
 
 Every version directory is written under a dot-prefixed staging name (Triton skips hidden entries),
 then renamed into place in one step, so a reader sees a version whole or not at all.
 
-Triton keeps one config per model, and our classifier and ensembles change inputs and steps from version
-to version, so the model-level config.pbtxt says which version is served. Export sets it only for a
-model's first version: publishing never changes what a running server answers with. A rollout
-(load_version) points every model of the wanted ensemble version at it, atomically per file, then asks
-the server to load them: no restart, and a restarted server comes back on the same version.
+Triton keeps one config per model, and the ensembles change inputs and steps from version to version, so
+the model-level config.pbtxt says which version is served; export sets it only for a model's first version:
+publishing never changes what a running server answers with. Every step an ensemble version pins is a model
+of its own that never changes (extractors per task, classifier and decode per version). A rollout
+(load_version) therefore loads the new version's steps beside the served ones, then switches the ensembles
+(Triton swaps an ensemble's versions without a gap), and unloads the old steps only once the old ensemble
+versions have drained: no request sees a missing model, and a restarted server comes back on the same version.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -186,10 +189,14 @@ def real_images(run_dir: Path, model_manifest: dict, crop: int, data_root: str |
     return images
 
 
-# The models of one ensemble version, in the order they are published: the ensembles last, so a
-# published ensemble never names a step that is not there yet.
-VERSIONED_MODELS = (contract.CLASSIFIER_MODEL, contract.DECODE_MODEL, contract.ENSEMBLE_MODEL,
-                    contract.BYTES_ENSEMBLE_MODEL)
+ENSEMBLES = (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL)
+
+
+def version_models(version: int) -> list[tuple[str, int]]:
+    """(model, model version) that ensemble version `version` adds besides its extractors, in the order
+    they are published: the ensembles last, so a published ensemble never names a step that is not there."""
+    return [(contract.classifier_model(version), 1), (contract.decode_model(version), 1),
+            (contract.ENSEMBLE_MODEL, version), (contract.BYTES_ENSEMBLE_MODEL, version)]
 
 
 def _recorded_source(repo: Path, model: str, version: int) -> dict:
@@ -243,7 +250,8 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
     served = served_manifest(manifest, version, source)
     report = ExportReport(version=version, tasks=tasks)
 
-    states = {name: _version_state(repo, name, version, source, tasks) for name in VERSIONED_MODELS}
+    states = {name: _version_state(repo, name, model_version, source, tasks)
+              for name, model_version in version_models(version)}
     foreign = [name for name, state in states.items() if state == "other"]
     if foreign:
         old = _recorded_source(repo, foreign[0], version)
@@ -266,7 +274,7 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         say("  no data root at hand: checking on random images only (give --data to check on real images)")
 
     # Extractors: one per task, written once. An existing one must hold the same adapter.
-    need_classifier = states[contract.CLASSIFIER_MODEL] == "missing"
+    need_classifier = states[contract.classifier_model(version)] == "missing"
     features: dict[str, list] = {name: [] for name, _ in image_sets}
     pending: list[tuple[str, int, bytes, dict, dict]] = []
     for k, task in enumerate(tasks):
@@ -306,7 +314,7 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
     if need_classifier:
         classifier = model.classifier_module()
         classifier_graph = onnx_export.classifier_onnx(classifier, len(tasks), model.feature_dim)
-        checks = [onnx_export.check_classifier(contract.CLASSIFIER_MODEL, classifier_graph, classifier,
+        checks = [onnx_export.check_classifier(contract.classifier_model(version), classifier_graph, classifier,
                                                features[set_name], set_name, rtol, runtime)
                   for set_name, _ in image_sets for runtime in options.runtimes]
         onnx_export.require(checks)
@@ -319,18 +327,18 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         report.written.append(name)
     source_file = {SOURCE_FILE: json.dumps(version_source, indent=2).encode()}
     contents = {
-        contract.CLASSIFIER_MODEL: (classifier_config(version, len(tasks), model.feature_dim, options),
-                                    {"model.onnx": classifier_graph}),
-        contract.DECODE_MODEL: (decode_config(version, crop, options), {"model.py": DECODE_SHIM.encode()}),
+        contract.classifier_model(version): (classifier_config(version, len(tasks), model.feature_dim, options),
+                                             {"model.onnx": classifier_graph}),
+        contract.decode_model(version): (decode_config(version, crop, options), {"model.py": DECODE_SHIM.encode()}),
         contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options), {}),
         contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True), {}),
     }
-    for name in VERSIONED_MODELS:
+    for name, model_version in version_models(version):
         if states[name] == "same":
             report.reused.append(name)
             continue
         config, files = contents[name]
-        publish_version(repo, name, version, config, _writer({**files, **source_file}))
+        publish_version(repo, name, model_version, config, _writer({**files, **source_file}))
         report.written.append(name)
     return report
 
@@ -348,12 +356,23 @@ def ensemble_dependencies(config: dict) -> list[tuple[str, int]]:
     return [(step["model_name"], int(step["model_version"])) for step in config["ensemble_scheduling"]["step"]]
 
 
-def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: bool = True) -> list[str]:
-    """Serve ensemble version `version` on a running server (ModelControl), with no restart.
+@dataclass
+class Rollout:
+    """What one rollout did on one server."""
 
-    Every model the version's steps pin is pointed at the pinned version and (re)loaded, composing
-    models first, the ensembles last. Models already serving the right version are left alone.
-    Returns the models it (re)loaded, in order.
+    loaded: list[str] = field(default_factory=list)     # models (re)loaded, in order
+    unloaded: list[str] = field(default_factory=list)   # steps retired once no served version used them
+
+
+def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: bool = True, *,
+                 prune: bool = False, drain_timeout_s: float = 120.0) -> Rollout:
+    """Serve ensemble version `version` on a running server (ModelControl), with no restart and no gap.
+
+    The steps the version pins are loaded first, beside the ones being served (they are models of their own,
+    so this disturbs nothing); then the ensembles are pointed at `version` and reloaded (Triton answers with
+    the old version until the new one is ready); once the old ensemble versions have drained, the classifier
+    and decode steps no served version uses are unloaded, and with `prune` the unused extractors too.
+    Models already serving the right version are left alone.
     """
     repo = Path(repo)
     if version not in versions(repo, contract.ENSEMBLE_MODEL):
@@ -366,25 +385,48 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
             if step not in order:
                 order.append(step)
     order += [(ensemble, version) for ensemble in ensembles]
-    loaded: list[str] = []
+    done = Rollout()
     for model, model_version in order:
         moved = point_to(repo, model, model_version)
         if moved or not control.is_ready(model, str(model_version)):
             control.load(model)
-            loaded.append(model)
-    return loaded
+            done.loaded.append(model)
+    _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
+    done.unloaded = retire_steps(control, repo, prune=prune)
+    return done
 
 
-def prune_extractors(control: Any, repo: str | Path, version: int) -> list[str]:
-    """Unload the loaded extractors that ensemble version `version` does not use (e.g. after a rollback)."""
-    needed = {model for model, _ in ensemble_dependencies(version_config(repo, contract.ENSEMBLE_MODEL, version))}
-    prefix = contract.extractor_model("")
-    unloaded = []
-    for model in sorted(control.loaded()):
-        if model.startswith(prefix) and model not in needed:
+def _wait_drained(control: Any, serving: dict[str, int], timeout_s: float) -> None:
+    """Wait until each ensemble has no version but `serving[ensemble]` loaded (Triton unloads an old version
+    only once its requests are answered)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lingering = [f"{row.name}/{row.version}" for row in control.index()
+                     if row.name in serving and row.version != str(serving[row.name])
+                     and row.state in ("READY", "UNLOADING", "LOADING")]
+        if not lingering:
+            return
+        if time.monotonic() >= deadline:
+            raise RepositoryError(f"old ensemble versions {', '.join(lingering)} still loaded {timeout_s:.0f} s "
+                                  f"after the switch; their steps were left loaded")
+        time.sleep(0.05)
+
+
+def retire_steps(control: Any, repo: str | Path, prune: bool = False) -> list[str]:
+    """Unload the per-version steps (classifiers, decode steps) that no served ensemble version pins, and with
+    `prune` the unused extractors (e.g. after a rollback). Call only when no old ensemble version is loaded."""
+    loaded = control.loaded()
+    needed = {model for ensemble in ENSEMBLES for v in loaded.get(ensemble, [])
+              for model, _ in ensemble_dependencies(version_config(repo, ensemble, int(v)))}
+    prefixes = (contract.classifier_model(""), contract.decode_model(""))
+    if prune:
+        prefixes += (contract.extractor_model(""),)
+    retired = []
+    for model in sorted(loaded):
+        if model.startswith(prefixes) and model not in needed:
             control.unload(model)
-            unloaded.append(model)
-    return unloaded
+            retired.append(model)
+    return retired
 
 
 def _policy_versions(config: dict) -> list[int]:
@@ -535,10 +577,16 @@ def _check_pointers(repo: Path, configs: dict[tuple[str, int], dict]) -> list[st
 
 
 def _check_versions_complete(repo: Path) -> list[str]:
-    """Ensemble version v comes with the classifier, decode and bytes-ensemble versions v."""
+    """Ensemble version v comes with its classifier, its decode step and bytes-ensemble version v."""
     problems = []
-    for v in sorted({v for name in VERSIONED_MODELS for v in versions(repo, name)}):
-        missing = [f"{name}/{v}" for name in VERSIONED_MODELS if v not in versions(repo, name)]
+    found = {v for name in ENSEMBLES for v in versions(repo, name)}
+    for folder in repo.iterdir():   # a classifier or decode step whose ensembles were never published
+        for prefix in (contract.classifier_model(""), contract.decode_model("")):
+            if folder.name.startswith(prefix) and folder.name[len(prefix):].isdigit():
+                found.add(int(folder.name[len(prefix):]))
+    for v in sorted(found):
+        missing = [f"{name}/{model_version}" for name, model_version in version_models(v)
+                   if model_version not in versions(repo, name)]
         if missing:
             problems.append(f"version {v} is incomplete: {', '.join(missing)} missing (an export was interrupted: "
                             f"run aigis export again with the same run to finish it)")

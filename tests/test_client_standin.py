@@ -135,7 +135,7 @@ def _ensemble_steps(source: str, first_step: str = "") -> str:
         f'input_map {{ key: "{contract.features_input(t)}" value: "features_{t}" }}' for t in range(len(TASKS))
     )
     steps.append(
-        f'{{ model_name: "{contract.CLASSIFIER_MODEL}" model_version: -1 {feature_maps} '
+        f'{{ model_name: "{contract.classifier_model(1)}" model_version: -1 {feature_maps} '
         f'output_map {{ key: "{contract.PROBS}" value: "{contract.PROBS}" }} '
         f'output_map {{ key: "{contract.LOGITS}" value: "{contract.LOGITS}" }} }}'
     )
@@ -234,10 +234,10 @@ def build_repository(root: Path, extras: bool = True) -> Path:
         (root / name / "config.pbtxt").write_text(
             _config(name, onnx_head, [_IMAGES_IN], [_tensor(contract.FEATURES, "TYPE_FP32", [FEATURE_DIM])], _CPU)
         )
-    _save(classifier_graph(seed=7), root / contract.CLASSIFIER_MODEL / "1" / "model.onnx")
-    (root / contract.CLASSIFIER_MODEL / "config.pbtxt").write_text(
+    _save(classifier_graph(seed=7), root / contract.classifier_model(1) / "1" / "model.onnx")
+    (root / contract.classifier_model(1) / "config.pbtxt").write_text(
         _config(
-            contract.CLASSIFIER_MODEL,
+            contract.classifier_model(1),
             onnx_head,
             [_tensor(contract.features_input(t), "TYPE_FP32", [FEATURE_DIM]) for t in range(len(TASKS))],
             [_LOGITS_OUT, _PROBS_OUT],
@@ -250,10 +250,10 @@ def build_repository(root: Path, extras: bool = True) -> Path:
         return root
     _python_model(
         root,
-        contract.DECODE_MODEL,
+        contract.decode_model(1),
         DECODE_PY,
         _config(
-            contract.DECODE_MODEL,
+            contract.decode_model(1),
             'backend: "python"',
             [_tensor(contract.IMAGE_BYTES, "TYPE_STRING", [1])],
             [_IMAGES_IN],
@@ -261,7 +261,7 @@ def build_repository(root: Path, extras: bool = True) -> Path:
         ),
     )
     decode_step = (
-        f'{{ model_name: "{contract.DECODE_MODEL}" model_version: -1 '
+        f'{{ model_name: "{contract.decode_model(1)}" model_version: -1 '
         f'input_map {{ key: "{contract.IMAGE_BYTES}" value: "{contract.IMAGE_BYTES}" }} '
         f'output_map {{ key: "{contract.IMAGES}" value: "decoded" }} }}'
     )
@@ -316,7 +316,7 @@ class Reference:
         options.intra_op_num_threads = 1
         load = lambda name: ort.InferenceSession(str(root / name / "1" / "model.onnx"), options)  # noqa: E731
         self.extractors = [load(contract.extractor_model(task)) for task in TASKS]
-        self.classifier = load(contract.CLASSIFIER_MODEL)
+        self.classifier = load(contract.classifier_model(1))
 
     def probs(self, images: np.ndarray) -> np.ndarray:
         feeds = {

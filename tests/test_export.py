@@ -82,7 +82,7 @@ def test_onnx_models_compute_what_pytorch_computes(workspace):
             unmerged = model.task_features(model.image_input(torch.from_numpy(images)), k).numpy()
         assert np.abs(got - unmerged).max() < 1e-4 * max(1.0, np.abs(unmerged).max())
         features.append(got)
-    classifier = ort.InferenceSession(str(workspace["repo"] / contract.CLASSIFIER_MODEL / "2" / "model.onnx"))
+    classifier = ort.InferenceSession(str(workspace["repo"] / contract.classifier_model(2) / "1" / "model.onnx"))
     probs = classifier.run([contract.PROBS], {contract.features_input(k): f for k, f in enumerate(features)})[0]
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(images)), 1).numpy()
@@ -113,15 +113,15 @@ def test_validate_names_every_problem(workspace, tmp_path):
     shutil.copytree(workspace["repo"], broken)
     assert validate(broken) == []
     shutil.rmtree(broken / contract.extractor_model("nearest"))
-    config = read_config(broken / contract.CLASSIFIER_MODEL / "2" / "config.pbtxt")
+    config = read_config(broken / contract.classifier_model(2) / "1" / "config.pbtxt")
     config["input"][0]["data_type"] = "TYPE_FP16"
-    (broken / contract.CLASSIFIER_MODEL / "2" / "config.pbtxt").write_text(to_pbtxt(config))
+    (broken / contract.classifier_model(2) / "1" / "config.pbtxt").write_text(to_pbtxt(config))
     (broken / contract.ENSEMBLE_MODEL / ".staging-3-abc").mkdir()
     problems = "\n".join(validate(broken))
     assert "lorax_extractor_nearest version 1 does not exist" in problems
     assert "FEATURES_0 is TYPE_FP16 in the config, TYPE_FP32 in model.onnx" in problems
     assert ".staging-3-abc: a half-written version" in problems
-    assert "lorax_classifier/config.pbtxt is not the config of any one of its versions [2]" in problems
+    assert "lorax_classifier_v2/config.pbtxt is not the config of any one of its versions [1]" in problems
     assert aigis_main(["models", "validate", "--repo", str(broken)]) == 1
 
 
@@ -161,11 +161,11 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
         ContinualRun(workspace["config"], CDDB(root, TASKS, progress=False), run, resume=True, progress=False).run()
         assert aigis_main(["export", "--run", str(run), "--repo", str(repo), "--quiet"]) == 0
         assert versions(repo, contract.ENSEMBLE_MODEL) == [2, 3]
-        assert versions(repo, contract.CLASSIFIER_MODEL) == [2, 3]
+        assert versions(repo, contract.classifier_model(2)) == [1] == versions(repo, contract.classifier_model(3))
         assert versions(repo, contract.extractor_model("tconv")) == [1]
         assert validate(repo) == []
         # Publishing never changes what is served: the pointers still name version 2.
-        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 2 == pointed_version(repo, contract.CLASSIFIER_MODEL)
+        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 2 == pointed_version(repo, contract.BYTES_ENSEMBLE_MODEL)
         with AttributionClient(server.grpc_url) as client:
             assert client.manifest.tasks == tuple(TASKS[:2])
         pid = server.pid
@@ -185,22 +185,23 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "2",
                            "--prune"]) == 0
         out = capsys.readouterr().out
-        assert "version 3 -> 2" in out and "unloaded lorax_extractor_bilinear" in out
+        assert "version 3 -> 2" in out and "lorax_extractor_bilinear" in out.split("unloaded")[1]
         assert contract.extractor_model("bilinear") not in control.loaded()
         with AttributionClient(server.grpc_url) as client:
             assert client.manifest.tasks == tuple(TASKS[:2])
             assert [names.index(a.label) for a in client.attribute(images)] == local_two.tolist()
         assert server.pid == pid and server.is_running()      # the same process throughout: no restart
-        assert pointed_version(repo, contract.CLASSIFIER_MODEL) == 2
+        # the old version's own steps are retired once it has drained; the served version's stay
+        assert contract.classifier_model(3) not in control.loaded() and contract.decode_model(3) not in control.loaded()
+        assert {contract.classifier_model(2), contract.decode_model(2)} <= set(control.loaded())
         assert pointed_version(repo, contract.extractor_model("bilinear")) == 1
         assert validate(repo) == []           # the pointers agree with the served ensemble's steps
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "9"]) == 2
         assert "no ensemble version 9" in capsys.readouterr().err
         # --model rolls stand-alone models only: a step of the ensemble moves with it, never alone
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "1",
-                           "--model", contract.CLASSIFIER_MODEL]) == 2
+                           "--model", contract.classifier_model(2)]) == 2
         assert "is a step of" in capsys.readouterr().err
-        assert pointed_version(repo, contract.CLASSIFIER_MODEL) == 2
 
 
 def test_cli_lists_versions_and_refuses_bad_runs(workspace, tmp_path, capsys):
@@ -269,13 +270,13 @@ def test_an_interrupted_export_is_finished_and_validate_reports_it(workspace, tm
     for name in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
         shutil.rmtree(repo / name / "2")
     assert any("version 2 is incomplete: lorax/2, lorax_bytes/2 missing" in p for p in validate(repo))
-    classifier_before = (repo / contract.CLASSIFIER_MODEL / "2" / "model.onnx").stat().st_mtime_ns
+    classifier_before = (repo / contract.classifier_model(2) / "1" / "model.onnx").stat().st_mtime_ns
 
     report = export_run(workspace["run"], repo, num_tasks=2, progress=False)    # the run may hold 3 tasks by now
     assert not report.already_published
     assert report.written == [contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL]
-    assert contract.CLASSIFIER_MODEL in report.reused and contract.extractor_model("tconv") in report.reused
-    assert (repo / contract.CLASSIFIER_MODEL / "2" / "model.onnx").stat().st_mtime_ns == classifier_before
+    assert contract.classifier_model(2) in report.reused and contract.extractor_model("tconv") in report.reused
+    assert (repo / contract.classifier_model(2) / "1" / "model.onnx").stat().st_mtime_ns == classifier_before
     assert validate(repo) == []
     assert export_run(workspace["run"], repo, num_tasks=2, progress=False).already_published
 

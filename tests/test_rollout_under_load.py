@@ -1,0 +1,194 @@
+"""Rollouts under a steady load, with the real tritonserver: no request fails, none is lost, none is misread.
+
+A tiny model is trained on three synthetic tasks and exported as versions 2 and 3 (4 and 6 classes). While
+four loads run -- the sync client's micro-batcher, the asyncio client on `lorax_bytes`, and plain
+tritonclient calls to `lorax` and `lorax_bytes` -- `aigis models rollout` switches back and forth. Every
+answer must come from a version, carry that version's classes, and give the class the in-process model of
+that version predicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aigis import contract
+from aigis.cli import main as aigis_main
+from aigis.client import AsyncAttributionClient, AttributionClient
+from aigis.data.cddb import CDDB
+from aigis.data.synth import SynthConfig, generate
+from aigis.export import export_run, load_version
+from aigis.serving.control import ModelControl
+from aigis.serving.server import TritonServer
+from aigis.training.config import TrainConfig
+from aigis.training.run import ContinualRun, load_run
+from test_client_standin import png_bytes
+
+TASKS = ["tconv", "nearest", "bilinear"]
+TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
+            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+ROLLOUTS = 4
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory) -> dict:
+    """A repository with versions 2 and 3 of one run, the held-out images, and each version's predictions."""
+    from aigis import preprocess
+
+    base = tmp_path_factory.mktemp("rollout")
+    root = base / "data"
+    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    run, repo = base / "run", base / "repo"
+    config = TrainConfig.from_dict(TINY)
+    expected = {}
+    data = CDDB(root, TASKS, progress=False)
+    paths = [s.path for t in range(len(TASKS)) for s in data.samples(t, "val")]
+    images = np.stack([preprocess.eval_view_from_file(p, 32) for p in paths])
+    for count in (2, 3):
+        ContinualRun(config, CDDB(root, TASKS[:count], progress=False), run, resume=count > 2, progress=False).run()
+        export_run(run, repo, data_root=root, progress=False)
+        with torch.no_grad():
+            predicted = load_run(run)(torch.from_numpy(images)).argmax(1).numpy()
+        names = contract.class_names(TASKS[:count])
+        expected[str(count)] = [names[k] for k in predicted]
+    return {"repo": repo, "images": images, "expected": expected}
+
+
+@dataclass
+class Tally:
+    """What one load saw; thread-safe enough for counters updated under the GIL by one writer."""
+
+    sent: int = 0
+    answered: int = 0
+    misread: list[str] = field(default_factory=list)
+    failed: Counter = field(default_factory=Counter)
+    versions: Counter = field(default_factory=Counter)
+
+    def check(self, version: str, labels: list[str], indices: list[int], expected: dict[str, list[str]]) -> None:
+        self.answered += 1
+        self.versions[version] += 1
+        want = [expected[version][i] for i in indices] if version in expected else None
+        if labels != want:
+            self.misread.append(f"version {version}: {labels} != {want}")
+
+
+def plain_tritonclient_load(url: str, model: str, images: np.ndarray, expected: dict, stop: threading.Event,
+                            tally: Tally) -> None:
+    """tritonclient alone, as a pipeline that does not use this package would call the server."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    rng = np.random.default_rng(hash(model) % 2**32)
+    try:
+        while not stop.is_set():
+            indices = rng.choice(len(images), size=4, replace=False).tolist()
+            if model == contract.BYTES_ENSEMBLE_MODEL:
+                data = np.array([png_bytes(images[i]) for i in indices], dtype=object).reshape(-1, 1)
+                tensor = grpcclient.InferInput(contract.IMAGE_BYTES, list(data.shape), "BYTES")
+            else:
+                data = images[indices]
+                tensor = grpcclient.InferInput(contract.IMAGES, list(data.shape), "UINT8")
+            tensor.set_data_from_numpy(data)
+            tally.sent += 1
+            try:
+                result = client.infer(model, [tensor], client_timeout=30)
+            except Exception as exc:  # noqa: BLE001 - counted and shown by the assertion
+                tally.failed[str(exc)[:200]] += 1
+                continue
+            version = result.get_response().model_version
+            probs = result.as_numpy(contract.PROBS)
+            names = contract.class_names(TASKS[: probs.shape[1] // 2])
+            tally.check(version, [names[k] for k in probs.argmax(1)], indices, expected)
+    finally:
+        client.close()
+
+
+def client_load(url: str, images: np.ndarray, expected: dict, stop: threading.Event, tally: Tally) -> None:
+    """The sync client's micro-batcher: single submissions, grouped behind the scenes."""
+    with AttributionClient(url, timeout_s=30) as client:
+        i = 0
+        while not stop.is_set():
+            batch = [(k % len(images), client.submit(images[k % len(images)])) for k in range(i, i + 8)]
+            i += 8
+            for index, future in batch:
+                tally.sent += 1
+                try:
+                    answer = future.result()
+                except Exception as exc:  # noqa: BLE001
+                    tally.failed[f"{type(exc).__name__}: {str(exc)[:200]}"] += 1
+                    continue
+                tally.check(answer.model_version, [answer.label], [index], expected)
+
+
+def async_client_load(url: str, images: np.ndarray, expected: dict, stop: threading.Event, tally: Tally) -> None:
+    """The asyncio client on the bytes ensemble (encoded files, decoded server-side)."""
+    encoded = [png_bytes(image) for image in images]
+
+    async def run() -> None:
+        async with AsyncAttributionClient(url, model=contract.BYTES_ENSEMBLE_MODEL, timeout_s=30) as client:
+            i = 0
+            while not stop.is_set():
+                indices = [k % len(images) for k in range(i, i + 4)]
+                i += 4
+                tally.sent += 1
+                try:
+                    answers = await client.attribute([encoded[k] for k in indices])
+                except Exception as exc:  # noqa: BLE001
+                    tally.failed[f"{type(exc).__name__}: {str(exc)[:200]}"] += 1
+                    continue
+                versions = {a.model_version for a in answers}
+                tally.check(versions.pop() if len(versions) == 1 else f"mixed {versions}",
+                            [a.label for a in answers], indices, expected)
+
+    asyncio.run(run())
+
+
+@pytest.mark.slow
+def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_versions, capsys):
+    repo, images, expected = two_versions["repo"], two_versions["images"], two_versions["expected"]
+    with TritonServer(repo, models=[]) as server:
+        with ModelControl(server.grpc_url) as control:
+            load_version(control, repo, 2)
+        stop = threading.Event()
+        loads = {
+            "client": (client_load, ()),
+            "asyncio client, lorax_bytes": (async_client_load, ()),
+            "tritonclient, lorax": (plain_tritonclient_load, (contract.ENSEMBLE_MODEL,)),
+            "tritonclient, lorax_bytes": (plain_tritonclient_load, (contract.BYTES_ENSEMBLE_MODEL,)),
+        }
+        tallies = {name: Tally() for name in loads}
+        threads = []
+        for name, (target, head) in loads.items():
+            args = (server.grpc_url, *head, images, expected, stop, tallies[name])
+            threads.append(threading.Thread(target=target, args=args, name=name, daemon=True))
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        switches = []
+        for k in range(ROLLOUTS):
+            version = 3 if k % 2 == 0 else 2
+            started = time.monotonic()
+            assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url,
+                               "--version", str(version)]) == 0
+            switches.append(time.monotonic() - started)
+            assert f"-> {version}" in capsys.readouterr().out
+            time.sleep(0.5)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+            assert not thread.is_alive(), f"load {thread.name} did not stop"
+    for name, tally in tallies.items():
+        assert not tally.failed, f"{name}: {sum(tally.failed.values())} failed: {dict(tally.failed)}"
+        assert not tally.misread, f"{name}: misread {tally.misread[:3]}"
+        assert tally.answered == tally.sent > 0, name
+        assert set(tally.versions) == {"2", "3"}, f"{name} saw versions {dict(tally.versions)}"
+    print(f"{ROLLOUTS} rollouts in {sum(switches):.1f} s; answered per load: "
+          f"{ {name: t.answered for name, t in tallies.items()} }")
