@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from aigis.preprocess import BadImageError, load_image
+from aigis.preprocess import BadImageError, load_image, resized_window, short_side_shape
 
 from . import fashion
 
@@ -319,15 +319,15 @@ def read_pairs(root: str | Path, manifest_name: str) -> list[Pair]:
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the short side to size (bicubic, as CLIP) and centre-crop; size x size input is untouched."""
+    """Resize the short side to size (bicubic, as CLIP) and centre-crop; size x size input is untouched.
+
+    Only the crop is resampled when the whole resize would be huge (a long thin strip), see resized_window.
+    """
     height, width = image.shape[:2]
-    if (height, width) != (size, size):
-        scale = size / min(height, width)
-        new = (max(size, round(width * scale)), max(size, round(height * scale)))
-        image = np.asarray(Image.fromarray(image).resize(new, Image.BICUBIC))
-        height, width = image.shape[:2]
-    top, left = (height - size) // 2, (width - size) // 2
-    return image[top : top + size, left : left + size]
+    if (height, width) == (size, size):
+        return image
+    new_h, new_w = short_side_shape(height, width, size)
+    return resized_window(image, size, (new_h - size) // 2, (new_w - size) // 2, Image.BICUBIC)
 
 
 def load_images(pairs: list[Pair], size: int, progress: bool = True) -> np.ndarray:

@@ -8,6 +8,10 @@ and rolling back restores exactly the protection it gave.
 Batch-aware: every request is a batch of image-caption pairs; the requests of one execute() call whose
 images share a size are protected together in one MEM pass (trigger search + PGD against the frozen
 surrogate), and the answers are split back. A bad request gets its own error; the others are served.
+
+Uploads arrive as raw pixels, so nothing is decoded here; an image over the pixel budget or side limit
+(config parameters `max_pixels`, `max_side`, else aigis.preprocess's defaults) is refused with INVALID_ARG
+before any protection work, as the decode step refuses an oversized file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from aigis import contract
+from aigis import contract, preprocess
+from aigis.export.decode_model import int_parameter
 
 try:  # only importable inside the Triton Python backend stub
     import triton_python_backend_utils as pb_utils
@@ -41,6 +46,9 @@ class TritonPythonModel:
         from aigis.protection.mem import MEMSettings, load_surrogates, load_word_code
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
+        config = json.loads(args.get("model_config") or "{}")
+        self.max_pixels = int_parameter(config, "max_pixels", preprocess.MAX_PIXELS)
+        self.max_side = int_parameter(config, "max_side", preprocess.MAX_SIDE)
         self.version = str(args["model_version"])
         kind = args.get("model_instance_kind", "CPU")
         if kind == "GPU" and torch.cuda.is_available():
@@ -120,6 +128,9 @@ class TritonPythonModel:
         raw = pb_utils.get_input_tensor_by_name(request, contract.PROTECT_CAPTIONS).as_numpy()
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise _BadRequest(f"{contract.PROTECT_IMAGES}: expected uint8 [N, H, W, 3], got {images.dtype} {list(images.shape)}")
+        problem = preprocess.size_problem(images.shape[2], images.shape[1], self.max_pixels, self.max_side)
+        if problem:
+            raise _BadRequest(f"{contract.PROTECT_IMAGES}: {problem}")
         captions = []
         for i, value in enumerate(raw.reshape(-1)):
             try:

@@ -7,6 +7,11 @@ as in every CDDB loader. Task t (its position in the chosen task order) labels i
 Unusable images (empty, truncated, not an image, over the pixel limit) are found by a cheap header scan
 before training starts, so a run either stops at once naming the file (``on_bad="stop"``) or leaves the
 file out and lists it in the final report (``on_bad="skip"``).
+
+Nothing outside the root is read: a file or folder whose real location (links followed) lies outside it
+is refused before it is opened -- an image or subcategory folder like an unreadable file (under the on_bad
+policy), a task, split or class folder as a layout error, since leaving it out would change the labels or
+the classes.
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Callable, Iterable, Literal, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from aigis.contract import fake_label, real_label, task_of_label
-from aigis.preprocess import MAX_FILE_BYTES, MAX_PIXELS, BadImageError, load_image
+from aigis.preprocess import MAX_FILE_BYTES, MAX_PIXELS, MAX_SIDE, BadImageError, load_image, size_problem
 
 log = logging.getLogger("aigis.data")
 
@@ -53,6 +58,25 @@ class Sample:
 
 # ---- listing the tree ------------------------------------------------------------------------------------
 
+Refuse = Callable[[Path, str], None]     # told about each entry left out, with the reason
+
+
+def outside_root(path: str | Path, root: str | Path) -> str | None:
+    """Why `path` may not be read as data of `root` (None: it may): its real location lies outside the root.
+
+    Only the path is resolved (links followed), nothing is opened, so a link to /etc/passwd costs a readlink.
+    """
+    real_root = Path(root).resolve()
+    real = Path(path).resolve()
+    if real.is_relative_to(real_root):
+        return None
+    return f"lies outside the data root {real_root} (it resolves to {real}); not read"
+
+
+def _refuse_nothing(path: Path, reason: str) -> None:
+    pass
+
+
 def _visible_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_dir())
 
@@ -64,15 +88,21 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def list_tasks(root: str | Path) -> list[str]:
-    """Task folders present under a CDDB root (hidden folders ignored)."""
+    """Task folders present under a CDDB root (hidden folders ignored; one lying outside it is still
+    listed, so that reading it fails naming it instead of the task order silently shifting)."""
     root = Path(root)
     if not root.is_dir():
         raise CDDBLayoutError(f"data root {root} does not exist or is not a folder")
     return [p.name for p in _visible_dirs(root)]
 
 
-def class_folders(split_dir: Path) -> list[tuple[str, Path]]:
-    """(subcategory, folder holding 0_real and 1_fake) pairs of one task split, in a fixed order."""
+def class_folders(split_dir: Path, root: str | Path | None = None,
+                  refuse: Refuse = _refuse_nothing) -> list[tuple[str, Path]]:
+    """(subcategory, folder holding 0_real and 1_fake) pairs of one task split, in a fixed order.
+
+    Given the data root, a subcategory folder lying outside it is left out (told to `refuse`) before
+    anything in it is looked at, and a class folder lying outside it is a layout error.
+    """
     children = _visible_dirs(split_dir)
     names = {p.name for p in children}
     if names & set(CLASS_FOLDERS):
@@ -84,21 +114,44 @@ def class_folders(split_dir: Path) -> list[tuple[str, Path]]:
         if extra:
             raise CDDBLayoutError(f"{split_dir} mixes class folders with other folders ({', '.join(extra)}); "
                                   f"use either {'/'.join(CLASS_FOLDERS)} or subcategory folders")
+        _require_inside([split_dir / c for c in CLASS_FOLDERS], root)
         return [("", split_dir)]
     if not children:
         raise CDDBLayoutError(f"{split_dir} has neither class folders ({', '.join(CLASS_FOLDERS)}) "
                               f"nor subcategory folders holding them")
     pairs = []
     for sub in children:
+        reason = None if root is None else outside_root(sub, root)
+        if reason:
+            refuse(sub, reason)
+            continue
         missing = [c for c in CLASS_FOLDERS if not (sub / c).is_dir()]
         if missing:
             raise CDDBLayoutError(f"subcategory folder {sub} has no {' or '.join(missing)} folder")
+        _require_inside([sub / c for c in CLASS_FOLDERS], root)
         pairs.append((sub.name, sub))
+    if not pairs:
+        raise CDDBLayoutError(f"{split_dir}: every subcategory folder lies outside the data root {root}")
     return pairs
 
 
-def find_samples(root: str | Path, task: str, task_index: int, split: str) -> list[Sample]:
-    """Every image of one task split, labelled for position `task_index` in the task order."""
+def _require_inside(folders: Iterable[Path], root: str | Path | None) -> None:
+    """Folders that decide labels (task, split, class) lie inside the root, or the layout is refused."""
+    if root is None:
+        return
+    for folder in folders:
+        reason = outside_root(folder, root)
+        if reason:
+            raise CDDBLayoutError(f"{folder}: {reason}")
+
+
+def find_samples(root: str | Path, task: str, task_index: int, split: str,
+                 refuse: Refuse | None = None) -> list[Sample]:
+    """Every image of one task split, labelled for position `task_index` in the task order.
+
+    Images and subcategory folders lying outside the root are left out and told to `refuse` (by default
+    they stop the listing with BadImageError naming them), before anything in them is opened.
+    """
     root = Path(root)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)} (val is the test split), got {split!r}")
@@ -106,16 +159,26 @@ def find_samples(root: str | Path, task: str, task_index: int, split: str) -> li
     if not task_dir.is_dir():
         raise CDDBLayoutError(f"task {task!r} not found under {root}; tasks there: "
                               f"{', '.join(list_tasks(root)) or '(none)'}")
+    _require_inside([task_dir], root)
     split_dir = task_dir / split
     if not split_dir.is_dir():
         raise CDDBLayoutError(f"task {task!r} has no {split!r} folder ({split_dir}); "
                               f"CDDB tasks hold train/ and val/ (val is the test split)")
+    _require_inside([split_dir], root)
+    refuse = refuse or BadImageLog("stop").handle
     samples = []
-    for subcategory, folder in class_folders(split_dir):
+    for subcategory, folder in class_folders(split_dir, root, refuse):
         for class_name, label in zip(CLASS_FOLDERS, (real_label(task_index), fake_label(task_index))):
-            files = _image_files(folder / class_name)
+            files = []
+            for path in _image_files(folder / class_name):
+                # the folder lies inside the root, so only a link can lead a file out of it
+                reason = outside_root(path, root) if path.is_symlink() else None
+                if reason:
+                    refuse(path, reason)
+                else:
+                    files.append(path)
             if not files:
-                raise CDDBLayoutError(f"{folder / class_name} holds no images "
+                raise CDDBLayoutError(f"{folder / class_name} holds no images inside the data root "
                                       f"({', '.join(sorted(IMAGE_SUFFIXES))})")
             samples += [Sample(path=f, relpath=f.relative_to(root).as_posix(), task=task_index,
                                label=label, subcategory=subcategory) for f in files]
@@ -124,7 +187,7 @@ def find_samples(root: str | Path, task: str, task_index: int, split: str) -> li
 
 # ---- finding unusable images -----------------------------------------------------------------------------
 
-def header_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
+def header_problem(path: Path, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> str | None:
     """Why `path` is unusable, or None. Cheap: reads headers (PNG: chunk checksums; JPEG: end marker).
 
     A file the cheap checks cannot clear (other formats, a JPEG without its end marker at the end) is
@@ -140,9 +203,9 @@ def header_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
         return f"{size} bytes is over the {MAX_FILE_BYTES}-byte limit"
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            if width * height > max_pixels:
-                return f"{width}x{height} pixels is over the {max_pixels}-pixel limit"
+            problem = size_problem(*im.size, max_pixels=max_pixels, max_side=max_side)
+            if problem:
+                return problem
             if im.format == "PNG":
                 im.verify()       # walks every chunk and checks its CRC: finds truncation without inflating
                 return None
@@ -151,7 +214,7 @@ def header_problem(path: Path, max_pixels: int = MAX_PIXELS) -> str | None:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         return f"not a readable image ({exc})"
     try:
-        load_image(path, max_pixels=max_pixels)
+        load_image(path, max_pixels=max_pixels, max_side=max_side)
     except BadImageError as exc:
         return str(exc).removeprefix(f"{path}: ")
     return None
@@ -250,11 +313,11 @@ class CDDB:
         index = self.task_index(task)
         key = (index, split)
         if key not in self._splits:
-            found = find_samples(self.root, self.tasks[index], index, split)
+            found = find_samples(self.root, self.tasks[index], index, split, refuse=self.bad.handle)
             if self.screen:
                 found = screen_samples(found, self.bad, self.max_pixels, progress=self.progress,
                                        description=f"scan {self.tasks[index]}/{split}")
-                _require_both_classes(found, self.root / self.tasks[index] / split)
+                _require_both_classes(found, self.root / self.tasks[index] / split, self.root)
             self._splits[key] = found
         return self._splits[key]
 
@@ -284,6 +347,9 @@ class CDDB:
         if (parts[-2] == "0_real") != (label % 2 == 0):
             raise CDDBLayoutError(f"{relpath}: label {label} disagrees with its class folder {parts[-2]}")
         path = self.root / relpath
+        reason = outside_root(path, self.root)
+        if reason:
+            raise CDDBLayoutError(f"{path}: remembered image {reason}")
         if not path.is_file():
             raise CDDBLayoutError(f"{path}: remembered image is missing")
         return Sample(path=path, relpath=Path(relpath).as_posix(), task=task, label=label,
@@ -306,10 +372,10 @@ class CDDB:
         return self.bad.report()
 
 
-def _require_both_classes(samples: Sequence[Sample], split_dir: Path) -> None:
+def _require_both_classes(samples: Sequence[Sample], split_dir: Path, root: Path) -> None:
     """After skipping, each class must still have images, or the task cannot be learned."""
     keys = {(s.subcategory, s.is_real) for s in samples}
-    for subcategory, folder in class_folders(split_dir):
+    for subcategory, folder in class_folders(split_dir, root):      # refused subcategories already reported
         for class_name, is_real in zip(CLASS_FOLDERS, (True, False)):
             if (subcategory, is_real) not in keys:
                 raise CDDBLayoutError(f"{folder / class_name}: every image is unreadable; nothing left to use")

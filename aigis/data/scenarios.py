@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from aigis.data.cddb import list_tasks
+from aigis.data.cddb import list_tasks, outside_root
 from aigis.data.synth import DEFAULT_TASKS
 
 _EASY = ("gaugan", "biggan", "cyclegan", "imle", "deepfake", "crn", "wild")
@@ -44,6 +44,9 @@ def default_order(root: str | Path) -> list[str]:
     """The synthetic benchmark's own order (synth.json), else the task folders in name order."""
     synth = Path(root) / "synth.json"
     if synth.is_file():
+        reason = outside_root(synth, root)
+        if reason:
+            raise ValueError(f"{synth}: {reason}")
         return list(json.loads(synth.read_text())["tasks"])
     return list_tasks(root)
 
