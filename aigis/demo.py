@@ -122,7 +122,6 @@ def serve_and_call(out: Path, repo: Path, versions: list[int], data_root: Path,
     from aigis.client import AttributionClient
     from aigis.data.cddb import CDDB
     from aigis.export import load_version
-    from aigis.serving.control import ModelControl
     from aigis.serving.server import TritonServer
     from aigis.training.metrics import multi_real_correct
     from aigis.training.run import load_run
@@ -137,8 +136,8 @@ def serve_and_call(out: Path, repo: Path, versions: list[int], data_root: Path,
 
     results: dict[str, Any] = {}
     with TritonServer(repo, models=[], log_path=out / "tritonserver.log") as server:
-        print(f"tritonserver up: gRPC {server.grpc_url}, HTTP {server.http_url}, metrics {server.metrics_url}")
-        with ModelControl(server.grpc_url) as control:
+        print(f"tritonserver up: gRPC {server.grpc_url}, metrics {server.metrics_url}")
+        with server.control() as control:
             load_version(control, repo, versions[0])
             with AttributionClient(server.grpc_url) as client:
                 older = client.attribute(images[:8])
@@ -164,7 +163,7 @@ def serve_and_call(out: Path, repo: Path, versions: list[int], data_root: Path,
         print(f"attributed {len(images)} held-out images over gRPC at {results['images_per_second']:.0f} images/s: "
               f"accuracy {100 * accuracy:.1f}% (multi-real), agreement with in-process PyTorch {100 * agreement:.1f}%")
         if protection is not None:
-            with ModelControl(server.grpc_url) as control:
+            with server.control() as control:
                 results["protect_on_upload"] = publish_and_protect_over_grpc(repo, *protection, server.grpc_url,
                                                                              control)
     return results

@@ -138,7 +138,6 @@ def main(argv: list[str] | None = None) -> int:
     from aigis.client import AttributionClient
     from aigis.data.cddb import CDDB
     from aigis.export import export_run, load_version, versions
-    from aigis.serving.control import ModelControl
     from aigis.serving.server import TritonServer
     from aigis.training.run import load_run
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ort_single = InProcessPipeline(repo, tasks, len(tasks), threads=1)
     openvino_single = InProcessPipeline(repo, tasks, len(tasks), threads=1, runtime="openvino")
     with TritonServer(repo, models=[], log_path=repo.parent / "tritonserver.log") as server:
-        with ModelControl(server.grpc_url) as control:
+        with server.control() as control:
             load_version(control, repo, len(tasks), bytes_ensemble=False)
         with AttributionClient(server.grpc_url, max_batch_size=32, max_in_flight=args.in_flight,
                                timeout_s=60) as client:

@@ -24,7 +24,7 @@ from .errors import ClientClosedError, ClientError, InvalidInputError
 from .images import ImageLike
 from .manifest import Manifest, ServedModel
 from .results import Attribution
-from .retry import RetryPolicy
+from .retry import DEFAULT_DEADLINE_S, RetryPolicy
 from .transport import AsyncTransport
 
 
@@ -40,15 +40,16 @@ class AsyncAttributionClient:
         max_delay_ms: float = 5,
         max_in_flight: int = 4,
         timeout_s: float = 10,
-        retries: int = 3,
+        retries: int | None = None,
         backoff_s: float = 0.1,
+        deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> None:
         self.url = url
         self.model = model
         self.version = "" if version is None else str(version)
         self._settings = dict(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_in_flight=max_in_flight)
         self._timeout_s = timeout_s
-        self._retry = RetryPolicy(retries, backoff_s)
+        self._retry = RetryPolicy(retries, backoff_s, deadline_s=deadline_s)
         self._transport: AsyncTransport | None = None
         self._codec: AttributionCodec | None = None
         self._batcher: AsyncMicroBatcher[Prepared, Attribution] | None = None

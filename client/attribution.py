@@ -22,7 +22,7 @@ from .errors import InvalidInputError, ManifestError
 from .images import ImageLike, ImagePreparer, as_items, describe, is_single
 from .manifest import Manifest, ServedModel
 from .results import Attribution, attributions
-from .retry import RetryPolicy
+from .retry import DEFAULT_DEADLINE_S, RetryPolicy
 from .transport import Answer, Transport, bytes_array
 
 
@@ -155,8 +155,10 @@ def resolve_manifest(served: ServedModel, fetch_ensemble: Any) -> Manifest:
 class AttributionClient:
     """Attribution over gRPC with batching, a bound on requests in flight, deadlines and retries.
 
-    timeout_s is the deadline of each attempt; retries re-send after backoff_s * 2**k only when the
-    server is unavailable. Reads the manifest (classes, tasks, crop) from the served model on creation.
+    timeout_s bounds each attempt; while the server is unreachable or the model not ready (a restart, a
+    load), a request is re-sent after backoff_s * 2**k until deadline_s after its first attempt (and at
+    most `retries` times, when given). Reads the manifest (classes, tasks, crop) from the served model on
+    creation, and again when an answer comes from a version it has not seen (a rollout).
     """
 
     def __init__(
@@ -168,12 +170,13 @@ class AttributionClient:
         max_delay_ms: float = 5,
         max_in_flight: int = 4,
         timeout_s: float = 10,
-        retries: int = 3,
+        retries: int | None = None,
         backoff_s: float = 0.1,
+        deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> None:
         self.model = model
         self.version = "" if version is None else str(version)
-        self._transport = Transport(url, timeout_s, RetryPolicy(retries, backoff_s))
+        self._transport = Transport(url, timeout_s, RetryPolicy(retries, backoff_s, deadline_s=deadline_s))
         self._refresh_lock = threading.Lock()
         try:
             self._codec = AttributionCodec(*self._read_served(), max_batch_size)

@@ -39,7 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="largest micro-batch (default %(default)s)")
     parser.add_argument("--in-flight", type=int, default=4, help="requests in flight at once (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per request attempt, seconds")
-    parser.add_argument("--retries", type=int, default=3, help="retries while the server is unavailable")
+    parser.add_argument("--deadline", type=float, default=60.0,
+                        help="retry while the server is unavailable or the model not ready, for up to this many "
+                             "seconds per request (default %(default)s: covers a server restart)")
+    parser.add_argument("--retries", type=int, default=None, help="also cap the retries per request at this number")
     parser.add_argument("--quiet", action="store_true", help="no progress on standard error")
     parser.set_defaults(func=run_attribute)
 
@@ -108,6 +111,7 @@ def run_attribute(args: argparse.Namespace) -> int:
         client = AttributionClient(
             args.url, model=model, version=args.version, max_batch_size=args.batch_size,
             max_in_flight=args.in_flight, timeout_s=args.timeout, retries=args.retries,
+            deadline_s=args.deadline,
         )
     except ClientError as exc:
         print(f"cannot use {model} at {args.url}: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ class InvalidInputError(ClientError, ValueError):
 
 
 class ServerUnavailableError(ClientError, ConnectionError):
-    """The server could not be reached, or went away mid-request (after the allowed retries)."""
+    """The server could not be reached, or went away mid-request (until the request's deadline)."""
 
 
 class DeadlineExceededError(ClientError, TimeoutError):
@@ -56,8 +56,11 @@ _NOT_READY_HINTS = ("unknown model", "is not ready", "is not found", "no version
 
 
 def is_retryable(error: BaseException) -> bool:
-    """Only an unreachable server is worth retrying: anything else would fail the same way again."""
-    return isinstance(error, ServerUnavailableError)
+    """An unreachable server, or a model that exists but is not ready yet (a server restarting or loading):
+    both pass by themselves. Anything else would fail the same way again."""
+    if isinstance(error, ModelNotFoundError):
+        return False
+    return isinstance(error, (ServerUnavailableError, ModelNotReadyError))
 
 
 def from_triton(exc: Exception, what: str) -> ClientError:

@@ -11,7 +11,7 @@ from aigis import contract
 
 from .errors import InvalidInputError, ManifestError
 from .images import check_batch
-from .retry import RetryPolicy
+from .retry import DEFAULT_DEADLINE_S, RetryPolicy
 from .transport import Transport, bytes_array
 
 
@@ -35,12 +35,13 @@ class ProtectionClient:
         model: str = contract.PROTECT_MODEL,
         version: int | str | None = None,
         timeout_s: float = 60,
-        retries: int = 3,
+        retries: int | None = None,
         backoff_s: float = 0.1,
+        deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> None:
         self.model = model
         self.version = "" if version is None else str(version)
-        self._transport = Transport(url, timeout_s, RetryPolicy(retries, backoff_s))
+        self._transport = Transport(url, timeout_s, RetryPolicy(retries, backoff_s, deadline_s=deadline_s))
         try:
             served = self._transport.served_model(model, self.version, (contract.PROTECT_IMAGES,))
         except BaseException:

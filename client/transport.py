@@ -50,20 +50,30 @@ def bytes_array(items: Sequence[bytes | str]) -> np.ndarray:
     return array
 
 
-def explain_not_ready(name: str, version: str, url: str, index: dict[str, Any] | None) -> ModelNotReadyError:
-    """Say WHY a model is not ready, from the server's repository index (None if it could not be read).
+def explain_not_ready(name: str, version: str, url: str, index: dict[str, Any] | None,
+                      ready: dict[str, list[str]] | None = None) -> ModelNotReadyError:
+    """Say WHY a model is not ready, from the server's repository index.
 
     "no such model" (a typo, a missing export), "no such version" and "present but not loaded" call
-    for different fixes, so the message names which one it is and what the server does have.
+    for different fixes, so the message names which one it is and what the server does have. A server
+    whose index needs the control key (`aigis serve`) tells only what is ready (`ready`: model -> ready
+    versions, from the open metadata and statistics APIs): a model with no ready version may be loading
+    (a restart), so that error is one worth retrying.
     """
     what = f"{name!r}" + (f" version {version}" if version else "")
     if index is None:
-        return ModelNotReadyError(f"{what} at {url}: model is not ready")
+        if ready is None:
+            return ModelNotReadyError(f"{what} at {url}: model is not ready")
+        if ready.get(name) and version:
+            return ModelNotFoundError(f"{what} at {url} is not loaded (ready versions of {name!r}: "
+                                      f"{', '.join(ready[name])})")
+        return ModelNotReadyError(f"{what} at {url} is not ready: it is loading, not loaded, or does not exist "
+                                  f"(ready models: {', '.join(sorted(ready)) or 'none'})")
     entries = [entry for entry in index.get("models", []) if isinstance(entry, dict)]
-    ready = sorted({str(e.get("name")) for e in entries if e.get("state") == "READY"})
+    ready_names = sorted({str(e.get("name")) for e in entries if e.get("state") == "READY"})
     mine = [e for e in entries if e.get("name") == name]
     if not mine:
-        return ModelNotFoundError(f"no model named {name!r} at {url} (ready models: {', '.join(ready) or 'none'})")
+        return ModelNotFoundError(f"no model named {name!r} at {url} (ready models: {', '.join(ready_names) or 'none'})")
     ready_versions = sorted({str(e.get("version")) for e in mine if e.get("state") == "READY" and e.get("version")})
     if version and ready_versions:
         return ModelNotFoundError(
@@ -73,6 +83,16 @@ def explain_not_ready(name: str, version: str, url: str, index: dict[str, Any] |
         f"{e.get('state') or 'not loaded'}" + (f": {e['reason']}" if e.get("reason") else "") for e in mine
     )
     return ModelNotReadyError(f"{what} at {url} is in the model repository but not ready ({states})")
+
+
+def ready_from_statistics(statistics: dict[str, Any] | None) -> dict[str, list[str]] | None:
+    """model -> ready versions, from the statistics API (open to every client, unlike the index)."""
+    if statistics is None:
+        return None
+    ready: dict[str, list[str]] = {}
+    for entry in statistics.get("model_stats", []):
+        ready.setdefault(str(entry.get("name")), []).append(str(entry.get("version")))
+    return ready
 
 
 class Answer:
@@ -106,13 +126,14 @@ class Transport:
     def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
         """Check the model is ready, then read its config (both with retries while the server is down)."""
 
-        def attempt() -> ServedModel:
+        def attempt(left_s: float) -> ServedModel:
             what = f"{name} (version {version or 'latest'}) at {self.url}"
+            timeout = min(self.timeout_s, left_s)
             try:
-                ready = self._client.is_model_ready(name, version, client_timeout=self.timeout_s)
+                ready = self._client.is_model_ready(name, version, client_timeout=timeout)
                 if not ready:
-                    raise explain_not_ready(name, version, self.url, self._index())
-                config = self._client.get_model_config(name, version, as_json=True, client_timeout=self.timeout_s)
+                    raise explain_not_ready(name, version, self.url, *self._index())
+                config = self._client.get_model_config(name, version, as_json=True, client_timeout=timeout)
             except ClientError:
                 raise
             except Exception as exc:
@@ -122,14 +143,16 @@ class Transport:
         return self.retry.call(attempt, self.abort)
 
     def infer(self, model: str, version: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Answer:
-        """One inference with the per-attempt deadline and retries on UNAVAILABLE only."""
+        """One inference: each attempt within timeout_s, retried while the server or model is away, until the
+        request's deadline."""
         tensors = [make_input(self._grpc, name, array) for name, array in inputs.items()]
         requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
 
-        def attempt() -> Answer:
+        def attempt(left_s: float) -> Answer:
             try:
                 result = self._client.infer(
-                    model, tensors, model_version=version, outputs=requested, client_timeout=self.timeout_s
+                    model, tensors, model_version=version, outputs=requested,
+                    client_timeout=min(self.timeout_s, left_s),
                 )
             except Exception as exc:
                 raise self._failure(exc, f"{model} at {self.url}") from None
@@ -137,11 +160,17 @@ class Transport:
 
         return self.retry.call(attempt, self.abort)
 
-    def _index(self) -> dict[str, Any] | None:
+    def _index(self) -> tuple[dict[str, Any] | None, dict[str, list[str]] | None]:
+        """(the repository index, or None where it needs the control key; what is ready, from statistics)."""
         try:
-            return self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+            return self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), None
         except Exception:  # noqa: BLE001 - only used to word an error; the caller raises anyway
-            return None
+            pass
+        try:
+            statistics = self._client.get_inference_statistics(as_json=True, client_timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001
+            statistics = None
+        return None, ready_from_statistics(statistics)
 
     def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         """The server's per-model statistics (execution and batch counts), as JSON."""
@@ -169,15 +198,14 @@ class AsyncTransport:
         self._client = aioclient.InferenceServerClient(url, channel_args=channel_args())
 
     async def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
-        async def attempt() -> ServedModel:
+        async def attempt(left_s: float) -> ServedModel:
             what = f"{name} (version {version or 'latest'}) at {self.url}"
+            timeout = min(self.timeout_s, left_s)
             try:
-                ready = await self._client.is_model_ready(name, version, client_timeout=self.timeout_s)
+                ready = await self._client.is_model_ready(name, version, client_timeout=timeout)
                 if not ready:
-                    raise explain_not_ready(name, version, self.url, await self._index())
-                config = await self._client.get_model_config(
-                    name, version, as_json=True, client_timeout=self.timeout_s
-                )
+                    raise explain_not_ready(name, version, self.url, *await self._index())
+                config = await self._client.get_model_config(name, version, as_json=True, client_timeout=timeout)
             except ClientError:
                 raise
             except Exception as exc:
@@ -192,10 +220,11 @@ class AsyncTransport:
         tensors = [make_input(self._grpc, name, array) for name, array in inputs.items()]
         requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
 
-        async def attempt() -> Answer:
+        async def attempt(left_s: float) -> Answer:
             try:
                 result = await self._client.infer(
-                    model, tensors, model_version=version, outputs=requested, client_timeout=self.timeout_s
+                    model, tensors, model_version=version, outputs=requested,
+                    client_timeout=min(self.timeout_s, left_s),
                 )
             except Exception as exc:
                 raise from_triton(exc, f"{model} at {self.url}") from None
@@ -203,11 +232,16 @@ class AsyncTransport:
 
         return await self.retry.acall(attempt)
 
-    async def _index(self) -> dict[str, Any] | None:
+    async def _index(self) -> tuple[dict[str, Any] | None, dict[str, list[str]] | None]:
         try:
-            return await self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+            return await self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), None
         except Exception:  # noqa: BLE001 - only used to word an error; the caller raises anyway
-            return None
+            pass
+        try:
+            statistics = await self._client.get_inference_statistics(as_json=True, client_timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001
+            statistics = None
+        return None, ready_from_statistics(statistics)
 
     async def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
         try:

@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rollout.add_argument("--version", type=int, required=True, help="version to serve (back or forward)")
     rollout.add_argument("--model", default=None,
                          help=f"a stand-alone model to roll instead of the ensemble, e.g. {contract.PROTECT_MODEL}")
+    rollout.add_argument("--control-key-file", default=None,
+                         help="file holding the server's control key (default: $AIGIS_CONTROL_KEY, else the file "
+                              "`aigis serve` wrote for that port)")
     rollout.add_argument("--prune", action="store_true",
                          help="also unload the extractors the version does not use (after a rollback); the old "
                               "version's classifier and decode steps are always unloaded once it has drained")
@@ -111,14 +114,19 @@ def run_validate(args: argparse.Namespace) -> int:
 def run_rollout(args: argparse.Namespace) -> int:
     from aigis.export.repository import (RepositoryError, load_model_version, load_version, model_served_version,
                                          served_version)
-    from aigis.serving.control import ModelControl, ModelControlError
+    from aigis.serving.control import ModelControl, ModelControlError, read_control_key
 
+    try:
+        key = read_control_key(args.url, args.control_key_file)
+    except ModelControlError as exc:
+        print(f"aigis models rollout: error: {exc}", file=sys.stderr)
+        return 2
     if args.model is not None:
         if args.prune:
             print("aigis models rollout: error: --prune is for ensemble rollbacks, not --model", file=sys.stderr)
             return 2
         try:
-            with ModelControl(args.url) as control:
+            with ModelControl(args.url, control_key=key) as control:
                 before = model_served_version(control, args.model)
                 load_model_version(control, args.repo, args.model, args.version)
                 after = model_served_version(control, args.model)
@@ -128,7 +136,7 @@ def run_rollout(args: argparse.Namespace) -> int:
         print(f"{args.url}: {args.model} version {before} -> {after}")
         return 0
     try:
-        with ModelControl(args.url) as control:
+        with ModelControl(args.url, control_key=key) as control:
             before = served_version(control)
             done = load_version(control, args.repo, args.version, prune=args.prune)
             after = served_version(control)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aigis import contract
+from aigis import contract, preprocess
 
 CONFIG_FILE = "config.pbtxt"
 DECODE_BACKEND = "python"
@@ -112,7 +112,10 @@ def decode_config(version: int, crop: int, options: TargetOptions) -> dict:
         "output": [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])],
         "dynamic_batching": {"max_queue_delay_microseconds": options.max_queue_delay_us},
         "instance_group": [{"kind": "KIND_CPU", "count": options.instances}],
-        "parameters": {"crop": {"string_value": str(crop)}},
+        # The decode budget: an upload over either limit is refused from its header, before decoding.
+        "parameters": {"crop": {"string_value": str(crop)},
+                       "max_pixels": {"string_value": str(preprocess.MAX_PIXELS)},
+                       "max_side": {"string_value": str(preprocess.MAX_SIDE)}},
     }
 
 

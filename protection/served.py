@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from aigis import contract
+from aigis import contract, preprocess
 from aigis.export.configs import tensor
 from aigis.export.repository import publish_version, versions
 
@@ -46,6 +46,9 @@ def protect_config(version: int, max_batch_size: int = 16, gpu: bool = False, ma
                    tensor(contract.PROTECTED_CAPTIONS, "TYPE_STRING", [1])],
         "dynamic_batching": {"max_queue_delay_microseconds": max_queue_delay_us},
         "instance_group": [{"kind": "KIND_GPU" if gpu else "KIND_CPU", "count": 1}],
+        # The upload budget: a larger image is refused before any protection work.
+        "parameters": {"max_pixels": {"string_value": str(preprocess.MAX_PIXELS)},
+                       "max_side": {"string_value": str(preprocess.MAX_SIDE)}},
     }
 
 

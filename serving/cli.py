@@ -4,50 +4,111 @@ from __future__ import annotations
 
 import argparse
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` to the `aigis` command."""
     serve = sub.add_parser(
         "serve",
-        help="run the embedded Triton server on a model repository until Ctrl-C / SIGTERM",
+        help="run the embedded Triton server on a model repository until Ctrl-C / SIGTERM, restarting it if it dies",
         description="Start the tritonserver binary from the nvidia-pytriton wheel (no container) on a "
         "model repository, in explicit model-control mode; onnxruntime_onnx models are served by the "
-        "bundled Python-based onnxruntime backend. Port 0 picks a free port.",
+        "bundled Python-based onnxruntime backend. If tritonserver dies it is restarted (with backoff) on the "
+        "same ports, serving the versions last rolled out. Inference is open on the bound address; repository "
+        "control (load, unload, index), shared memory, traces and logging need the control key. Port 0 picks "
+        "a free port.",
     )
     serve.add_argument("--repo", default="model_repository", help="model repository (default: %(default)s)")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: %(default)s; any other address exposes inference to the "
+                            "network)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="default: %(default)s")
-    serve.add_argument("--http-port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--http", action="store_true", help="also serve Triton's HTTP/REST endpoint (off by default)")
+    serve.add_argument("--http-port", type=int, default=8000, help="with --http (default: %(default)s)")
     serve.add_argument("--metrics-port", type=int, default=8002, help="default: %(default)s")
     serve.add_argument(
         "--load", nargs="*", metavar="MODEL", default=None,
-        help="models to load at start (default: every model; `--load` alone: none)",
+        help="models to load at start (default: every model that no ensemble pins as a step; the ensembles "
+             "bring the steps of the version they serve. `--load` alone: none)",
     )
+    serve.add_argument("--control-key-file", default=None,
+                       help="the control key: read from this file, or made and written there (0600) when it does "
+                            "not exist. Default: $AIGIS_CONTROL_KEY, else a new key written to "
+                            "~/.config/aigis/control-key-<grpc port>")
+    serve.add_argument("--max-restarts", type=int, default=None,
+                       help="give up after this many restarts in a row without a minute of uptime (default: never)")
     serve.add_argument("--log", default=None, help="write the server log here (default: a temporary file)")
     serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds (default: %(default)s)")
     serve.add_argument("--log-verbose", type=int, default=0, help="Triton's --log-verbose level")
     serve.set_defaults(func=run_serve)
 
 
+def control_key_for(args: argparse.Namespace) -> tuple[str, "Path | None", str]:  # noqa: F821
+    """(key, file to write it to once the port is known or None, where it came from): --control-key-file,
+    $AIGIS_CONTROL_KEY, or a new key."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    from aigis.serving.control import KEY_ENVIRONMENT
+
+    if args.control_key_file is not None:
+        path = Path(args.control_key_file)
+        if path.is_file():
+            return path.read_text().strip(), None, f"read from {path}"
+        return secrets.token_urlsafe(32), path, "new"
+    if os.environ.get(KEY_ENVIRONMENT):
+        return os.environ[KEY_ENVIRONMENT].strip(), None, f"from ${KEY_ENVIRONMENT}"
+    return secrets.token_urlsafe(32), None, "new"
+
+
+def default_models(repo: str) -> list[str]:
+    """Every model of the repository that no ensemble pins as a step: Triton loads an ensemble's steps with it,
+    so only the served version's steps are loaded (not every old classifier)."""
+    from pathlib import Path
+
+    from aigis.export.configs import CONFIG_FILE, read_config
+
+    models, steps = [], set()
+    for folder in sorted(p for p in Path(repo).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / CONFIG_FILE).is_file():
+            continue
+        models.append(folder.name)
+        for version in (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
+            if (version / CONFIG_FILE).is_file():
+                config = read_config(version / CONFIG_FILE)
+                steps.update(step["model_name"] for step in (config.get("ensemble_scheduling") or {}).get("step", []))
+    return [name for name in models if name not in steps]
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    """Start the server, report what it serves, wait for Ctrl-C or SIGTERM, stop it cleanly."""
+    """Start the server, report what it serves, restart it when it dies, stop cleanly on Ctrl-C or SIGTERM."""
     import signal
     import sys
     import threading
+    from pathlib import Path
 
-    from aigis.serving.control import ModelControl
+    from aigis.serving.control import default_key_file, write_key_file
     from aigis.serving.server import ServerError, TritonServer
 
+    if not Path(args.repo).is_dir():
+        print(f"aigis serve: model repository {args.repo} is not a directory", file=sys.stderr)
+        return 1
+    grpc_port = args.grpc_port or None
+    key, key_file, key_source = control_key_for(args)
     server = TritonServer(
         args.repo,
-        models=args.load,
+        models=default_models(args.repo) if args.load is None else args.load,
         host=args.host,
-        grpc_port=args.grpc_port or None,
+        grpc_port=grpc_port,
         http_port=args.http_port or None,
         metrics_port=args.metrics_port or None,
         log_path=args.log,
         log_verbose=args.log_verbose,
         startup_timeout=args.startup_timeout,
+        control_key=key,
+        http=args.http,
     )
     stop_requested = threading.Event()
     started = threading.Event()
@@ -65,30 +126,81 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"aigis serve: {error}", file=sys.stderr)
             return 1
         started.set()
-        with ModelControl(server.grpc_url) as control:
-            loaded = control.loaded()
-        print(f"Triton serving {server.model_repository} (pid {server.pid})")
-        print(f"  gRPC     {server.grpc_url}")
-        print(f"  HTTP     http://{server.http_url}")
-        print(f"  metrics  {server.metrics_url}")
-        if server.log_path is not None:
-            print(f"  log      {server.log_path}")
-        if loaded:
-            for name, versions in sorted(loaded.items()):
-                print(f"  model    {name} (versions {', '.join(versions)})")
-        else:
-            print("  models   none loaded")
-        print("Ctrl-C or SIGTERM stops the server.", flush=True)
-
-        while not stop_requested.wait(0.5):
-            if not server.is_running():
-                print("aigis serve: tritonserver exited unexpectedly\n" + server.log_tail(), file=sys.stderr)
-                return 1
-        print("stopping...", flush=True)
-        status = server.stop()
-        print(f"stopped (tritonserver exit status {status})", flush=True)
-        return 0
+        if key_source == "new":   # the default file is named by the port, known only now
+            key_file = write_key_file(key_file or default_key_file(server.grpc_url), key)
+            key_source = f"new, written to {key_file} (0600)"
+        report(server, key_source)
+        return supervise(server, stop_requested, args.max_restarts)
     finally:
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def report(server: "TritonServer", key_source: str) -> None:  # noqa: F821 - imported lazily
+    """What is served, where, and what is exposed."""
+    with server.control() as control:
+        loaded = control.loaded()
+    print(f"Triton serving {server.model_repository} (pid {server.pid})")
+    print(f"  gRPC     {server.grpc_url}   inference open; repository control needs the key")
+    print(f"  HTTP     " + (f"http://{server.http_url}" if server.http else "off (--http turns it on)"))
+    print(f"  metrics  {server.metrics_url}")
+    print(f"  key      {key_source}")
+    if server.log_path is not None:
+        print(f"  log      {server.log_path}")
+    if server.host not in LOOPBACK:
+        endpoints = "gRPC, metrics" + (" and HTTP" if server.http else "")
+        print(f"  WARNING  bound to {server.host}: {endpoints} are reachable from the network; anyone who reaches "
+              f"them can run inference and read metrics (repository control still needs the key, and the key "
+              f"travels in clear text: put TLS in front for untrusted networks)")
+    for name, versions in sorted(loaded.items()):
+        print(f"  model    {name} (versions {', '.join(versions)})")
+    if not loaded:
+        print("  models   none loaded")
+    print("Ctrl-C or SIGTERM stops the server.", flush=True)
+
+
+def supervise(server: "TritonServer", stop_requested: "threading.Event",  # noqa: F821
+              max_restarts: int | None = None) -> int:
+    """Wait for a stop request; restart tritonserver (backoff 1, 2, 4 ... 30 s) each time it dies."""
+    import sys
+    import time
+
+    from aigis.serving.server import ServerError
+
+    restarts = failures_in_a_row = 0
+    up_since = time.monotonic()
+    while not stop_requested.wait(0.2):
+        if server.is_running():
+            if time.monotonic() - up_since > 60:
+                failures_in_a_row = 0
+            continue
+        status = server.exit_status()
+        failures_in_a_row += 1
+        if max_restarts is not None and failures_in_a_row > max_restarts:
+            print(f"aigis serve: tritonserver died {failures_in_a_row} times in a row; giving up\n"
+                  + server.log_tail(), file=sys.stderr)
+            return 1
+        delay = min(30.0, 2.0 ** (failures_in_a_row - 1)) if failures_in_a_row > 1 else 0.0
+        message = f"aigis serve: tritonserver exited (status {status}); restart {restarts + 1} in {delay:.0f} s"
+        print(message, file=sys.stderr, flush=True)
+        server.note(message)
+        if stop_requested.wait(delay):
+            break
+        died_at = time.monotonic()
+        try:
+            server.restart()
+        except ServerError as error:
+            print(f"aigis serve: restart {restarts + 1} failed: {error}", file=sys.stderr, flush=True)
+            up_since = time.monotonic()
+            continue
+        restarts += 1
+        up_since = time.monotonic()
+        message = f"aigis serve: restart {restarts}: serving again (pid {server.pid}) after {up_since - died_at:.1f} s"
+        print(message, flush=True)
+        server.note(message)
+    print("stopping...", flush=True)
+    status = server.stop()
+    print(f"stopped (tritonserver exit status {status}; {restarts} restart{'s' if restarts != 1 else ''})",
+          flush=True)
+    return 0

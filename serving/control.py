@@ -8,16 +8,56 @@ repository's config.pbtxt, and loading an already-loaded model re-reads it witho
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 
-class ModelControlError(RuntimeError):
-    """A load or unload failed; the message names the model and carries the server's reason."""
+from .server import CONTROL_HEADER, ServerError
+
+KEY_ENVIRONMENT = "AIGIS_CONTROL_KEY"
+
+
+class ModelControlError(ServerError):
+    """A load or unload failed, or the server refused the control key; the message names the model and
+    carries the server's reason."""
+
+
+def default_key_file(grpc_url: str) -> Path:
+    """Where `aigis serve` keeps the key it made for the server on `grpc_url`'s port (0600)."""
+    port = grpc_url.rsplit(":", 1)[-1]
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "aigis" / f"control-key-{port}"
+
+
+def read_control_key(grpc_url: str, key_file: str | Path | None = None) -> str | None:
+    """The control key for the server at `grpc_url`: `key_file`, else $AIGIS_CONTROL_KEY, else the file
+    `aigis serve` wrote for that port; None when there is none."""
+    if key_file is not None:
+        path = Path(key_file)
+        if not path.is_file():
+            raise ModelControlError(f"control key file {path} does not exist")
+        return path.read_text().strip()
+    if os.environ.get(KEY_ENVIRONMENT):
+        return os.environ[KEY_ENVIRONMENT].strip()
+    path = default_key_file(grpc_url)
+    return path.read_text().strip() if path.is_file() else None
+
+
+def write_key_file(path: str | Path, key: str) -> Path:
+    """Write `key` to `path`, readable by its owner only (created 0600, never world-readable in between)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(key + "\n")
+    os.chmod(path, 0o600)
+    return path
 
 
 @dataclass(frozen=True)
@@ -70,12 +110,24 @@ def wait_ready(
 
 
 class ModelControl:
-    """Load, unload and list the models of one server (explicit model-control mode)."""
+    """Load, unload and list the models of one server (explicit model-control mode).
 
-    def __init__(self, grpc_url: str, timeout: float = 120.0) -> None:
+    `control_key` is sent with every call (the server refuses repository control without it).
+    """
+
+    def __init__(self, grpc_url: str, timeout: float = 120.0, control_key: str | None = None) -> None:
         self.grpc_url = grpc_url
         self.timeout = timeout
+        self._headers = {f"triton-grpc-protocol-{CONTROL_HEADER}": control_key} if control_key else None
         self._client = grpcclient.InferenceServerClient(url=grpc_url)
+
+    def _refused(self, error: InferenceServerException, what: str) -> ModelControlError:
+        message = error.message() or str(error)
+        if "restricted" in message:
+            return ModelControlError(f"{what}: {self.grpc_url} refuses repository control without its key "
+                                     f"(give ${KEY_ENVIRONMENT} or --control-key-file; `aigis serve` prints where "
+                                     f"it wrote the key)")
+        return ModelControlError(f"{what} failed: {message}")
 
     def __enter__(self) -> "ModelControl":
         return self
@@ -107,22 +159,23 @@ class ModelControl:
         file_overrides = None if files is None else {f"file:{path}": data for path, data in files.items()}
         try:
             self._client.load_model(
-                name, config=config_json, files=file_overrides, client_timeout=self.timeout
+                name, config=config_json, files=file_overrides, headers=self._headers, client_timeout=self.timeout
             )
         except InferenceServerException as error:
-            message = error.message()
-            if "failed to poll" in message:
-                message += " (Triton logs the reason, e.g. a config it rejects, in the server log)"
-            raise ModelControlError(f"loading model {name!r} failed: {message}") from None
+            failure = self._refused(error, f"loading model {name!r}")
+            if "failed to poll" in str(failure):
+                failure = ModelControlError(f"{failure} (Triton logs the reason, e.g. a config it rejects, in the "
+                                            f"server log)")
+            raise failure from None
 
     def unload(self, name: str, *, unload_dependents: bool = False, wait: bool = True) -> None:
         """Unload `name`; with `wait`, return only once no version of it is READY any more."""
         try:
             self._client.unload_model(
-                name, unload_dependents=unload_dependents, client_timeout=self.timeout
+                name, unload_dependents=unload_dependents, headers=self._headers, client_timeout=self.timeout
             )
         except InferenceServerException as error:
-            raise ModelControlError(f"unloading model {name!r} failed: {error.message()}") from None
+            raise self._refused(error, f"unloading model {name!r}") from None
         if not wait:
             return
         deadline = time.monotonic() + self.timeout
@@ -133,7 +186,10 @@ class ModelControl:
 
     def index(self, ready_only: bool = False) -> list[ModelStatus]:
         """Every model in the repository, one row per known version, sorted by name and version."""
-        response = self._client.get_model_repository_index(client_timeout=self.timeout)
+        try:
+            response = self._client.get_model_repository_index(headers=self._headers, client_timeout=self.timeout)
+        except InferenceServerException as error:
+            raise self._refused(error, "reading the repository index") from None
         rows = [
             ModelStatus(name=m.name, version=m.version, state=m.state, reason=m.reason)
             for m in response.models

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -26,10 +27,18 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from aigis.serving.control import ModelControl
 
 ONNXRUNTIME_BACKEND_SOURCE = Path(__file__).with_name("backends") / "onnxruntime_backend.py"
 STUB_NAME = "triton_python_backend_stub"
+# The header a control request carries its key in (gRPC clients send it as "triton-grpc-protocol-<header>"),
+# and the protocols it guards: loading models (which can carry code), the repository index, system shared
+# memory, traces and logging. Inference, health, metadata, model configs and statistics stay open.
+CONTROL_HEADER = "aigis-control-key"
+RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
 
 
 class ServerError(RuntimeError):
@@ -204,7 +213,11 @@ class TritonServer:
 
     Use as a context manager (`with TritonServer(repo, models=["m"]) as server: ...`) or call
     start() / stop(). `models=None` loads every model in the repository, `[]` loads none (load them
-    later with `aigis.serving.control.ModelControl`). Ports left as None are picked free.
+    later with `server.control()`). Ports left as None are picked free.
+
+    Repository control (load, unload, the index), shared memory, traces and logging need `control_key`
+    (a random one when None; "" runs the control plane open, for closed test hosts only); inference stays
+    open on the bound address. The HTTP endpoint is off unless `http=True`.
     """
 
     def __init__(
@@ -221,11 +234,17 @@ class TritonServer:
         startup_timeout: float = 60.0,
         stop_timeout: float = 20.0,
         extra_args: Sequence[str] = (),
+        control_key: str | None = None,
+        http: bool = False,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.models = None if models is None else list(models)
         self.host = host
-        self._requested_ports = (grpc_port, http_port, metrics_port)
+        self.control_key = secrets.token_urlsafe(32) if control_key is None else control_key
+        if any(c.isspace() or c in ",:=" for c in self.control_key):
+            raise ServerError("a control key cannot hold whitespace or any of , : =")
+        self.http = http
+        self._requested_ports = (grpc_port, http_port if http else None, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = self._requested_ports
         self._user_log_path = None if log_path is None else Path(log_path).resolve()
         self.log_path: Path | None = self._user_log_path
@@ -248,7 +267,15 @@ class TritonServer:
     @property
     def http_url(self) -> str:
         """`host:port` as tritonclient.http.InferenceServerClient(url=...) expects it (no scheme)."""
+        if not self.http:
+            raise ServerError("this server runs without its HTTP endpoint (http=False)")
         return f"{_client_host(self.host)}:{self.http_port}"
+
+    def control(self, timeout: float = 120.0) -> "ModelControl":
+        """A ModelControl for this server, carrying its control key."""
+        from aigis.serving.control import ModelControl
+
+        return ModelControl(self.grpc_url, timeout=timeout, control_key=self.control_key)
 
     @property
     def metrics_url(self) -> str:
@@ -261,6 +288,16 @@ class TritonServer:
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
+
+    def exit_status(self) -> int | None:
+        """The exit status of the last server process (None while it runs or before it started)."""
+        return None if self._process is None else self._process.poll()
+
+    def note(self, line: str) -> None:
+        """Append a line of our own to the server log (restarts, for whoever reads the log later)."""
+        if self.log_path is not None:
+            with open(self.log_path, "a") as log:
+                log.write(line.rstrip("\n") + "\n")
 
     def log_tail(self, lines: int = 40) -> str:
         """The last `lines` lines of the server log ('' when there is none yet)."""
@@ -284,7 +321,8 @@ class TritonServer:
         self._work_dir = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
         try:
             backend_dir = prepare_backend_dir(self._work_dir / "backends", dist)
-            attempts = 1 if all(self._requested_ports) else 3   # picked ports can be taken meanwhile
+            fixed = all(port for k, port in enumerate(self._requested_ports) if k != 1 or self.http)
+            attempts = 1 if fixed else 3   # picked ports can be taken meanwhile
             for attempt in range(attempts):
                 self._pick_ports()
                 self._launch(dist, backend_dir)
@@ -311,12 +349,23 @@ class TritonServer:
         self._remove_work_dir()
         return status
 
+    def restart(self) -> "TritonServer":
+        """Stop what is left of the server (stubs of a crashed one included) and start it again on the same
+        ports, with the same key and models; the repository's pointers decide the versions it serves."""
+        if self.grpc_port is not None:
+            self._requested_ports = (self.grpc_port, self.http_port, self.metrics_port)
+        self.stop()
+        return self.start()
+
     # -- internals ----------------------------------------------------------------------------------
 
     def _pick_ports(self) -> None:
         taken: set[int] = set()
         ports = []
-        for requested in self._requested_ports:
+        for k, requested in enumerate(self._requested_ports):
+            if k == 1 and not self.http:
+                ports.append(None)
+                continue
             port = requested
             while port is None or port in taken:
                 port = free_port(self.host if self.host not in ("", "::") else "127.0.0.1")
@@ -333,8 +382,6 @@ class TritonServer:
             f"--backend-directory={backend_dir}",
             f"--cache-directory={dist.cache_dir}",
             "--model-control-mode=explicit",
-            f"--http-address={self.host}",
-            f"--http-port={self.http_port}",
             f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.host}",
@@ -349,6 +396,15 @@ class TritonServer:
             # prefix keeps several servers on one machine from colliding.
             f"--backend-config=python,shm-region-prefix-name=aigis_{os.getpid()}_{uuid.uuid4().hex[:8]}_",
         ]
+        if self.http:
+            args += [f"--http-address={self.host}", f"--http-port={self.http_port}"]
+        else:
+            args.append("--allow-http=false")
+        if self.control_key:
+            guarded = ",".join(RESTRICTED_PROTOCOLS)
+            args.append(f"--grpc-restricted-protocol={guarded}:{CONTROL_HEADER}={self.control_key}")
+            if self.http:
+                args.append(f"--http-restricted-api={guarded}:{CONTROL_HEADER}={self.control_key}")
         if self.models is None:
             args.append("--load-model=*")
         else:

@@ -132,9 +132,8 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 @pytest.mark.slow
-def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
+def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys, monkeypatch):
     from aigis.client import AttributionClient
-    from aigis.serving.control import ModelControl
     from aigis.serving.server import TritonServer
 
     root, run, repo = workspace["root"], workspace["run"], workspace["repo"]
@@ -143,7 +142,8 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys):
     with torch.no_grad():
         local_two = two(torch.from_numpy(images)).argmax(1).numpy()
 
-    with TritonServer(repo, models=[]) as server, ModelControl(server.grpc_url) as control:
+    with TritonServer(repo, models=[]) as server, server.control() as control:
+        monkeypatch.setenv("AIGIS_CONTROL_KEY", server.control_key)   # what `aigis models rollout` reads
         load_version(control, repo, 2)
         assert served_version(control) == 2
         with AttributionClient(server.grpc_url) as client:

@@ -107,7 +107,7 @@ def test_a_broken_artefact_is_refused_before_anything_is_written(pairs_and_surro
 
 
 @pytest.mark.slow
-def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys):
+def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys, monkeypatch):
     from aigis.client import ProtectionClient
     from aigis.client.errors import InvalidInputError
     from aigis.serving.server import TritonServer
@@ -118,6 +118,7 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys):
     captions = [p.caption for p in pairs_and_surrogate["pairs"]]
     model, tokenizer, _ = load_surrogate(pairs_and_surrogate["surrogate"])
     with TritonServer(repo, models=[contract.PROTECT_MODEL]) as server:
+        monkeypatch.setenv("AIGIS_CONTROL_KEY", server.control_key)   # what `aigis models rollout` reads
         with ProtectionClient(server.grpc_url, timeout_s=120) as client:
             answer = client.protect(images, captions)
             assert answer.model_version == "1"
@@ -142,11 +143,10 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys):
         # served noise is made against every member, as the job made it.
         from aigis.export.repository import point_to
         from aigis.protection.mem import load_surrogates
-        from aigis.serving.control import ModelControl
 
         assert publish_protect_model(repo, pairs_and_surrogate["ensemble"], steps=2) == 2
         point_to(repo, contract.PROTECT_MODEL, 2)
-        with ModelControl(server.grpc_url) as control:
+        with server.control() as control:
             control.load(contract.PROTECT_MODEL)
         with ProtectionClient(server.grpc_url, timeout_s=120) as client:
             served = client.protect(images, captions)

@@ -10,6 +10,12 @@ that version predicts.
 from __future__ import annotations
 
 import asyncio
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -26,10 +32,10 @@ from aigis.client import AsyncAttributionClient, AttributionClient
 from aigis.data.cddb import CDDB
 from aigis.data.synth import SynthConfig, generate
 from aigis.export import export_run, load_version
-from aigis.serving.control import ModelControl
-from aigis.serving.server import TritonServer
+from aigis.serving.server import TritonServer, free_port
 from aigis.training.config import TrainConfig
 from aigis.training.run import ContinualRun, load_run
+from polling import poll
 from test_client_standin import png_bytes
 
 TASKS = ["tconv", "nearest", "bilinear"]
@@ -152,10 +158,11 @@ def async_client_load(url: str, images: np.ndarray, expected: dict, stop: thread
 
 
 @pytest.mark.slow
-def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_versions, capsys):
+def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_versions, capsys, monkeypatch):
     repo, images, expected = two_versions["repo"], two_versions["images"], two_versions["expected"]
     with TritonServer(repo, models=[]) as server:
-        with ModelControl(server.grpc_url) as control:
+        monkeypatch.setenv("AIGIS_CONTROL_KEY", server.control_key)   # what `aigis models rollout` reads
+        with server.control() as control:
             load_version(control, repo, 2)
         stop = threading.Event()
         loads = {
@@ -192,3 +199,86 @@ def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_version
         assert set(tally.versions) == {"2", "3"}, f"{name} saw versions {dict(tally.versions)}"
     print(f"{ROLLOUTS} rollouts in {sum(switches):.1f} s; answered per load: "
           f"{ {name: t.answered for name, t in tallies.items()} }")
+
+
+# ---- a supervised server: tritonserver killed under load ----------------------------------------------
+KILLS = 2
+
+
+def start_aigis_serve(repo: Path, tmp_path: Path, key: str) -> tuple[subprocess.Popen, queue.Queue, dict]:
+    """`aigis serve` as a real process; its output lines go to a queue; returns the endpoints it printed."""
+    ports = [str(free_port()) for _ in range(2)]
+    command = [sys.executable, "-m", "aigis.cli", "serve", "--repo", str(repo), "--grpc-port", ports[0],
+               "--metrics-port", ports[1], "--log", str(tmp_path / "server.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "AIGIS_CONTROL_KEY": key})
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    text = wait_for_line(lines, "Ctrl-C", 120)
+    return process, lines, {"grpc_url": re.search(r"gRPC\s+(\S+)", text).group(1),
+                            "pid": int(re.search(r"\(pid (\d+)\)", text).group(1)), "text": text}
+
+
+def wait_for_line(lines: queue.Queue, start: str, timeout: float) -> str:
+    """Everything read up to and including the first line holding `start` (fails after `timeout` s)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        seen.append(line)
+        if start in line:
+            return "".join(seen)
+    pytest.fail(f"no line with {start!r} after {timeout} s:\n" + "".join(seen))
+
+
+@pytest.mark.slow
+def test_a_killed_tritonserver_is_restarted_and_no_request_is_lost(two_versions, tmp_path):
+    """SIGKILL tritonserver twice under the four loads: `aigis serve` restarts it on the same port and version,
+    and every request is answered exactly once (the clients retry until their deadline)."""
+    repo, images, expected = two_versions["repo"], two_versions["images"], two_versions["expected"]
+    process, lines, served = start_aigis_serve(repo, tmp_path, key="test-key")
+    stop = threading.Event()
+    try:
+        assert "model    lorax (versions" in served["text"]
+        tallies = {name: Tally() for name in ("client", "asyncio client, lorax_bytes")}
+        threads = [threading.Thread(target=client_load, args=(served["grpc_url"], images, expected, stop,
+                                                              tallies["client"]), daemon=True),
+                   threading.Thread(target=async_client_load, args=(served["grpc_url"], images, expected, stop,
+                                                                    tallies["asyncio client, lorax_bytes"]),
+                                    daemon=True)]
+        for thread in threads:
+            thread.start()
+        pid, recovered = served["pid"], []
+        for kill in range(1, KILLS + 1):
+            time.sleep(1.5)
+            before = {name: t.answered for name, t in tallies.items()}
+            os.kill(pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            text = wait_for_line(lines, f"restart {kill}: serving again", 120)
+            pid = int(re.findall(r"serving again \(pid (\d+)\)", text)[-1])
+            # recovered = the first answers after the kill, on both loads
+            poll(lambda: {name: t.answered for name, t in tallies.items()},
+                 lambda now: all(now[name] > before[name] + 8 for name in now), timeout=60)
+            recovered.append(time.monotonic() - killed_at)
+        time.sleep(1.0)
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        process.send_signal(signal.SIGTERM)
+        rest, _ = process.communicate(timeout=60)
+        assert process.returncode == 0 and f"{KILLS} restarts" in rest, rest
+    finally:
+        stop.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    for name, tally in tallies.items():
+        assert not tally.failed, f"{name}: {sum(tally.failed.values())} failed: {dict(tally.failed)}"
+        assert not tally.misread, f"{name}: misread {tally.misread[:3]}"
+        assert tally.answered == tally.sent > 0, name
+    log = (tmp_path / "server.log").read_text()
+    assert f"restart {KILLS}: serving again" in log
+    print(f"{KILLS} kills; back to answering after {', '.join(f'{s:.1f}' for s in recovered)} s")

@@ -128,7 +128,8 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def shared_server(repo):
-    with TritonServer(repo, models=["tiny", "tiny_var", "tiny_slowq", "tiny_nobatch", "tiny_openvino"]) as running:
+    with TritonServer(repo, models=["tiny", "tiny_var", "tiny_slowq", "tiny_nobatch", "tiny_openvino"],
+                      http=True) as running:
         yield running
 
 
@@ -241,7 +242,7 @@ def test_bad_input_gets_its_own_error_and_the_model_keeps_serving(repo, client):
 
 
 def test_load_and_unload_without_restart(repo, server, client):
-    with ModelControl(server.grpc_url) as control:
+    with server.control() as control:
         assert not control.is_ready("tiny_b")
         control.load("tiny_b")
         assert control.is_ready("tiny_b")
@@ -259,7 +260,7 @@ def test_load_and_unload_without_restart(repo, server, client):
 
 
 def test_load_with_a_config_override(server, client):
-    with ModelControl(server.grpc_url) as control:
+    with server.control() as control:
         config = {
             "name": "tiny_b", "platform": "onnxruntime_onnx", "max_batch_size": 2,
             "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [IN_FEATURES]}],
@@ -281,7 +282,7 @@ def test_load_with_a_config_override(server, client):
                                          ("undeclared_input", "model.onnx input Z is not declared"),
                                          ("undeclared_input_openvino", "model.onnx input Z is not declared")])
 def test_a_broken_model_fails_to_load_with_an_error_naming_it(server, name, words):
-    with ModelControl(server.grpc_url) as control:
+    with server.control() as control:
         with pytest.raises(ModelControlError, match=f"'{name}'") as caught:
             control.load(name)
         assert words in str(caught.value)
@@ -295,6 +296,62 @@ def test_wait_ready_times_out_on_a_port_nobody_serves():
     with pytest.raises(TimeoutError):
         wait_ready(f"127.0.0.1:{free_port()}", timeout=0.5)
     assert time.monotonic() - start < 5
+
+
+# ---- a locked control plane ---------------------------------------------------------------------------
+
+
+def test_repository_control_needs_the_key_and_inference_does_not(repo, tmp_path):
+    """The attack of loading a model whose files carry code: refused over gRPC and HTTP without the key, and
+    the code never runs; with the key, control works. Inference needs no key."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    marker = tmp_path / "payload-ran"
+    payload = f"open({str(marker)!r}, 'w').write('ran')\nclass TritonPythonModel:\n    def execute(self, r): return []\n"
+    config = json.dumps({"name": "evil", "backend": "python", "max_batch_size": 0,
+                         "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [1]}],
+                         "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [1]}]})
+    body = json.dumps({"parameters": {"config": config,
+                                      "file:1/model.py": base64.b64encode(payload.encode()).decode()}}).encode()
+    with TritonServer(repo, models=["tiny"], control_key="s3cret-key", http=True) as server:
+        request = urllib.request.Request(f"http://{server.http_url}/v2/repository/models/evil/load", data=body,
+                                         method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 403
+        with grpcclient.InferenceServerClient(server.grpc_url) as anyone:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                anyone.load_model("evil", config=config, files={"file:1/model.py": payload.encode()})
+            with pytest.raises(InferenceServerException, match="restricted"):
+                anyone.get_model_repository_index()
+            with pytest.raises(InferenceServerException, match="restricted"):
+                anyone.update_log_settings({"log_file": str(tmp_path / "elsewhere.log")})
+            x = batch(2, seed=21)                                 # inference stays open
+            assert np.array_equal(infer(anyone, "tiny", x), reference(repo / "tiny" / "1" / "model.onnx", x))
+        with ModelControl(server.grpc_url, control_key="wrong") as wrong:
+            with pytest.raises(ModelControlError, match="refuses repository control without its key"):
+                wrong.load("tiny_b")
+        with server.control() as control:
+            control.load("tiny_b")
+            assert "tiny_b" in control.loaded()
+            control.unload("tiny_b")
+        time.sleep(0.5)
+    assert not marker.exists()
+
+
+def test_by_default_there_is_no_http_endpoint_and_a_random_key(repo):
+    with TritonServer(repo, models=["tiny"]) as server:
+        listening = _listening_addresses(server.pid)
+        assert {port for _, port in listening} == {server.grpc_port, server.metrics_port}
+        assert len(server.control_key) >= 32
+        with grpcclient.InferenceServerClient(server.grpc_url) as anyone:
+            with pytest.raises(InferenceServerException, match="restricted"):
+                anyone.get_model_repository_index()
+        with server.control() as control:
+            assert "tiny" in control.loaded()
 
 
 # ---- endpoints and binding ------------------------------------------------------------------------
@@ -382,7 +439,7 @@ def test_stubs_are_reaped_even_when_the_server_crashes(repo):
 def test_aigis_serve_runs_until_sigterm_then_stops_cleanly(repo, tmp_path):
     log = tmp_path / "server.log"
     command = [sys.executable, "-m", "aigis.cli", "serve", "--repo", str(repo), "--grpc-port", "0",
-               "--http-port", "0", "--metrics-port", "0", "--load", "tiny", "--log", str(log)]
+               "--metrics-port", "0", "--load", "tiny", "--log", str(log), "--control-key-file", str(tmp_path / "key")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         lines = []
@@ -405,7 +462,8 @@ def test_aigis_serve_runs_until_sigterm_then_stops_cleanly(repo, tmp_path):
         process.send_signal(signal.SIGTERM)
         rest, _ = process.communicate(timeout=60)
         assert process.returncode == 0, text + rest
-        assert "stopped (tritonserver exit status 0)" in rest
+        assert "stopped (tritonserver exit status 0; 0 restarts)" in rest
+        assert (tmp_path / "key").stat().st_mode & 0o777 == 0o600 and f"written to {tmp_path / 'key'}" in text
         assert not any(is_alive(p) for p in [server_pid, *stubs])
         assert log.exists() and "successfully loaded 'tiny'" in log.read_text()
     finally:
