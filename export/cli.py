@@ -99,9 +99,11 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from aigis.export.repository import validate
+    from aigis.export.repository import notes, validate
 
     problems = validate(args.repo)
+    for note in notes(args.repo):
+        print(f"  note: {note}")
     if problems:
         print(f"{args.repo}: {len(problems)} problem(s)")
         for problem in problems:

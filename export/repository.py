@@ -22,15 +22,17 @@ versions have drained: no request sees a missing model, and a restarted server c
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from aigis import contract
 
@@ -39,6 +41,7 @@ from .configs import (CONFIG_FILE, TargetOptions, classifier_config, decode_conf
 
 SOURCE_FILE = "source.json"
 STAGING_PREFIX = ".staging-"
+LOCK_FILE = ".aigis-writer.lock"
 DECODE_SHIM = '''"""lorax_decode (implementation: aigis.export.decode_model)."""
 from aigis.export.decode_model import TritonPythonModel  # noqa: F401
 '''
@@ -66,23 +69,77 @@ def version_config(repo: str | Path, model: str, version: int) -> dict:
     return read_config(path)
 
 
+@contextmanager
+def repository_lock(repo: str | Path, timeout_s: float = 600.0) -> Iterator[Path]:
+    """Hold the repository's writer lock; under it, remove what writers that died left behind.
+
+    Every write (a version published, a pointer moved) happens under this lock, so any staging folder or
+    temporary file found while holding it belongs to a writer that is gone (the kernel releases a dead
+    process's flock): removing it can never touch a live one.
+    """
+    repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
+    with open(repo / LOCK_FILE, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RepositoryError(f"{repo}: another writer (an export, a publish or a rollout) has held "
+                                          f"the repository lock for {timeout_s:.0f} s") from None
+                time.sleep(0.1)
+        try:
+            for leftover in leftovers(repo):
+                if leftover.is_dir():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            yield repo
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def leftovers(repo: str | Path) -> list[Path]:
+    """Staging folders and temporary files of writers (live ones too, unless the lock is held)."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    found = sorted(repo.glob(f"{STAGING_PREFIX}*")) + sorted(repo.glob(f"*/{STAGING_PREFIX}*"))
+    return found + sorted(repo.glob(f"*/.{CONFIG_FILE}.tmp"))
+
+
 def publish_version(repo: Path, model: str, version: int, config: dict, write: Callable[[Path], None]) -> Path:
-    """Write version `version` of `model` aside, then move it into place; never over an existing one."""
-    model_dir = repo / model
-    final = model_dir / str(version)
-    if final.exists():
-        raise RepositoryError(f"{model} version {version} already exists in {repo}; versions are never rewritten")
-    model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_dir))
-    try:
-        write(staging)
-        (staging / CONFIG_FILE).write_text(to_pbtxt(config))
-        os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if not (model_dir / CONFIG_FILE).exists():
-        _write_atomic(model_dir / CONFIG_FILE, to_pbtxt(config))
+    """Write version `version` of `model` aside, then move it into place in one rename; never over an
+    existing one. A model's first version arrives as the whole model folder (version and the model-level
+    config that serves it), so a writer killed at any point leaves either nothing or a whole version."""
+    with repository_lock(repo):
+        model_dir = Path(repo) / model
+        final = model_dir / str(version)
+        if final.exists():
+            raise RepositoryError(f"{model} version {version} already exists in {repo}; versions are never rewritten")
+        text = to_pbtxt(config)
+        first = not versions(repo, model)
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{model}-" if first else f"{STAGING_PREFIX}{version}-",
+                                        dir=Path(repo) if first else model_dir))
+        try:
+            target = staging / str(version) if first else staging
+            target.mkdir(exist_ok=True)
+            write(target)
+            (target / CONFIG_FILE).write_text(text)
+            if first:
+                (staging / CONFIG_FILE).write_text(text)
+                if model_dir.exists():   # a folder with no version holds nothing published
+                    shutil.rmtree(model_dir)
+                os.replace(staging, model_dir)
+            else:
+                os.replace(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        if not (model_dir / CONFIG_FILE).exists():   # a repository written before first versions came whole
+            _write_atomic(model_dir / CONFIG_FILE, text)
     return final
 
 
@@ -95,7 +152,8 @@ def point_to(repo: str | Path, model: str, version: int) -> bool:
     text = source.read_text()
     if target.is_file() and target.read_text() == text:
         return False
-    _write_atomic(target, text)
+    with repository_lock(repo):
+        _write_atomic(target, text)
     return True
 
 
@@ -491,7 +549,11 @@ def list_models(repo: str | Path) -> list[dict]:
 
 
 def validate(repo: str | Path) -> list[str]:
-    """Every problem found (empty = valid): steps resolve, tensor names/dtypes/shapes agree, no leftovers."""
+    """Every problem found (empty = valid): steps resolve, tensor names/dtypes/shapes agree, pointers agree.
+
+    What an interrupted writer leaves (staging folders, a version published in part) serves nothing and is
+    healed by the next writer: `notes` lists it, it is no problem.
+    """
     repo = Path(repo)
     if not repo.is_dir():
         return [f"model repository {repo} does not exist"]
@@ -499,9 +561,6 @@ def validate(repo: str | Path) -> list[str]:
     onnx_io: dict[tuple[str, int], dict[str, tuple[str, list[int]]]] = {}
     configs: dict[tuple[str, int], dict] = {}
     for folder in sorted(p for p in repo.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for leftover in sorted(p.name for p in folder.iterdir() if p.name.startswith(STAGING_PREFIX)):
-            problems.append(f"{folder.name}/{leftover}: a half-written version (an export was interrupted); "
-                            f"delete it")
         for v in versions(repo, folder.name):
             vdir = folder / str(v)
             try:
@@ -536,9 +595,19 @@ def validate(repo: str | Path) -> list[str]:
     for (name, v), config in configs.items():
         if config.get("platform") == "ensemble":
             problems += _check_ensemble(f"{name}/{v}", config, configs)
-    problems += _check_versions_complete(repo)
     problems += _check_pointers(repo, configs)
     return problems
+
+
+def notes(repo: str | Path) -> list[str]:
+    """What interrupted writers left: harmless (Triton skips hidden folders, and no served ensemble version
+    names a part-published one), and removed or finished by the next export."""
+    repo = Path(repo)
+    if not repo.is_dir():
+        return []
+    found = [f"{path.relative_to(repo)}: left by an interrupted writer; the next export or publish removes it"
+             for path in leftovers(repo)]
+    return found + _check_versions_complete(repo)
 
 
 def _check_pointers(repo: Path, configs: dict[tuple[str, int], dict]) -> list[str]:

@@ -1,0 +1,132 @@
+"""An export killed at any point leaves a repository that validates, and the next export completes it.
+
+`aigis export` runs as a real process and is SIGKILLed at points spread over its whole run, and at points
+inside its publish window (found by watching the repository for its first staging folder). After each kill:
+`validate` finds no problem, the next export finishes the version, and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aigis import contract
+from aigis.data.cddb import CDDB
+from aigis.data.synth import SynthConfig, generate
+from aigis.export import export_run, validate, versions
+from aigis.export.repository import LOCK_FILE, STAGING_PREFIX, leftovers, notes, publish_version, repository_lock
+from aigis.training.config import TrainConfig
+from aigis.training.run import ContinualRun
+
+TASKS = ["tconv", "nearest", "bilinear"]
+TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
+            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """A run over three tasks and a repository holding its version 2 (version 3 is what the kills interrupt)."""
+    base = tmp_path_factory.mktemp("heals")
+    root = base / "data"
+    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    run, repo = base / "run", base / "repo"
+    config = TrainConfig.from_dict(TINY)
+    ContinualRun(config, CDDB(root, TASKS[:2], progress=False), run, progress=False).run()
+    export_run(run, repo, progress=False)
+    ContinualRun(config, CDDB(root, TASKS, progress=False), run, resume=True, progress=False).run()
+    return {"run": run, "repo": repo}
+
+
+def export_process(run: Path, repo: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "aigis.cli", "export", "--run", str(run), "--repo", str(repo),
+                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def kill_when_publishing(process: subprocess.Popen, repo: Path, delay_s: float) -> bool:
+    """SIGKILL `process` `delay_s` after its first staging folder appears; False if it finished first."""
+    while process.poll() is None:
+        if any(p.name.startswith(STAGING_PREFIX) for p in [*repo.iterdir(), *repo.glob("*/*")]):
+            time.sleep(delay_s)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.0005)
+    return False
+
+
+@pytest.mark.slow
+def test_an_export_killed_at_any_point_leaves_a_valid_repository_and_the_next_one_finishes(base, tmp_path):
+    run = base["run"]
+    shutil.copytree(base["repo"], tmp_path / "timing")
+    started = time.monotonic()
+    assert export_process(run, tmp_path / "timing").wait(timeout=300) == 0
+    duration = time.monotonic() - started
+    assert versions(tmp_path / "timing", contract.ENSEMBLE_MODEL) == [2, 3]
+
+    # 5 kills spread over the run (loading, exporting, checking), 6 inside the publish window.
+    points = [("after", duration * f) for f in (0.1, 0.3, 0.5, 0.7, 0.85)] + \
+             [("publishing", d) for d in (0.0, 0.002, 0.005, 0.01, 0.02, 0.05)]
+    interrupted = 0
+    for k, (kind, at) in enumerate(points):
+        repo = tmp_path / f"repo{k}"
+        shutil.copytree(base["repo"], repo)
+        process = export_process(run, repo)
+        if kind == "after":
+            try:
+                process.wait(timeout=at)
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                interrupted += 1
+        else:
+            interrupted += kill_when_publishing(process, repo, at)
+        assert validate(repo) == [], (kind, at, validate(repo))
+        assert versions(repo, contract.ENSEMBLE_MODEL) in ([2], [2, 3])
+        report = export_run(run, repo, progress=False)             # the next export completes the version
+        assert report.already_published or report.version == 3
+        assert validate(repo) == [] and notes(repo) == [], (kind, at, notes(repo))
+        assert versions(repo, contract.ENSEMBLE_MODEL) == [2, 3]
+        assert versions(repo, contract.classifier_model(3)) == [1] and versions(repo, contract.decode_model(3)) == [1]
+        assert leftovers(repo) == []
+    assert interrupted >= 9, f"only {interrupted} of {len(points)} kills landed before the export finished"
+
+
+def test_stale_leftovers_go_under_the_lock_and_a_live_writer_is_waited_for(base, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(base["repo"], repo)
+    (repo / contract.ENSEMBLE_MODEL / f"{STAGING_PREFIX}9-dead").mkdir()
+    (repo / f"{STAGING_PREFIX}lorax_classifier_v9-dead").mkdir()
+    assert len(leftovers(repo)) == 2 and validate(repo) == []
+
+    # A writer holding the lock (another process in real life): a publish waits for it, then cleans up.
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with repository_lock(repo):
+            (repo / contract.ENSEMBLE_MODEL / f"{STAGING_PREFIX}live").mkdir()   # this writer's own staging
+            held.set()
+            release.wait(10)
+            os.rmdir(repo / contract.ENSEMBLE_MODEL / f"{STAGING_PREFIX}live")
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert held.wait(10)
+    published = threading.Thread(target=publish_version, args=(repo, "extra_model", 1, {"name": "extra_model",
+                                 "backend": "python"}, lambda folder: (folder / "model.py").write_text("")))
+    published.start()
+    time.sleep(0.5)
+    assert (repo / contract.ENSEMBLE_MODEL / f"{STAGING_PREFIX}live").is_dir()   # the live one is untouched
+    assert not (repo / "extra_model").exists()
+    release.set()
+    thread.join(10)
+    published.join(10)
+    assert (repo / "extra_model" / "1" / "model.py").is_file() and (repo / "extra_model" / "config.pbtxt").is_file()
+    assert leftovers(repo) == [] and (repo / LOCK_FILE).is_file()
