@@ -230,10 +230,19 @@ def test_dynamic_batching_runs_concurrent_requests_as_one_batch(repo, server, cl
     assert stats.execution_count < len(inputs)   # some execute() calls served several requests
 
 
-def test_bad_input_gets_its_own_error_and_the_model_keeps_serving(repo, client):
-    # tiny_var's config accepts any feature count, the graph wants exactly IN_FEATURES.
-    with pytest.raises(InferenceServerException, match="tiny_var"):
+def test_errors_say_whose_fault_and_the_model_keeps_serving(repo, client):
+    # A request the config refuses is the caller's fault: INVALID_ARGUMENT.
+    with pytest.raises(InferenceServerException, match="tiny") as refused:
+        infer(client, "tiny", batch(2, seed=7, features=IN_FEATURES - 1))
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    # tiny_var's config accepts any feature count, the graph wants exactly IN_FEATURES: the request kept the
+    # server's promise and the server broke it, so the runtime's failure is INTERNAL (ServerError at the client).
+    with pytest.raises(InferenceServerException, match="tiny_var") as failed:
         infer(client, "tiny_var", batch(2, seed=7, features=IN_FEATURES - 1))
+    assert failed.value.status() == "StatusCode.INTERNAL"
+    from aigis.client.errors import ServerError as ClientServerError, from_triton
+
+    assert isinstance(from_triton(failed.value, "tiny_var"), ClientServerError)
     x = batch(3, seed=8)
     assert np.array_equal(infer(client, "tiny_var", x), reference(repo / "tiny_var" / "1" / "model.onnx", x))
 

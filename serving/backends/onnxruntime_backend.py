@@ -242,7 +242,7 @@ class TritonPythonModel:
             try:
                 feeds, batch_size = self._feeds(request)
             except _BadRequest as error:
-                responses[index] = self._error(str(error))
+                responses[index] = self._error(str(error), pb_utils.TritonError.INVALID_ARG)
                 continue
             key = tuple((name, array.shape[1:] if self.batching else array.shape) for name, array in sorted(feeds.items()))
             groups.setdefault(key, []).append((index, feeds, batch_size))
@@ -258,8 +258,11 @@ class TritonPythonModel:
             for index, feeds, batch_size in members:
                 try:
                     responses[index] = self._response(self._run(feeds, batch_size))
+                except _BadRequest as error:
+                    responses[index] = self._error(str(error), pb_utils.TritonError.INVALID_ARG)
                 except Exception as error:
-                    responses[index] = self._error(f"inference failed: {error}")
+                    # The request passed every check against the config, so a failure now is the server's.
+                    responses[index] = self._error(f"inference failed: {error}", pb_utils.TritonError.INTERNAL)
         return responses
 
     def _feeds(self, request):
@@ -333,10 +336,11 @@ class TritonPythonModel:
     def _response(self, tensors):
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
-    def _error(self, message):
+    def _error(self, message, code):
+        """An error response: INVALID_ARG when the request is at fault, INTERNAL when the server is."""
         return pb_utils.InferenceResponse(
             output_tensors=[],
-            error=pb_utils.TritonError(f"model '{self.model_name}': {message}", pb_utils.TritonError.INVALID_ARG),
+            error=pb_utils.TritonError(f"model '{self.model_name}': {message}", code),
         )
 
     def finalize(self):
