@@ -6,15 +6,40 @@ an error naming the item; the other requests of the batch are answered.
 
 The pixel budget and side limit come from the config's `parameters` (`max_pixels`, `max_side`), else
 aigis.preprocess's defaults; an image over either is refused from its header, before it is decoded.
+
+Code that travels with its version: export copies this file as the version's model.py and aigis/preprocess.py
+beside it (PREPROCESS_COPY), and a served version decodes with that copy, so rolling back a version rolls
+back its decoding too, whatever aigis is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
-from aigis import contract, preprocess
+from aigis import contract
+
+PREPROCESS_COPY = "lorax_preprocess.py"
+
+
+def _preprocess() -> ModuleType:
+    """The version's own copy of aigis.preprocess when served from a version folder, else the package's."""
+    copy = Path(__file__).with_name(PREPROCESS_COPY)
+    if not copy.is_file():
+        from aigis import preprocess
+
+        return preprocess
+    spec = importlib.util.spec_from_file_location("lorax_preprocess", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+preprocess = _preprocess()
 
 try:  # only importable inside the Triton Python backend stub
     import triton_python_backend_utils as pb_utils

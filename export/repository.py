@@ -42,9 +42,6 @@ from .configs import (CONFIG_FILE, TargetOptions, classifier_config, decode_conf
 SOURCE_FILE = "source.json"
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".aigis-writer.lock"
-DECODE_SHIM = '''"""lorax_decode (implementation: aigis.export.decode_model)."""
-from aigis.export.decode_model import TritonPythonModel  # noqa: F401
-'''
 MANIFEST_FORMAT = "aigis-served-manifest/1"
 
 
@@ -387,7 +384,7 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
     contents = {
         contract.classifier_model(version): (classifier_config(version, len(tasks), model.feature_dim, options),
                                              {"model.onnx": classifier_graph}),
-        contract.decode_model(version): (decode_config(version, crop, options), {"model.py": DECODE_SHIM.encode()}),
+        contract.decode_model(version): (decode_config(version, crop, options), decode_files()),
         contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options), {}),
         contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True), {}),
     }
@@ -399,6 +396,16 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         publish_version(repo, name, model_version, config, _writer({**files, **source_file}))
         report.written.append(name)
     return report
+
+
+def decode_files() -> dict[str, bytes]:
+    """The decode step's code, copied into its version: it keeps decoding as it did when it was exported."""
+    from aigis import preprocess
+
+    from . import decode_model
+
+    return {"model.py": Path(decode_model.__file__).read_bytes(),
+            decode_model.PREPROCESS_COPY: Path(preprocess.__file__).read_bytes()}
 
 
 def _writer(files: dict[str, bytes]) -> Callable[[Path], None]:
@@ -445,10 +452,11 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
     order += [(ensemble, version) for ensemble in ensembles]
     done = Rollout()
     for model, model_version in order:
-        moved = point_to(repo, model, model_version)
-        if moved or not control.is_ready(model, str(model_version)):
-            control.load(model)
-            done.loaded.append(model)
+        with _pointer_restored_on_failure(repo, model):
+            moved = point_to(repo, model, model_version)
+            if moved or not control.is_ready(model, str(model_version)):
+                control.load(model)
+                done.loaded.append(model)
     _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
     done.unloaded = retire_steps(control, repo, prune=prune)
     return done
@@ -503,11 +511,25 @@ def load_model_version(control: Any, repo: str | Path, model: str, version: int)
                                       f"roll out the ensemble instead")
     if version not in versions(Path(repo), model):
         raise RepositoryError(f"{repo}: no {model} version {version}; versions: {versions(Path(repo), model) or 'none'}")
-    moved = point_to(repo, model, version)
-    if moved or not control.is_ready(model, str(version)):
-        control.load(model)
-        return True
+    with _pointer_restored_on_failure(repo, model):
+        moved = point_to(repo, model, version)
+        if moved or not control.is_ready(model, str(version)):
+            control.load(model)
+            return True
     return False
+
+
+@contextmanager
+def _pointer_restored_on_failure(repo: str | Path, model: str) -> Iterator[None]:
+    """A load that fails leaves the server on the version it served (Triton keeps it): point the repository
+    back at that version too, so that a restart comes back on what is served."""
+    before = pointed_version(repo, model)
+    try:
+        yield
+    except BaseException:
+        if before is not None:
+            point_to(repo, model, before)
+        raise
 
 
 def model_served_version(control: Any, model: str) -> int | None:

@@ -17,14 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from aigis import contract, preprocess
+from aigis.export.code_pin import PIN_FILE, pin
 from aigis.export.configs import tensor
 from aigis.export.repository import publish_version, versions
 
 from .triton_model import SETTINGS_FILE, SURROGATE_DIR
 
-# model.py of every version: the implementation lives in the package, so fixing it needs no re-export.
-MODEL_SHIM = '''"""mem_protect: MEM protect-on-upload (implementation: aigis.protection.triton_model)."""
-from aigis.protection.triton_model import TritonPythonModel  # noqa: F401
+# The modules a served version runs: their sha256 is pinned in the version (aigis.export.code_pin), and its
+# model.py refuses to load under other code, so a rollback never serves old settings with new code.
+SERVED_MODULES = ("aigis.contract", "aigis.preprocess", "aigis.export.decode_model", "aigis.protection.triton_model",
+                  "aigis.protection.mem", "aigis.protection.clip", "aigis.protection.settings",
+                  "aigis.protection.tokenizer")
+MODEL_SHIM = '''"""mem_protect: MEM protect-on-upload (aigis.protection.triton_model), pinned to the code in code.json."""
+from pathlib import Path
+
+from aigis.export.code_pin import require_pinned_code
+
+require_pinned_code(Path(__file__).parent)
+from aigis.protection.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
 
 
@@ -85,8 +95,10 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
     settings = served_settings(meta, mem_settings)
     settings.validate()
     source_hash = _tree_sha256(surrogate_dir)
+    code = pin(SERVED_MODULES)
 
     record = {"mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
+              "code_sha256": code["sha256"],
               "protects_with": PROTECTS_WITH_CODE if settings.word_textures else PROTECTS_WITH_SEARCH,
               "surrogate": meta.get("identity", meta.get("sha256")), "max_batch_size": max_batch_size, "gpu": gpu}
     repo = Path(repo)
@@ -102,6 +114,7 @@ def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps:
         shutil.copytree(surrogate_dir, folder / SURROGATE_DIR)
         (folder / "model.py").write_text(MODEL_SHIM)
         (folder / SETTINGS_FILE).write_text(settings_json)
+        (folder / PIN_FILE).write_text(json.dumps(code, indent=2))
 
     publish_version(repo, contract.PROTECT_MODEL, version, protect_config(version, max_batch_size, gpu), write)
     return version

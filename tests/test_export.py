@@ -290,3 +290,34 @@ def test_export_refuses_to_publish_beyond_the_tolerance(workspace, tmp_path, cap
                        "--rtol", "1e-9", "--quiet"]) == 2
     assert "refusing to publish: lorax_extractor_tconv: max |onnxruntime - torch|" in capsys.readouterr().err
     assert not any(p.is_file() or p.name.isdigit() for p in repo.rglob("*"))     # nothing published, no leftovers
+
+
+@pytest.mark.slow
+def test_the_decode_step_decodes_with_the_code_its_version_was_exported_with(workspace, tmp_path):
+    """lorax_decode_v<k> carries its code (model.py and a copy of aigis.preprocess): the served version runs
+    that copy, not whatever aigis is installed, so rolling back a version rolls back its decoding."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from aigis import preprocess
+    from aigis.export import decode_model
+    from aigis.serving.server import TritonServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(workspace["repo"], repo)
+    version_dir = repo / contract.decode_model(2) / "1"
+    assert (version_dir / "model.py").read_bytes() == Path(decode_model.__file__).read_bytes()
+    copy = version_dir / decode_model.PREPROCESS_COPY
+    assert copy.read_bytes() == Path(preprocess.__file__).read_bytes()
+    # Stand in for "the code this version was exported with" differing from the installed package's.
+    copy.write_text(copy.read_text().replace('raise BadImageError(f"{name}: empty file")',
+                                             'raise BadImageError(f"{name}: empty file")\n'
+                                             '    raise BadImageError(f"{name}: decoded by the version\'s own copy")'))
+    images, _ = val_images(workspace["root"], TASKS[:2], 32)
+    with TritonServer(repo, models=[contract.BYTES_ENSEMBLE_MODEL]) as server:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            data = np.array([[png_bytes(images[0])]], dtype=object)
+            tensor = grpcclient.InferInput(contract.IMAGE_BYTES, list(data.shape), "BYTES")
+            tensor.set_data_from_numpy(data)
+            with pytest.raises(InferenceServerException, match="decoded by the version's own copy"):
+                client.infer(contract.BYTES_ENSEMBLE_MODEL, [tensor])

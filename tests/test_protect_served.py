@@ -181,3 +181,24 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys, 
             with pytest.raises(InvalidInputError, match="smaller than the 32 px"):
                 client.protect(np.ascontiguousarray(images[:, :16, :16]), captions)
             assert client.protect(images[:2], captions[:2]).model_version == "3"  # and the model still answers
+
+        # A version runs only the code it was published with: under other code (as after an upgrade of aigis),
+        # loading it is refused with an error naming both, and the version already served keeps answering.
+        import json
+
+        pinned = repo / contract.PROTECT_MODEL / "2" / "code.json"
+        record = json.loads(pinned.read_text())
+        assert record["modules"][0] == "aigis.contract" and len(record["sha256"]) == 64
+        pinned.write_text(json.dumps({**record, "sha256": "0" * 64}))
+        assert main([*rollout, "--version", "2"]) == 2
+        error = capsys.readouterr().err
+        assert "was published with aigis" in error and "runs other code" in error
+        from aigis.export.repository import pointed_version
+
+        assert pointed_version(repo, contract.PROTECT_MODEL) == 3          # a restart comes back on what is served
+        with ProtectionClient(server.grpc_url, timeout_s=120) as client:
+            assert client.protect(images[:2], captions[:2]).model_version == "3"
+        pinned.write_text(json.dumps(record))
+        assert main([*rollout, "--version", "2"]) == 0                       # its own code: served again
+        with ProtectionClient(server.grpc_url, timeout_s=120) as client:
+            assert client.protect(images[:2], captions[:2]).model_version == "2"
