@@ -268,8 +268,8 @@ def test_a_killed_tritonserver_is_restarted_and_no_request_is_lost(two_versions,
         for thread in threads:
             thread.join(timeout=120)
         process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=60)
-        assert process.returncode == 0 and f"{KILLS} restarts" in rest, rest
+        rest = wait_for_line(lines, "stopped (tritonserver exit status", 60)
+        assert process.wait(timeout=60) == 0 and f"{KILLS} restarts)" in rest, rest
     finally:
         stop.set()
         if process.poll() is None:
