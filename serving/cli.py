@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aigis.serving.server import TritonServer
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -44,12 +50,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(func=run_serve)
 
 
-def control_key_for(args: argparse.Namespace) -> tuple[str, "Path | None", str]:  # noqa: F821
+def control_key_for(args: argparse.Namespace) -> tuple[str, Path | None, str]:
     """(key, file to write it to once the port is known or None, where it came from): --control-key-file,
     $AIGIS_CONTROL_KEY, or a new key."""
     import os
     import secrets
-    from pathlib import Path
 
     from aigis.serving.control import KEY_ENVIRONMENT
 
@@ -66,8 +71,6 @@ def control_key_for(args: argparse.Namespace) -> tuple[str, "Path | None", str]:
 def default_models(repo: str) -> list[str]:
     """Every model of the repository that no ensemble pins as a step: Triton loads an ensemble's steps with it,
     so only the served version's steps are loaded (not every old classifier)."""
-    from pathlib import Path
-
     from aigis.export.configs import CONFIG_FILE, read_config
 
     models, steps = [], set()
@@ -86,8 +89,6 @@ def run_serve(args: argparse.Namespace) -> int:
     """Start the server, report what it serves, restart it when it dies, stop cleanly on Ctrl-C or SIGTERM."""
     import signal
     import sys
-    import threading
-    from pathlib import Path
 
     from aigis.serving.control import default_key_file, write_key_file
     from aigis.serving.server import ServerError, TritonServer
@@ -137,13 +138,13 @@ def run_serve(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-def report(server: "TritonServer", key_source: str) -> None:  # noqa: F821 - imported lazily
+def report(server: TritonServer, key_source: str) -> None:
     """What is served, where, and what is exposed."""
     with server.control() as control:
         loaded = control.loaded()
     print(f"Triton serving {server.model_repository} (pid {server.pid})")
     print(f"  gRPC     {server.grpc_url}   inference open; repository control needs the key")
-    print(f"  HTTP     " + (f"http://{server.http_url}" if server.http else "off (--http turns it on)"))
+    print("  HTTP     " + (f"http://{server.http_url}" if server.http else "off (--http turns it on)"))
     print(f"  metrics  {server.metrics_url}")
     print(f"  key      {key_source}")
     if server.log_path is not None:
@@ -160,9 +161,9 @@ def report(server: "TritonServer", key_source: str) -> None:  # noqa: F821 - imp
     print("Ctrl-C or SIGTERM stops the server.", flush=True)
 
 
-def supervise(server: "TritonServer", stop_requested: "threading.Event",  # noqa: F821
-              max_restarts: int | None = None) -> int:
-    """Wait for a stop request; restart tritonserver (backoff 1, 2, 4 ... 30 s) each time it dies."""
+def supervise(server: TritonServer, stop_requested: threading.Event, max_restarts: int | None = None) -> int:
+    """Wait for a stop request; restart tritonserver each time it dies: at once, then after 2, 4, 8 ... 30 s
+    while it keeps dying within a minute of its last start (a crash loop is not hammered)."""
     import sys
     import time
 

@@ -9,7 +9,6 @@ that version predicts.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import queue
 import re
@@ -18,8 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +25,7 @@ import torch
 
 from aigis import contract
 from aigis.cli import main as aigis_main
-from aigis.client import AsyncAttributionClient, AttributionClient
+from aigis.client.loadcheck import start_loads
 from aigis.data.cddb import CDDB
 from aigis.data.synth import SynthConfig, generate
 from aigis.export import export_run, load_version
@@ -36,7 +33,6 @@ from aigis.serving.server import TritonServer, free_port
 from aigis.training.config import TrainConfig
 from aigis.training.run import ContinualRun, load_run
 from polling import poll
-from test_client_standin import png_bytes
 
 TASKS = ["tconv", "nearest", "bilinear"]
 TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
@@ -68,95 +64,6 @@ def two_versions(tmp_path_factory) -> dict:
     return {"repo": repo, "images": images, "expected": expected}
 
 
-@dataclass
-class Tally:
-    """What one load saw; thread-safe enough for counters updated under the GIL by one writer."""
-
-    sent: int = 0
-    answered: int = 0
-    misread: list[str] = field(default_factory=list)
-    failed: Counter = field(default_factory=Counter)
-    versions: Counter = field(default_factory=Counter)
-
-    def check(self, version: str, labels: list[str], indices: list[int], expected: dict[str, list[str]]) -> None:
-        self.answered += 1
-        self.versions[version] += 1
-        want = [expected[version][i] for i in indices] if version in expected else None
-        if labels != want:
-            self.misread.append(f"version {version}: {labels} != {want}")
-
-
-def plain_tritonclient_load(url: str, model: str, images: np.ndarray, expected: dict, stop: threading.Event,
-                            tally: Tally) -> None:
-    """tritonclient alone, as a pipeline that does not use this package would call the server."""
-    import tritonclient.grpc as grpcclient
-
-    client = grpcclient.InferenceServerClient(url)
-    rng = np.random.default_rng(hash(model) % 2**32)
-    try:
-        while not stop.is_set():
-            indices = rng.choice(len(images), size=4, replace=False).tolist()
-            if model == contract.BYTES_ENSEMBLE_MODEL:
-                data = np.array([png_bytes(images[i]) for i in indices], dtype=object).reshape(-1, 1)
-                tensor = grpcclient.InferInput(contract.IMAGE_BYTES, list(data.shape), "BYTES")
-            else:
-                data = images[indices]
-                tensor = grpcclient.InferInput(contract.IMAGES, list(data.shape), "UINT8")
-            tensor.set_data_from_numpy(data)
-            tally.sent += 1
-            try:
-                result = client.infer(model, [tensor], client_timeout=30)
-            except Exception as exc:  # noqa: BLE001 - counted and shown by the assertion
-                tally.failed[str(exc)[:200]] += 1
-                continue
-            version = result.get_response().model_version
-            probs = result.as_numpy(contract.PROBS)
-            names = contract.class_names(TASKS[: probs.shape[1] // 2])
-            tally.check(version, [names[k] for k in probs.argmax(1)], indices, expected)
-    finally:
-        client.close()
-
-
-def client_load(url: str, images: np.ndarray, expected: dict, stop: threading.Event, tally: Tally) -> None:
-    """The sync client's micro-batcher: single submissions, grouped behind the scenes."""
-    with AttributionClient(url, timeout_s=30) as client:
-        i = 0
-        while not stop.is_set():
-            batch = [(k % len(images), client.submit(images[k % len(images)])) for k in range(i, i + 8)]
-            i += 8
-            for index, future in batch:
-                tally.sent += 1
-                try:
-                    answer = future.result()
-                except Exception as exc:  # noqa: BLE001
-                    tally.failed[f"{type(exc).__name__}: {str(exc)[:200]}"] += 1
-                    continue
-                tally.check(answer.model_version, [answer.label], [index], expected)
-
-
-def async_client_load(url: str, images: np.ndarray, expected: dict, stop: threading.Event, tally: Tally) -> None:
-    """The asyncio client on the bytes ensemble (encoded files, decoded server-side)."""
-    encoded = [png_bytes(image) for image in images]
-
-    async def run() -> None:
-        async with AsyncAttributionClient(url, model=contract.BYTES_ENSEMBLE_MODEL, timeout_s=30) as client:
-            i = 0
-            while not stop.is_set():
-                indices = [k % len(images) for k in range(i, i + 4)]
-                i += 4
-                tally.sent += 1
-                try:
-                    answers = await client.attribute([encoded[k] for k in indices])
-                except Exception as exc:  # noqa: BLE001
-                    tally.failed[f"{type(exc).__name__}: {str(exc)[:200]}"] += 1
-                    continue
-                versions = {a.model_version for a in answers}
-                tally.check(versions.pop() if len(versions) == 1 else f"mixed {versions}",
-                            [a.label for a in answers], indices, expected)
-
-    asyncio.run(run())
-
-
 @pytest.mark.slow
 def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_versions, capsys, monkeypatch):
     repo, images, expected = two_versions["repo"], two_versions["images"], two_versions["expected"]
@@ -164,20 +71,7 @@ def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_version
         monkeypatch.setenv("AIGIS_CONTROL_KEY", server.control_key)   # what `aigis models rollout` reads
         with server.control() as control:
             load_version(control, repo, 2)
-        stop = threading.Event()
-        loads = {
-            "client": (client_load, ()),
-            "asyncio client, lorax_bytes": (async_client_load, ()),
-            "tritonclient, lorax": (plain_tritonclient_load, (contract.ENSEMBLE_MODEL,)),
-            "tritonclient, lorax_bytes": (plain_tritonclient_load, (contract.BYTES_ENSEMBLE_MODEL,)),
-        }
-        tallies = {name: Tally() for name in loads}
-        threads = []
-        for name, (target, head) in loads.items():
-            args = (server.grpc_url, *head, images, expected, stop, tallies[name])
-            threads.append(threading.Thread(target=target, args=args, name=name, daemon=True))
-        for thread in threads:
-            thread.start()
+        stop, tallies, threads = start_loads(server.grpc_url, images, TASKS, expected)
         time.sleep(1.0)
         switches = []
         for k in range(ROLLOUTS):
@@ -195,7 +89,7 @@ def test_rollouts_back_and_forth_under_load_lose_and_misread_nothing(two_version
     for name, tally in tallies.items():
         assert not tally.failed, f"{name}: {sum(tally.failed.values())} failed: {dict(tally.failed)}"
         assert not tally.misread, f"{name}: misread {tally.misread[:3]}"
-        assert tally.answered == tally.sent > 0, name
+        assert tally.answered == tally.sent > 0 and tally.lost == 0, name
         assert set(tally.versions) == {"2", "3"}, f"{name} saw versions {dict(tally.versions)}"
     print(f"{ROLLOUTS} rollouts in {sum(switches):.1f} s; answered per load: "
           f"{ {name: t.answered for name, t in tallies.items()} }")
@@ -243,14 +137,8 @@ def test_a_killed_tritonserver_is_restarted_and_no_request_is_lost(two_versions,
     stop = threading.Event()
     try:
         assert "model    lorax (versions" in served["text"]
-        tallies = {name: Tally() for name in ("client", "asyncio client, lorax_bytes")}
-        threads = [threading.Thread(target=client_load, args=(served["grpc_url"], images, expected, stop,
-                                                              tallies["client"]), daemon=True),
-                   threading.Thread(target=async_client_load, args=(served["grpc_url"], images, expected, stop,
-                                                                    tallies["asyncio client, lorax_bytes"]),
-                                    daemon=True)]
-        for thread in threads:
-            thread.start()
+        stop, tallies, threads = start_loads(served["grpc_url"], images, TASKS, expected,
+                                             names=("client, lorax", "asyncio client, lorax_bytes"))
         pid, recovered = served["pid"], []
         for kill in range(1, KILLS + 1):
             time.sleep(1.5)
