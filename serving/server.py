@@ -62,7 +62,7 @@ def find_triton() -> TritonDistribution:
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError("nvidia-pytriton is not installed: `pip install nvidia-pytriton==0.7.0`")
+        raise ServerError("nvidia-pytriton is not installed: pip install 'aigis[serve]'")
     package = Path(next(iter(spec.submodule_search_locations)))
     root = package / "tritonserver"
     python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
