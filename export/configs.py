@@ -84,20 +84,35 @@ def _onnx_model(name: str, version: int, inputs: list[dict], outputs: list[dict]
     return config
 
 
+LABELS_FILE = "labels.txt"   # beside a classifier's config: one class name per line, in PROBS' order
+
+
+def warmup(inputs: list[dict]) -> list[dict]:
+    """One zero-filled batch of one through the model as it loads, so the first real request after a rollout or
+    a restart does not pay for the runtime's lazy initialisation."""
+    return [{"name": "zeros", "batch_size": 1,
+             "inputs": {i["name"]: {"data_type": i["data_type"], "dims": i["dims"], "zero_data": True} for i in inputs}}]
+
+
 def extractor_config(task: str, crop: int, feature_dim: int, options: TargetOptions) -> dict:
     """lorax_extractor_<task>: uint8 IMAGES [crop, crop, 3] -> FEATURES [D]; only ever version 1."""
-    return _onnx_model(contract.extractor_model(task), 1,
-                       [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])],
-                       [tensor(contract.FEATURES, "TYPE_FP32", [feature_dim])], options)
+    inputs = [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])]
+    config = _onnx_model(contract.extractor_model(task), 1, inputs,
+                         [tensor(contract.FEATURES, "TYPE_FP32", [feature_dim])], options)
+    config["model_warmup"] = warmup(inputs)
+    return config
 
 
 def classifier_config(version: int, num_tasks: int, feature_dim: int, options: TargetOptions) -> dict:
-    """lorax_classifier_v<version>: the features of tasks 1..version -> LOGITS, PROBS; only ever version 1."""
+    """lorax_classifier_v<version>: the features of tasks 1..version -> LOGITS, PROBS; only ever version 1.
+    PROBS names its classes (LABELS_FILE), so Triton's classification extension answers with class names."""
     classes = 2 * num_tasks
-    return _onnx_model(contract.classifier_model(version), 1,
-                       [tensor(contract.features_input(t), "TYPE_FP32", [feature_dim]) for t in range(num_tasks)],
-                       [tensor(contract.LOGITS, "TYPE_FP32", [classes]), tensor(contract.PROBS, "TYPE_FP32", [classes])],
-                       options)
+    inputs = [tensor(contract.features_input(t), "TYPE_FP32", [feature_dim]) for t in range(num_tasks)]
+    probs = {**tensor(contract.PROBS, "TYPE_FP32", [classes]), "label_filename": LABELS_FILE}
+    config = _onnx_model(contract.classifier_model(version), 1, inputs,
+                         [tensor(contract.LOGITS, "TYPE_FP32", [classes]), probs], options)
+    config["model_warmup"] = warmup(inputs)
+    return config
 
 
 def decode_config(version: int, crop: int, options: TargetOptions) -> dict:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 
 from aigis import contract
 
-from .configs import (CONFIG_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
+from .configs import (CONFIG_FILE, LABELS_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
                       extractor_config, manifest_of, read_config, to_pbtxt)
 
 SOURCE_FILE = "source.json"
@@ -107,10 +107,12 @@ def leftovers(repo: str | Path) -> list[Path]:
     return found + sorted(repo.glob(f"*/.{CONFIG_FILE}.tmp"))
 
 
-def publish_version(repo: Path, model: str, version: int, config: dict, write: Callable[[Path], None]) -> Path:
+def publish_version(repo: Path, model: str, version: int, config: dict, write: Callable[[Path], None],
+                    model_files: dict[str, bytes] | None = None) -> Path:
     """Write version `version` of `model` aside, then move it into place in one rename; never over an
-    existing one. A model's first version arrives as the whole model folder (version and the model-level
-    config that serves it), so a writer killed at any point leaves either nothing or a whole version."""
+    existing one. A model's first version arrives as the whole model folder (version, the model-level
+    config that serves it, and `model_files` beside it, e.g. a label file), so a writer killed at any point
+    leaves either nothing or a whole version."""
     with repository_lock(repo):
         model_dir = Path(repo) / model
         final = model_dir / str(version)
@@ -118,6 +120,8 @@ def publish_version(repo: Path, model: str, version: int, config: dict, write: C
             raise RepositoryError(f"{model} version {version} already exists in {repo}; versions are never rewritten")
         text = to_pbtxt(config)
         first = not versions(repo, model)
+        if model_files and not first:
+            raise RepositoryError(f"{model}: files beside the config come with a model's first version only")
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{model}-" if first else f"{STAGING_PREFIX}{version}-",
                                         dir=Path(repo) if first else model_dir))
         try:
@@ -127,6 +131,8 @@ def publish_version(repo: Path, model: str, version: int, config: dict, write: C
             (target / CONFIG_FILE).write_text(text)
             if first:
                 (staging / CONFIG_FILE).write_text(text)
+                for name, data in (model_files or {}).items():
+                    (staging / name).write_bytes(data)
                 if model_dir.exists():   # a folder with no version holds nothing published
                     shutil.rmtree(model_dir)
                 os.replace(staging, model_dir)
@@ -388,12 +394,14 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
         contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options), {}),
         contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True), {}),
     }
+    labels = {LABELS_FILE: "".join(f"{name}\n" for name in manifest["class_names"]).encode()}
     for name, model_version in version_models(version):
         if states[name] == "same":
             report.reused.append(name)
             continue
         config, files = contents[name]
-        publish_version(repo, name, model_version, config, _writer({**files, **source_file}))
+        publish_version(repo, name, model_version, config, _writer({**files, **source_file}),
+                        model_files=labels if name == contract.classifier_model(version) else None)
         report.written.append(name)
     return report
 

@@ -66,6 +66,14 @@ def test_export_writes_checked_versioned_models(workspace):
                           [contract.MANIFEST_PARAMETER]["string_value"])
     assert manifest["tasks"] == TASKS[:2] and manifest["class_names"] == contract.class_names(TASKS[:2])
     assert manifest["crop"] == 32 and manifest["version"] == "2" and len(manifest["source_sha256"]) == 64
+    classifier = read_config(repo / contract.classifier_model(2) / "1" / "config.pbtxt")
+    probs = next(o for o in classifier["output"] if o["name"] == contract.PROBS)
+    assert (repo / contract.classifier_model(2) / probs["label_filename"]).read_text().split() == \
+        contract.class_names(TASKS[:2])                  # Triton's classification extension names the classes
+    extractor = read_config(repo / contract.extractor_model("tconv") / "1" / "config.pbtxt")
+    for config in (classifier, extractor):             # loaded models are warm before their first request
+        (warm,) = config["model_warmup"]
+        assert warm["batch_size"] == 1 and set(warm["inputs"]) == {i["name"] for i in config["input"]}
     assert validate(repo) == []
 
 
@@ -156,6 +164,14 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys, mo
         with AttributionClient(server.grpc_url, model=contract.BYTES_ENSEMBLE_MODEL) as thin:
             from_bytes = thin.attribute([png_bytes(image) for image in images[:6]])
         assert [a.label for a in from_bytes] == [a.label for a in answers[:6]]
+        import tritonclient.grpc as grpcclient   # the classification extension, for callers without the client
+
+        with grpcclient.InferenceServerClient(server.grpc_url) as plain:
+            tensor = grpcclient.InferInput(contract.IMAGES, [2, 32, 32, 3], "UINT8")
+            tensor.set_data_from_numpy(images[:2])
+            top = plain.infer(contract.ENSEMBLE_MODEL, [tensor], outputs=[
+                grpcclient.InferRequestedOutput(contract.PROBS, class_count=1)]).as_numpy(contract.PROBS)
+        assert [row[0].decode().split(":")[2] for row in top] == [a.label for a in answers[:2]]
         assert np.allclose([a.fake_score for a in from_bytes], [a.fake_score for a in answers[:6]], atol=1e-6)
 
         # A third task: train on, export version 3 (one new extractor, new classifier and ensembles).
