@@ -255,8 +255,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    from aigis.cpu import apply_threads
+
+    summary: dict[str, Any] = {"threads": apply_threads()}
     clock = Clock()
-    summary: dict[str, Any] = {}
     config_path = Path(args.config) if args.config else default_config_path()
     with clock.stage("data"):
         data_root = make_data(out)

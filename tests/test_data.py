@@ -292,8 +292,11 @@ def test_data_cli_synth_and_check(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "2 task(s)" in text and "every image is readable" in text
     rows = [line.split() for line in text.splitlines() if line.strip().startswith(("tconv", "nearest"))]
-    assert rows == [["tconv", "train", "2", "2", "cat,", "coffee"], ["tconv", "val", "2", "2", "cat,", "coffee"],
-                    ["nearest", "train", "2", "2"], ["nearest", "val", "2", "2"]]
+    assert [row for row in rows if row[1] in ("train", "val")] == [
+        ["tconv", "train", "2", "2", "cat,", "coffee"], ["tconv", "val", "2", "2", "cat,", "coffee"],
+        ["nearest", "train", "2", "2"], ["nearest", "val", "2", "2"]]
+    assert [row for row in rows if row[1] not in ("train", "val")] == [["tconv", "32x32", "32-32"],
+                                                                        ["nearest", "32x32", "32-32"]]
 
 
 def test_data_cli_check_reports_bad_files_and_layout_errors(tree, capsys):
@@ -302,7 +305,7 @@ def test_data_cli_check_reports_bad_files_and_layout_errors(tree, capsys):
     out = capsys.readouterr().out
     assert "1 unreadable image(s) left out" in out and str(bad) in out
     assert [line.split()[:4] for line in out.splitlines() if line.strip().startswith("beta")] == [
-        ["beta", "train", "4", "4"], ["beta", "val", "2", "2"]]
+        ["beta", "train", "4", "4"], ["beta", "val", "2", "2"], ["beta", "20x20", "20-20"]]   # the unreadable one left out
 
     assert aigis_main(["data", "check", "--data", str(tree), "--on-bad", "stop", "--quiet"]) == 2
     assert str(bad) in capsys.readouterr().err
@@ -312,3 +315,16 @@ def test_data_cli_check_reports_bad_files_and_layout_errors(tree, capsys):
     (tree / "alpha" / "train" / "0_real").rename(tree / "alpha" / "train" / "real")
     assert aigis_main(["data", "check", "--data", str(tree), "--tasks", "alpha", "--quiet"]) == 2
     assert "alpha/train" in capsys.readouterr().err
+
+
+def test_data_check_reports_image_sizes_and_warns_of_a_crop_that_wastes_them(tree, tmp_path, capsys):
+    assert aigis_main(["data", "check", "--data", str(tree), "--tasks", "alpha,beta", "--crop", "16", "--quiet"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert "median size" in out and "20x20" in out and "warning" not in out        # 16 of 20: most of it
+    aigis_main(["data", "check", "--data", str(tree), "--tasks", "alpha,beta", "--crop", "8", "--quiet"])
+    out = capsys.readouterr().out
+    assert "warning: crop 8 keeps 16% of a median alpha image (20x20)" in out
+    config = tmp_path / "c.toml"
+    config.write_text("crop = 8\n")
+    aigis_main(["data", "check", "--data", str(tree), "--tasks", "alpha,beta", "--config", str(config), "--quiet"])
+    assert "warning: crop 8" in capsys.readouterr().out

@@ -254,3 +254,16 @@ def test_baselines_scale_their_learning_rates_and_lorax_ignores_the_factor():
 
     with pytest.raises(ConfigError, match="full_network_lr_scale"):
         tiny_config(full_network_lr_scale=0)
+
+
+def test_jobs_take_the_threads_the_machine_can_give():
+    from aigis.cpu import choose_threads
+
+    assert choose_threads({"OMP_NUM_THREADS": "3"}, cpus=2, load=0.0).threads == 3      # the user's word wins
+    assert choose_threads({}, cpus=2, load=0.1).threads == 2                             # idle: every CPU
+    assert choose_threads({}, cpus=2, load=1.2).threads == 1                             # one kept busy by others
+    assert choose_threads({}, cpus=8, load=30.0).threads == 1                            # never fewer than one
+    assert choose_threads({}, cpus=8, load=2.6).threads == 5
+    assert "load 2.6" in choose_threads({}, cpus=8, load=2.6).why
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='lots'"):
+        choose_threads({"OMP_NUM_THREADS": "lots"})

@@ -81,6 +81,7 @@ def _default_order(root: str) -> list[str]:
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the config and the task order, train, print the summary. Exit 2 on bad input."""
+    from aigis.cpu import apply_threads
     from aigis.data.cddb import CDDB, CDDBLayoutError
     from aigis.preprocess import BadImageError
     from aigis.training.checkpoint import RunError
@@ -90,6 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     progress = not args.quiet
     try:
+        apply_threads(quiet=not progress)
         overrides = parse_overrides(args.set)
         if args.method:
             overrides["method"] = args.method

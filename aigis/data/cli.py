@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     order.add_argument("--scenario", default=None, help="easy, hard, long, synth, synth5 or a file")
     check.add_argument("--on-bad", choices=("skip", "stop"), default="skip",
                        help="skip (default: list every bad file) or stop at the first")
+    crop = check.add_mutually_exclusive_group()
+    crop.add_argument("--config", default=None, help="training config whose crop to check against the image sizes")
+    crop.add_argument("--crop", type=int, default=None, help="a crop size to check against the image sizes")
     check.add_argument("--quiet", action="store_true")
     check.set_defaults(func=run_check)
 
@@ -70,6 +73,16 @@ def run_check(args: argparse.Namespace) -> int:
             real = sum(s.is_real for s in samples)
             subcategories = sorted({s.subcategory for s in samples if s.subcategory})
             print(f"  {task:<20} {split:<6} {real:>7} {len(samples) - real:>7}  {', '.join(subcategories)}")
+    crop = args.crop
+    if crop is None and args.config is not None:
+        from aigis.training.config import ConfigError, TrainConfig
+
+        try:
+            crop = TrainConfig.from_toml(args.config, {}).crop
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            print(f"aigis data check: error: --config {args.config}: {exc}", file=sys.stderr)
+            return 2
+    report_sizes(data, order, crop)
     skipped = dict(data.bad.skipped)
     if skipped:
         print(f"{len(skipped)} unreadable image(s) left out:")
@@ -78,3 +91,34 @@ def run_check(args: argparse.Namespace) -> int:
         return 1
     print("every image is readable")
     return 0
+
+
+# Below this share of the median image, a crop throws most of each image away (the centre crop does not resize).
+MIN_CROP_SHARE = 0.5
+
+
+def report_sizes(data, order: list[str], crop: int | None) -> None:
+    """Image sizes per task (from the headers), and a warning when `crop` keeps under half of a median image."""
+    import statistics
+
+    from PIL import Image
+
+    print(f"  {'task':<20} {'median size':>12}  short side min-max")
+    for index, task in enumerate(order):
+        sizes = []
+        for sample in data.samples(index, "train") + data.samples(index, "val"):
+            try:
+                with Image.open(sample.path) as image:
+                    sizes.append(image.size)
+            except OSError:
+                continue   # listed with the unreadable files
+        if not sizes:
+            continue
+        width = int(statistics.median(w for w, _ in sizes))
+        height = int(statistics.median(h for _, h in sizes))
+        short = [min(size) for size in sizes]
+        print(f"  {task:<20} {f'{width}x{height}':>12}  {min(short)}-{max(short)}")
+        if crop is not None and crop * crop < MIN_CROP_SHARE * width * height:
+            print(f"  warning: crop {crop} keeps {100 * crop * crop / (width * height):.0f}% of a median {task} image "
+                  f"({width}x{height}): training and evaluation see a small part of each image; a crop near "
+                  f"{min(width, height)} uses it (--set crop=N)")
