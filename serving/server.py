@@ -7,7 +7,7 @@ the stub built for the running interpreter) plus a Python-based backend named `o
 `platform: "onnxruntime_onnx"`, load here unchanged. See docs/design.md and triton-local.md.
 
 Only the standard library is imported at module level; tritonclient is imported when waiting for
-readiness.
+readiness, psutil when looking for the server's processes.
 """
 
 from __future__ import annotations
@@ -137,62 +137,52 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-# ---- process bookkeeping (Linux /proc) -------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, int, int] | None:
-    """(state, ppid, pgrp) of a live process, or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1]), int(fields[2])
-
-
-def _all_pids() -> list[int]:
-    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+# ---- process bookkeeping (psutil) -------------------------------------------------------------------
 
 
 def descendants(pid: int) -> list[int]:
     """All live descendants of `pid` (children, grandchildren, ...)."""
-    children: dict[int, list[int]] = {}
-    for other in _all_pids():
-        stat = _proc_stat(other)
-        if stat is not None:
-            children.setdefault(stat[1], []).append(other)
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is `pgid`."""
+    """Live (non-zombie) processes whose process group is `pgid` (stubs of a crashed server keep its group)."""
+    import psutil
+
     members = []
-    for other in _all_pids():
-        stat = _proc_stat(other)
-        if stat is not None and stat[2] == pgid and stat[0] != "Z":
-            members.append(other)
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (psutil.Error, ProcessLookupError, PermissionError):
+            continue
     return members
 
 
 def is_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
-    stat = _proc_stat(pid)
-    return stat is not None and stat[0] != "Z"
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _is_triton_process(pid: int) -> bool:
     """Guard against pid reuse before killing a remembered child."""
+    import psutil
+
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        command = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
         return False
-    return b"tritonserver" in cmdline or STUB_NAME.encode() in cmdline
+    return "tritonserver" in command or STUB_NAME in command
 
 
 def _set_parent_death_signal() -> None:
