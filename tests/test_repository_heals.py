@@ -53,12 +53,25 @@ def export_process(run: Path, repo: Path) -> subprocess.Popen:
 def kill_when_publishing(process: subprocess.Popen, repo: Path, delay_s: float) -> bool:
     """SIGKILL `process` `delay_s` after its first staging folder appears; False if it finished first."""
     while process.poll() is None:
-        if any(p.name.startswith(STAGING_PREFIX) for p in [*repo.iterdir(), *repo.glob("*/*")]):
+        if publishing(repo):
             time.sleep(delay_s)
             process.send_signal(signal.SIGKILL)
             process.wait()
             return True
         time.sleep(0.0005)
+    return False
+
+
+def publishing(repo: Path) -> bool:
+    """Whether a staging folder is there now (folders come and go while we look: a vanished one is skipped)."""
+    for top in os.listdir(repo):
+        if top.startswith(STAGING_PREFIX):
+            return True
+        try:
+            if any(name.startswith(STAGING_PREFIX) for name in os.listdir(repo / top)):
+                return True
+        except (FileNotFoundError, NotADirectoryError):
+            continue
     return False
 
 
