@@ -223,19 +223,29 @@ class LoRAXModel(nn.Module):
             raise RuntimeError(f"adapter {name} has no parameters: do the LoRA targets match any module?")
         return found
 
+    # Adapters are saved as peft writes them (get/set_peft_model_state_dict) without peft's wrapper prefix, so a
+    # checkpoint's keys are the backbone's own module paths.
+    PEFT_PREFIX = "base_model.model."
+
     def adapter_state_dict(self, task: int) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous().clone() for k, v in self.adapter_parameters(task).items()}
+        from peft import get_peft_model_state_dict
+
+        self._check_task(task)
+        state = get_peft_model_state_dict(self.extractors, adapter_name=adapter_name(task))
+        return {k.removeprefix(self.PEFT_PREFIX): v.detach().cpu().contiguous().clone() for k, v in state.items()}
 
     def load_adapter_state_dict(self, task: int, state: dict[str, Tensor]) -> None:
-        own = self.adapter_parameters(task)
+        from peft import set_peft_model_state_dict
+
+        own = self.adapter_state_dict(task)
         if set(own) != set(state):
             missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
             raise ValueError(f"adapter {task} does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}")
-        with torch.no_grad():
-            for key, parameter in own.items():
-                if parameter.shape != state[key].shape:
-                    raise ValueError(f"adapter {task}, {key}: shape {list(state[key].shape)} != {list(parameter.shape)}")
-                parameter.copy_(state[key])
+        for key, value in own.items():
+            if value.shape != state[key].shape:
+                raise ValueError(f"adapter {task}, {key}: shape {list(state[key].shape)} != {list(value.shape)}")
+        set_peft_model_state_dict(self.extractors, {self.PEFT_PREFIX + k: v for k, v in state.items()},
+                                  adapter_name=adapter_name(task))
 
     def heads_state_dict(self) -> dict[str, Tensor]:
         self._check_ready()
