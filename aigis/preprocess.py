@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from aigis.errors import DataError
+
 # Decompression-bomb guards, checked on the header before decoding: total pixels and the longest side.
 MAX_PIXELS = 40_000_000
 MAX_SIDE = 16_384
@@ -26,7 +28,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 EXACT_RESIZE_PIXELS = 1 << 22
 
 
-class BadImageError(ValueError):
+class BadImageError(DataError):
     """An image that cannot be used; the message names the file and the reason."""
 
 

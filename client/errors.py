@@ -6,9 +6,7 @@ raises or puts on a future is one of these classes, never a bare tritonclient ex
 
 from __future__ import annotations
 
-
-class ClientError(Exception):
-    """Base of every error this library raises."""
+from aigis.errors import ClientError  # the root: every error below derives from it
 
 
 class InvalidInputError(ClientError, ValueError):

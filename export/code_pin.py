@@ -13,10 +13,12 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from aigis.errors import ExportError
+
 PIN_FILE = "code.json"
 
 
-class CodeMismatchError(RuntimeError):
+class CodeMismatchError(ExportError):
     """The installed code is not the code a version was published with."""
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from aigis import contract
+from aigis.errors import ExportError
 
 OPSET = 18
 # A published model may differ from PyTorch by at most RTOL * (FLOOR + max|PyTorch output|): 0.1 % of the
@@ -26,7 +27,7 @@ RTOL = 1e-3
 FLOOR = 0.1
 
 
-class ExportCheckError(RuntimeError):
+class ExportCheckError(ExportError):
     """An exported model disagrees with PyTorch beyond the tolerance: it is not published."""
 
 

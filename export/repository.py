@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from aigis import contract
+from aigis.errors import ExportError
 
 from .configs import (CONFIG_FILE, LABELS_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
                       extractor_config, manifest_of, read_config, to_pbtxt)
@@ -45,7 +46,7 @@ LOCK_FILE = ".aigis-writer.lock"
 MANIFEST_FORMAT = "aigis-served-manifest/1"
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(ExportError):
     """The repository cannot take this export (a version exists with other content, a foreign extractor...)."""
 
 

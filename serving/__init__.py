@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["TritonServer", "ServerError", "ModelControl", "ModelControlError", "ModelStatus", "wait_ready"]
+__all__ = ["TritonServer", "LaunchError", "ModelControl", "ModelControlError", "ModelStatus", "wait_ready"]
 
 _WHERE = {
     "TritonServer": "aigis.serving.server",
-    "ServerError": "aigis.serving.server",
+    "LaunchError": "aigis.serving.server",
     "ModelControl": "aigis.serving.control",
     "ModelControlError": "aigis.serving.control",
     "ModelStatus": "aigis.serving.control",

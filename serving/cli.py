@@ -91,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import sys
 
     from aigis.serving.control import default_key_file, write_key_file
-    from aigis.serving.server import ServerError, TritonServer
+    from aigis.serving.server import LaunchError, TritonServer
 
     if not Path(args.repo).is_dir():
         print(f"aigis serve: model repository {args.repo} is not a directory", file=sys.stderr)
@@ -123,7 +123,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         try:
             server.start()
-        except ServerError as error:
+        except LaunchError as error:
             print(f"aigis serve: {error}", file=sys.stderr)
             return 1
         started.set()
@@ -167,7 +167,7 @@ def supervise(server: TritonServer, stop_requested: threading.Event, max_restart
     import sys
     import time
 
-    from aigis.serving.server import ServerError
+    from aigis.serving.server import LaunchError
 
     restarts = failures_in_a_row = 0
     up_since = time.monotonic()
@@ -191,7 +191,7 @@ def supervise(server: TritonServer, stop_requested: threading.Event, max_restart
         died_at = time.monotonic()
         try:
             server.restart()
-        except ServerError as error:
+        except LaunchError as error:
             print(f"aigis serve: restart {restarts + 1} failed: {error}", file=sys.stderr, flush=True)
             up_since = time.monotonic()
             continue

@@ -17,13 +17,14 @@ from typing import Any, Callable, Iterable, Mapping
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from aigis.errors import ServingError
 
-from .server import CONTROL_HEADER, ServerError
+from .server import CONTROL_HEADER
 
 KEY_ENVIRONMENT = "AIGIS_CONTROL_KEY"
 
 
-class ModelControlError(ServerError):
+class ModelControlError(ServingError):
     """A load or unload failed, or the server refused the control key; the message names the model and
     carries the server's reason."""
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from aigis.errors import ServingError
+
 if TYPE_CHECKING:
     from aigis.serving.control import ModelControl
 
@@ -41,7 +43,7 @@ CONTROL_HEADER = "aigis-control-key"
 RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
 
 
-class ServerError(RuntimeError):
+class LaunchError(ServingError):
     """The server could not start, or died; the message carries the tail of its log."""
 
 
@@ -62,7 +64,7 @@ def find_triton() -> TritonDistribution:
 
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError("nvidia-pytriton is not installed: pip install 'aigis[serve]'")
+        raise LaunchError("nvidia-pytriton is not installed: pip install 'aigis[serve]'")
     package = Path(next(iter(spec.submodule_search_locations)))
     root = package / "tritonserver"
     python_version = f"{sys.version_info.major}.{sys.version_info.minor}"
@@ -75,9 +77,9 @@ def find_triton() -> TritonDistribution:
     )
     for path in (dist.binary, dist.libs_dir, dist.python_backend / "libtriton_python.so", dist.cache_dir):
         if not path.exists():
-            raise ServerError(f"incomplete nvidia-pytriton install: {path} is missing")
+            raise LaunchError(f"incomplete nvidia-pytriton install: {path} is missing")
     if not dist.stub.exists():
-        raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {python_version} ({dist.stub})")
+        raise LaunchError(f"nvidia-pytriton has no Python backend stub for Python {python_version} ({dist.stub})")
     return dist
 
 
@@ -232,7 +234,7 @@ class TritonServer:
         self.host = host
         self.control_key = secrets.token_urlsafe(32) if control_key is None else control_key
         if any(c.isspace() or c in ",:=" for c in self.control_key):
-            raise ServerError("a control key cannot hold whitespace or any of , : =")
+            raise LaunchError("a control key cannot hold whitespace or any of , : =")
         self.http = http
         self._requested_ports = (grpc_port, http_port if http else None, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = self._requested_ports
@@ -258,7 +260,7 @@ class TritonServer:
     def http_url(self) -> str:
         """`host:port` as tritonclient.http.InferenceServerClient(url=...) expects it (no scheme)."""
         if not self.http:
-            raise ServerError("this server runs without its HTTP endpoint (http=False)")
+            raise LaunchError("this server runs without its HTTP endpoint (http=False)")
         return f"{_client_host(self.host)}:{self.http_port}"
 
     def control(self, timeout: float = 120.0) -> "ModelControl":
@@ -302,11 +304,11 @@ class TritonServer:
         self.stop()
 
     def start(self) -> "TritonServer":
-        """Launch the server and block until it is ready; raise ServerError (with the log tail) if not."""
+        """Launch the server and block until it is ready; raise LaunchError (with the log tail) if not."""
         if self.is_running():
             return self
         if not self.model_repository.is_dir():
-            raise ServerError(f"model repository {self.model_repository} is not a directory")
+            raise LaunchError(f"model repository {self.model_repository} is not a directory")
         dist = find_triton()
         self._work_dir = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
         try:
@@ -319,7 +321,7 @@ class TritonServer:
                 try:
                     self._wait_until_ready()
                     return self
-                except ServerError:
+                except LaunchError:
                     port_clash = "already in use" in self.log_tail(200)
                     self._terminate()
                     if not (port_clash and attempt + 1 < attempts):
@@ -433,12 +435,12 @@ class TritonServer:
 
         def check_alive() -> None:
             if process.poll() is not None:
-                raise ServerError(self._failure_message(f"tritonserver exited with status {process.returncode}"))
+                raise LaunchError(self._failure_message(f"tritonserver exited with status {process.returncode}"))
 
         try:
             wait_ready(self.grpc_url, timeout=self.startup_timeout, models=self.models or (), check=check_alive)
         except TimeoutError:
-            raise ServerError(
+            raise LaunchError(
                 self._failure_message(f"tritonserver was not ready after {self.startup_timeout:.0f} s")
             ) from None
 

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
 from aigis.serving.control import ModelControl, ModelControlError, wait_ready
-from aigis.serving.server import ServerError, TritonServer, descendants, is_alive, process_group_members
+from aigis.serving.server import LaunchError, TritonServer, descendants, is_alive, process_group_members
 from polling import poll
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -418,7 +418,7 @@ def _stub_pids(server: TritonServer) -> list[int]:
 
 def test_startup_with_a_broken_model_raises_naming_it_and_leaves_nothing(repo):
     server = TritonServer(repo, models=["no_file"], startup_timeout=60)
-    with pytest.raises(ServerError) as caught:
+    with pytest.raises(LaunchError) as caught:
         server.start()
     message = str(caught.value)
     assert "model 'no_file' failed to load" in message and "model.onnx not found" in message

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from aigis.errors import TrainingError
+
 MANIFEST = "manifest.json"
 METRICS = "metrics.json"
 MATRIX_PNG = "accuracy_matrix.png"
@@ -33,7 +35,7 @@ HEADS_FILE = "heads.safetensors"
 EXEMPLARS_FILE = "exemplars.json"
 
 
-class RunError(RuntimeError):
+class RunError(TrainingError, RuntimeError):
     """A run directory that cannot be used as asked (missing, incomplete, or from another config)."""
 
 

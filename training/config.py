@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aigis.errors import TrainingError
+
 METHODS = ("lorax", "finetune", "joint")
 ON_BAD = ("stop", "skip")
 REFERENCE_BATCH = 512
@@ -20,7 +22,7 @@ REFERENCE_BATCH = 512
 RUNTIME_ONLY = ("device", "num_workers", "on_bad", "cache_images")
 
 
-class ConfigError(ValueError):
+class ConfigError(TrainingError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from aigis.contract import fake_label, real_label, task_of_label
+from aigis.errors import DataError
 from aigis.preprocess import MAX_FILE_BYTES, MAX_PIXELS, MAX_SIDE, BadImageError, load_image, size_problem
 
 log = logging.getLogger("aigis.data")
@@ -37,7 +38,7 @@ OnBad = Literal["stop", "skip"]
 ON_BAD_CHOICES = ("stop", "skip")
 
 
-class CDDBLayoutError(ValueError):
+class CDDBLayoutError(DataError):
     """The folder tree does not have the CDDB layout; the message names the folder and what is missing."""
 
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from aigis.errors import DataError
+
 # How many key names an error message lists before it says "...".
 _SHOWN_KEYS = 5
 
 
-class WeightsError(ValueError):
+class WeightsError(DataError):
     """A weights file that cannot be used; the message names the file and what did not fit."""
 
 
