@@ -185,7 +185,8 @@ def just_learned(result: dict) -> float | None:
 
 
 def verdict(results: list[dict]) -> str | None:
-    """The issue's requirement, stated with the numbers whether it holds or not."""
+    """The claim (LoRAX forgets clearly less than sequential fine-tuning), stated with the numbers whether it
+    holds or not."""
     by = {r["method"]: r for r in results}
     if "lorax" not in by or "finetune" not in by:
         return None

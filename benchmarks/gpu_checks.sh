@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# MEM's GPU checks (issue 4) in one run of about 8 minutes at most on a CUDA host, e.g. through the device tool:
+# MEM's GPU checks in one run of about 8 minutes at most on a CUDA host:
 #
 #     bash benchmarks/gpu_checks.sh          # results in $OUT, default runs/gpu_checks
 #
@@ -9,7 +9,7 @@
 # its own time limit so that the whole run ends in time: the CUDA tests (tests/test_mem_cuda.py), and the speed
 # of ours against the official way on the GPU, with GPU memory -- rn_tiny with one caption per image, the
 # paper's RN50 at 224 px on Flickr8K's share, and COCO's share with photo-sized JPEGs. What comes back is small
-# on purpose (a device run returns at most 8 files): steps.txt (GPU, versions, each step's exit status and
+# on purpose (two files, for hosts that return few): steps.txt (GPU, versions, each step's exit status and
 # time) and gpu_checks.tar.gz (every log and result file).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -1,4 +1,4 @@
-"""Attribution throughput, three ways, side by side in one run (issue 3):
+"""Attribution throughput, three ways, side by side in one run:
 
   (a) the paper's way: PyTorch + peft, adapters unmerged, one backbone pass per adapter (set_adapter), with
       torch's default threads and with one (on a shared machine the default can be the slower);

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from aigis.protection import mem
-from aigis.protection.captions import load_images, read_pairs, synth_captioned
+from aigis.protection.captions import load_images, photo_sized_copies, read_pairs, synth_captioned
 from aigis.protection.clip import MAX_LOGIT_SCALE, OPENAI_VOCAB_SIZE, build_clip, contrastive_loss, normalize_images
 from aigis.protection.tokenizer import Tokenizer
 
@@ -113,25 +113,6 @@ def parse_source_size(text: str) -> tuple[int, int]:
     if not (16 <= width <= 4096 and 16 <= height <= 4096):
         raise ValueError(f"--source-size {text}: each side must be 16..4096 px")
     return width, height
-
-
-def photo_sized_copies(root: Path, manifest: str, size: tuple[int, int]) -> str:
-    """Write every image of root/manifest again as a JPEG (quality 90) of `size` and a manifest naming
-    those; returns the new manifest's name. The scene is only stretched: what matters here is the files'
-    decoding cost."""
-    from PIL import Image
-
-    lines, written = [], {}
-    for pair in read_pairs(root, manifest):
-        if pair.path not in written:
-            target = pair.path.with_suffix(f".{size[0]}x{size[1]}.jpg")
-            with Image.open(pair.path) as image:
-                image.convert("RGB").resize(size, Image.BICUBIC).save(target, quality=90)
-            written[pair.path] = target.relative_to(Path(root).resolve()).as_posix()
-        lines.append(json.dumps({"image": written[pair.path], "caption": pair.caption}))
-    name = f"{Path(manifest).stem}_{size[0]}x{size[1]}.jsonl"
-    (Path(root) / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return name
 
 
 def five_caption_data(tmp: str, images: int, captions_per_image: int, size: int, clip: str,

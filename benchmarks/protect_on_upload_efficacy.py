@@ -5,7 +5,7 @@
 
 A served `mem_protect` version holds a finished job's frozen surrogate and protects each request's batch on
 its own: trigger search, then PGD against that surrogate (served.publish_protect_model: the job's settings,
-per image) -- or, published from a word-texture job whose artefact holds its code (jobs since session 30),
+per image) -- or, published from a word-texture job whose artefact holds its code (word_code.safetensors),
 with that code: each image its own draw of the code's words, no search (--steps code). This benchmark does
 exactly that in-process (mem.protect_batch / mem.protect_with_word_code with the settings a published
 version would hold) for every training image of the work folder's captioned set, one request of --request
@@ -49,8 +49,8 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
     settings = mem.served_settings(meta)  # what a published version serves
     word_code = mem.load_word_code(job_dir / report["surrogate"]["path"], meta, settings) if code else None
     if code and (word_code is None or not settings.word_textures):
-        raise SystemExit(f"{job_dir}: its surrogate artefact holds no word code (a word-texture job saved since "
-                         f"session 30 does)")
+        raise SystemExit(f"{job_dir}: its surrogate artefact holds no word code (word_code.safetensors: a "
+                         f"word-texture job saves one with its surrogate)")
     settings = settings if code else settings.per_image()
     pairs = read_pairs(data, "train.jsonl")
     groups = mem.CaptionsPerImage.by_key([p.path.resolve() for p in pairs])

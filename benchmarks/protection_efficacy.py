@@ -1,4 +1,4 @@
-"""Efficacy of MEM protection on the procedural captioned set (issue 4): clean vs random vs EM vs MEM.
+"""Efficacy of MEM protection on the procedural captioned set: clean vs random vs EM vs MEM.
 
     python benchmarks/protection_efficacy.py                    # defaults below, CPU or CUDA
     python benchmarks/protection_efficacy.py --train 800 --outer 8
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hacker-clip", default=None, help="the hackers' preset (default: --clip's first)")
     # On 400 pairs the surrogate memorises the data within one of the paper's 200-step rounds; short rounds over
     # many iterations cost less. No schedule tried protected measurably better than another once judged by three
-    # hackers (BENCHMARKS.md, session 7).
+    # hackers.
     parser.add_argument("--outer", type=int, default=60)
     parser.add_argument("--surrogate-steps", type=int, default=2)
     parser.add_argument("--surrogate-lr", type=float, default=5e-4, help="the surrogate's AdamW learning rate")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="re-draw the surrogate(s) every R outer iterations (MEMSettings.surrogate_restart)")
     parser.add_argument("--norm-stats", choices=("running", "batch"), default="running",
                         help="MEMSettings.norm_stats: the surrogate's BatchNorm statistics during PGD and trigger "
-                             "search (default running: every table before session 18; the job's default is batch)")
+                             "search (default running, as the earliest recorded runs; the job's default is batch)")
     parser.add_argument("--pgd-steps", type=int, default=16)
     parser.add_argument("--pgd-step", type=int, default=1,
                         help="PGD step in uint8 levels (default 1 = 1/255, the paper's)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-seed", type=int, default=0,
                         help="MEMSettings.seed: the surrogate's draw and the job's batch order (hackers keep theirs)")
     parser.add_argument("--hacker-epochs", type=int, default=10)
-    # One hacker's R@1 on 200 test pairs swings widely between seeds (session 7: clean 4.0-33.5x chance over ten
+    # One hacker's R@1 on 200 test pairs swings widely between seeds (clean data: 4.0-33.5x chance over ten
     # seeds), so every condition is trained by three and the median is reported.
     parser.add_argument("--hackers", type=int, default=3, help="hackers per condition (seeds 0..n-1); median reported")
     parser.add_argument("--conditions", default="clean,random,mem,em",
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         "style, captions, size and epsilon; name a partial run so it does not replace a full table)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
-                        help="the jobs' bfloat16 autocast (auto: on CUDA and on CPUs with AMX; runs before session 29 "
-                             "were float32 on every CPU: off repeats them)")
+                        help="the jobs' bfloat16 autocast (auto: on CUDA and on CPUs with AMX; runs recorded "
+                             "before the autocast fix were float32 on every CPU: off repeats them)")
     args = parser.parse_args(argv)
 
     from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, galleries_text, markdown_table

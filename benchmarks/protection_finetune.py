@@ -1,4 +1,4 @@
-"""Efficacy of MEM in the fine-tune threat model (issue 4): the hacker fine-tunes a pretrained CLIP.
+"""Efficacy of MEM in the fine-tune threat model: the hacker fine-tunes a pretrained CLIP.
 
     make fashion-mnist && python benchmarks/protection_finetune.py          # defaults below
     python benchmarks/protection_finetune.py --finetune-lr 1e-3 --surrogate-lr 1e-3 --name protection_finetune_lr1e-3
@@ -47,7 +47,7 @@ parser.add_argument("--outer", type=int, default=10, help="outer iterations (the
 parser.add_argument("--surrogate-steps", type=int, default=8)
 parser.add_argument("--surrogate-lr", type=float, default=3e-4, help="the hackers' fine-tuning lr, as in the paper")
 parser.add_argument("--norm-stats", choices=("running", "batch"), default="running",
-                    help="MEMSettings.norm_stats (the session-17 results: running)")
+                    help="MEMSettings.norm_stats (the recorded protection_finetune results: running)")
 parser.add_argument("--pgd-steps", type=int, default=16)
 parser.add_argument("--candidates", type=int, default=8)
 parser.add_argument("--batch", type=int, default=100)

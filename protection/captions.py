@@ -273,6 +273,31 @@ def synth_captioned(
     return out_dir
 
 
+def photo_sized_copies(root: str | Path, manifest: str, size: tuple[int, int]) -> str:
+    """Write every image of root/manifest again as a JPEG (quality 90) of `size` = (width, height), beside
+    the original, and a manifest naming those, lines in the same order; returns the new manifest's name.
+
+    The procedural scenes are written at the model's size; a data owner's files are photos (Flickr's about
+    500x375, COCO's 640x480) that every reader has to decode and resize. The scene is only stretched: what
+    the copies change is the files' decoding cost, not their content.
+    """
+    width, height = size
+    if width < 1 or height < 1:
+        raise ValueError(f"photo size must be positive, got {width}x{height}")
+    root = Path(root)
+    lines, written = [], {}
+    for pair in read_pairs(root, manifest):
+        if pair.path not in written:
+            target = pair.path.with_suffix(f".{width}x{height}.jpg")
+            with Image.open(pair.path) as image:
+                image.convert("RGB").resize((width, height), Image.BICUBIC).save(target, quality=90)
+            written[pair.path] = target.relative_to(root.resolve()).as_posix()
+        lines.append(json.dumps({"image": written[pair.path], "caption": pair.caption}))
+    name = f"{Path(manifest).stem}_{width}x{height}.jsonl"
+    (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return name
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading
 

@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"surrogate batches per outer iteration (paper {_DEFAULTS.surrogate_steps})")
     p.add_argument("--noise-grid", type=int, default=None,
                    help="cut each image into N x N cells of one noise value each: a low-frequency noise that a "
-                        "fresh model picks up sooner (BENCHMARKS.md, session 12); paper 0: per-pixel noise")
+                        "fresh model picks up sooner; paper 0: per-pixel noise")
     p.add_argument("--pgd-steps", type=int, default=None, help=f"PGD steps per pass (paper {_DEFAULTS.pgd_steps})")
     p.add_argument("--candidates", type=int, default=None,
                    help=f"HotFlip candidates per trigger slot (paper {_DEFAULTS.candidates})")
@@ -125,12 +125,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _protect(args: argparse.Namespace) -> int:
+    from aigis.cpu import apply_threads
     from aigis.preprocess import BadImageError
 
     from .captions import ManifestError
     from .job import protect_dataset
 
     try:
+        apply_threads(quiet=args.quiet)
         settings = settings_from_options(args)
         summary = protect_dataset(
             args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,

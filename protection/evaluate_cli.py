@@ -76,12 +76,14 @@ def _relative_manifest(root: Path, manifest: str) -> str:
 
 
 def run_protect_eval(args: argparse.Namespace) -> int:
+    from aigis.cpu import apply_threads
     from aigis.preprocess import BadImageError
 
     from .captions import ManifestError
     from .evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection
 
     try:
+        apply_threads(quiet=args.quiet)
         root = Path(args.data)
         if not root.is_dir():
             raise ValueError(f"--data {root}: not a directory")

@@ -2,7 +2,7 @@
 
 The procedural scenes in captions.py are named by colour and position, which a network reads off the
 pixels almost linearly -- so a from-scratch CLIP learns them within a few steps, before it would ever
-pick up a protection noise (BENCHMARKS.md, "Sizes"). Real photographs are the opposite: what a caption
+pick up a protection noise. Real photographs are the opposite: what a caption
 names (a dog, a bicycle) takes learned shape features. These scenes sit in between: two to four
 clothing items (t-shirt, sneaker, bag, ...) drawn from Fashion-MNIST, each in a random tint the caption
 does NOT name, on a dark backdrop; the caption (captions.describe_fashion_scene) names each item

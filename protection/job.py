@@ -252,7 +252,8 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> dict | None:
 
 
 def autocast_before_it_was_recorded(settings: dict, device_type: str | None) -> bool:
-    """What a job whose checkpoints do not record it ran: before session 29, "auto" was autocast on CUDA only."""
+    """What a job whose checkpoints do not record it ran: before the choice was recorded, "auto" was autocast
+    on CUDA only."""
     amp = MEMSettings.from_dict(settings).amp
     return amp == "on" or (amp == "auto" and device_type == "cuda")
 

@@ -31,17 +31,17 @@ each own one small texture, tiled over the image and SHARED by every image; an i
 of its words' textures (with texture_sign, that sum's sign: the full +-epsilon) and its trigger names those
 words. Error minimisation (texture_pass) moves the textures instead of each image's pixels, and the triggers are
 drawn, not searched (with foreign_triggers, from the words the image's own captions do not use). A hacker then
-learns each of the captions' own words as a pattern: ResNet hackers trained from scratch kept about 2x chance
-(also with the sign on 2-px tiles), about 1x with foreign words as well, where per-image noise kept about 4x
-(BENCHMARKS.md, sessions 24-26). With texture_gray the textures are luminance only, which grayscale re-encoding
-keeps whole (session 27).
+learns each of the captions' own words as a pattern: with the sign on 2-px tiles and foreign words (the
+word-code preset) ResNet hackers trained from scratch kept about 1x chance, where per-image noise kept about 4x
+(measured on synthetic scenes: BENCHMARKS.md, "MEM protection: efficacy"). With texture_gray the textures are
+luminance only, which grayscale re-encoding keeps whole.
 
 Several surrogates (an ensemble, e.g. a ViT and a ResNet) may be given to new_state, search_triggers and
 pgd_noise (and so to run_mem): the noise and the triggers then minimise the MEAN of their losses, and each
 surrogate trains on the same batches. save_surrogate writes every member into one artefact and
 protect_batch protects against all of them, so protect-on-upload gives what the job gave. A
 hacker's architecture is unknown to the data owner; noise made against one architecture transfers only
-partly to another (BENCHMARKS.md, session 13), and an ensemble asks it to fool both at once.
+partly to another, and an ensemble asks it to fool both at once.
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ def autocast_enabled(amp: str, device: torch.device) -> bool:
     """Whether MEM's models run under bfloat16 autocast for MEMSettings.amp on this device.
 
     "auto" turns it on for CUDA and for a CPU with AMX, where no kind of MEM step measured slower with it
-    and RN50 at 224 px ran 3x faster (BENCHMARKS.md, session 29); other CPUs were not measured: float32.
+    and RN50 at 224 px ran 3x faster (BENCHMARKS.md, "bfloat16 autocast"); other CPUs were not measured:
+    float32.
     """
     if amp != "auto":
         return amp == "on"

@@ -51,8 +51,10 @@ class MEMSettings:
     # Which BatchNorm statistics a ResNet surrogate uses while a job optimises the noise and triggers:
     # "running" (eval mode, the stored averages) or "batch" (each batch's own statistics, as a model in
     # TRAINING normalises what it learns from; the stored averages are not updated). A randomly initialised
-    # surrogate's averages lag far behind its weights: "batch" halved what ResNet hackers kept from scratch,
-    # while a pretrained surrogate's averages are sound and did better kept (BENCHMARKS.md, session 18).
+    # surrogate's averages lag far behind its weights, so "batch" fits the noise to what a model in training
+    # computes (from scratch it measured no worse than the averages, within the spread of job draws), while a
+    # pretrained surrogate's averages are sound and did better kept (fine-tune threat model: 0.5x against 2.0x
+    # chance; BENCHMARKS.md).
     # ViTs have no BatchNorm. protect_batch always uses the averages.
     norm_stats: str = "batch"
     # foreign_triggers: a pair's trigger never uses a word (token) of its own caption. It matters only when the
@@ -66,20 +68,19 @@ class MEMSettings:
     # the clipped sum of the textures of its words_per_image words (a set no other image has), and its trigger
     # names those words, cycled to trigger_length. Error minimisation moves the SHARED textures, from zero;
     # triggers are not searched. Each word then means one pattern across the whole set, so what a hacker learns
-    # for the captions' own words is the shortcut (BENCHMARKS.md, session 24). 0: one free noise per image.
+    # for the captions' own words is the shortcut. 0: one free noise per image.
     word_textures: int = 0
     texture_tile: int = 4
     words_per_image: int = 3
     # texture_sign: a word-wise noise is epsilon times the SIGN of its textures' clipped sum: +-epsilon wherever
     # the sum is not exactly 0 (and the pixel is not clipped at 0 or 255). The gradient passes the sign straight
     # through, not the clip (where an image's sum is beyond +-1, its gradient does not reach the textures). A
-    # fresh model reads a full-range code sooner than one whose values error minimisation left inside the range
-    # (BENCHMARKS.md, session 25).
+    # fresh model reads a full-range code sooner than one whose values error minimisation left inside the range.
     texture_sign: bool = False
     # texture_gray: each texture is one value per pixel, the same on R, G and B, so the code is all luminance
     # (except where a channel is clipped at 0 or 255): re-encoding the protected images in grayscale keeps it
     # whole, where a coloured code keeps only its luminance part. The price: a third of the values per tile
-    # (keep the 4-px tile rather than 2 px; BENCHMARKS.md, session 27).
+    # (keep the 4-px tile rather than 2 px).
     texture_gray: bool = False
 
     def validate(self) -> None:
@@ -164,17 +165,17 @@ class MEMSettings:
 # beside a preset override its values. Measured on the synthetic scenes only (BENCHMARKS.md); the word codes'
 # schedule (60 short rounds, batch 100) was measured on a few hundred images.
 # Word-wise noise on 2-px tiles at +-epsilon, each image's three words drawn from those its captions do not
-# use, 16 of them before every caption: ResNet hackers from scratch kept about 1x chance (session 26).
+# use, 16 of them before every caption: ResNet hackers from scratch kept about 1x chance (BENCHMARKS.md).
 _WORD_CODE: dict[str, Any] = {
     "trigger_length": 16, "word_textures": 96, "texture_tile": 2, "texture_sign": True, "foreign_triggers": True,
     "pgd_steps": 4, "candidates": 8, "outer_iterations": 60, "surrogate_steps": 2, "batch_size": 100, "lr": 5e-4,
 }
 MEM_PRESETS: dict[str, dict[str, Any]] = {
-    # The reference's from-scratch MEM: one noise per image, a 3-token trigger. Against ResNet hackers trained
-    # from scratch it kept about 4x chance (sessions 19-20).
+    # The reference's from-scratch MEM: one noise per image, a 3-token trigger. Per-image MEM kept ResNet hackers
+    # trained from scratch at about 4x chance at best (16-word triggers, noise on 4 x 4 cells; BENCHMARKS.md).
     "paper": {},
     "word-code": _WORD_CODE,
-    # The same code in luminance only on 4-px tiles, for images that may be re-encoded in grayscale (session 27).
+    # The same code in luminance only on 4-px tiles, for images that may be re-encoded in grayscale.
     "word-code-gray": {**_WORD_CODE, "texture_tile": 4, "texture_gray": True},
 }
 

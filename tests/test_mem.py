@@ -577,7 +577,7 @@ def test_presets_name_whole_settings_and_validate():
     from aigis.protection.settings import preset_settings
 
     assert preset_settings("paper") == mem.MEMSettings()
-    # word-code is the job session 26 measured (benchmarks/results/..._full.json), whatever else it leaves default
+    # word-code is the job BENCHMARKS.md measured (benchmarks/results/..._full.json), whatever else it leaves default
     measured = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" /
                            "protection_efficacy_fashion_cap5_test1000g200_foreign_words96_tile2_sign_full.json"
                            ).read_text())["report"]["conditions"]
