@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 from aigis import __version__
 
@@ -38,10 +41,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ToCurrentStderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of each record (tests and callers may swap it)."""
+
+    @property
+    def stream(self):  # noqa: D401 - logging reads this attribute
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+@contextmanager
+def command_logging() -> Iterator[None]:
+    """The library logs its progress (aigis.* loggers, INFO); a command shows those lines on stderr, as plain
+    lines, for as long as it runs. Its results go to stdout, printed by the command itself."""
+    logger = logging.getLogger("aigis")
+    handler = _ToCurrentStderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with command_logging():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

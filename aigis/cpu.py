@@ -8,6 +8,7 @@ processes put on them (the 1-minute load average, read before the job starts), a
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -40,13 +41,11 @@ def choose_threads(environ: dict[str, str] | None = None, cpus: int | None = Non
 
 
 def apply_threads(quiet: bool = False) -> int:
-    """Set PyTorch's intra-op threads to choose_threads() and say so on stderr; returns the count."""
-    import sys
-
+    """Set PyTorch's intra-op threads to choose_threads() and log it; returns the count."""
     import torch
 
     choice = choose_threads()
     torch.set_num_threads(choice.threads)
     if not quiet:
-        print(f"using {choice.threads} thread(s): {choice.why}", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info(f"using {choice.threads} thread(s): {choice.why}")
     return choice.threads

@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,6 +41,7 @@ from aigis.errors import ExportError
 from .configs import (CONFIG_FILE, LABELS_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
                       extractor_config, manifest_of, read_config, to_pbtxt)
 
+log = logging.getLogger(__name__)
 SOURCE_FILE = "source.json"
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".aigis-writer.lock"
@@ -302,7 +304,7 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
     if not rtol >= 0:
         raise ValueError(f"rtol must be 0 or more, got {rtol}")
     run_dir, repo = Path(run_dir), Path(repo)
-    say = print if progress else (lambda *a, **k: None)
+    say = log.info if progress else (lambda *a, **k: None)
     model = load_run(run_dir, num_tasks)
     manifest = model.manifest
     tasks = list(manifest["tasks"])
@@ -360,7 +362,7 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
                 features[set_name].append(extractor(torch.from_numpy(images)).numpy())
         if exists:
             continue
-        say(f"  exporting {name} ...", flush=True)
+        say(f"  exporting {name} ...")
         # Export a copy (export may fix input-size-dependent constants); check against the untouched one.
         graph = onnx_export.extractor_onnx(model.merged_extractor(k), crop)
         checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name, rtol, runtime)

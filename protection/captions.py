@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from aigis.errors import ProtectionError
 from aigis.preprocess import BadImageError, load_image, resized_window, short_side_shape
 
 from . import fashion
+
+log = logging.getLogger(__name__)
 
 # name -> RGB; backgrounds have words of their own, so "red" always means an object.
 COLOURS = {
@@ -61,7 +64,7 @@ COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
 
 
-class ManifestError(ValueError):
+class PairsManifestError(ProtectionError):
     """A manifest line that cannot be used; the message names the file and line."""
 
 
@@ -304,10 +307,10 @@ def photo_sized_copies(root: str | Path, manifest: str, size: tuple[int, int]) -
 
 def _inside(root: Path, relative: str, what: str) -> Path:
     if not relative or Path(relative).is_absolute() or "\\" in relative:
-        raise ManifestError(f"{what}: path {relative!r} must be relative to the data root, with / separators")
+        raise PairsManifestError(f"{what}: path {relative!r} must be relative to the data root, with / separators")
     path = (root / relative).resolve()
     if not path.is_relative_to(root):
-        raise ManifestError(f"{what}: path {relative!r} leaves the data root {root}")
+        raise PairsManifestError(f"{what}: path {relative!r} leaves the data root {root}")
     return path
 
 
@@ -316,7 +319,7 @@ def read_pairs(root: str | Path, manifest_name: str) -> list[Pair]:
     root = Path(root).resolve()
     manifest = _inside(root, manifest_name, f"manifest {manifest_name!r}")
     if not manifest.is_file():
-        raise ManifestError(f"{manifest}: manifest not found")
+        raise PairsManifestError(f"{manifest}: manifest not found")
     pairs: list[Pair] = []
     with manifest.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -326,20 +329,20 @@ def read_pairs(root: str | Path, manifest_name: str) -> list[Pair]:
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ManifestError(f"{where}: not valid JSON ({exc.msg})") from None
+                raise PairsManifestError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(entry, dict):
-                raise ManifestError(f"{where}: expected an object with 'image' and 'caption'")
+                raise PairsManifestError(f"{where}: expected an object with 'image' and 'caption'")
             image, caption = entry.get("image"), entry.get("caption")
             if not isinstance(image, str) or not isinstance(caption, str):
-                raise ManifestError(f"{where}: 'image' and 'caption' must both be strings")
+                raise PairsManifestError(f"{where}: 'image' and 'caption' must both be strings")
             if not caption.strip():
-                raise ManifestError(f"{where}: empty caption")
+                raise PairsManifestError(f"{where}: empty caption")
             path = _inside(root, image, where)
             if not path.is_file():
-                raise ManifestError(f"{where}: image {image!r} not found ({path})")
+                raise PairsManifestError(f"{where}: image {image!r} not found ({path})")
             pairs.append(Pair(path, caption))
     if not pairs:
-        raise ManifestError(f"{manifest}: no image-caption pairs")
+        raise PairsManifestError(f"{manifest}: no image-caption pairs")
     return pairs
 
 
@@ -368,5 +371,5 @@ def load_images(pairs: list[Pair], size: int, progress: bool = True) -> np.ndarr
         if progress and (now - last > 5 or i + 1 == len(pairs)):
             last = now
             rate = (i + 1) / max(now - start, 1e-9)
-            print(f"decoded {i + 1}/{len(pairs)} images ({rate:.0f} img/s)", file=sys.stderr, flush=True)
+            log.info(f"decoded {i + 1}/{len(pairs)} images ({rate:.0f} img/s)")
     return out

@@ -128,7 +128,7 @@ def _protect(args: argparse.Namespace) -> int:
     from aigis.cpu import apply_threads
     from aigis.preprocess import BadImageError
 
-    from .captions import ManifestError
+    from .captions import PairsManifestError
     from .job import protect_dataset
 
     try:
@@ -139,7 +139,7 @@ def _protect(args: argparse.Namespace) -> int:
             device=args.device, resume=not args.no_resume, progress=not args.quiet,
             trigger_words=args.trigger_words, tokenizer_file=args.tokenizer, init_checkpoint=args.init,
         )
-    except (ManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
+    except (PairsManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
         print(f"aigis protect: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=1))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
+import logging
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -28,9 +28,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from aigis.errors import ProtectionError
 from aigis.preprocess import load_image
 
-from .captions import ManifestError, Pair, load_images, read_pairs
+from .captions import Pair, PairsManifestError, load_images, read_pairs
+
+log = logging.getLogger(__name__)
 
 # The transforms a hacker could apply to every scraped image before training.
 ROBUSTNESS_TRANSFORMS = ("jpeg75", "gray")
@@ -41,7 +44,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _RESERVED = {"clean", "random"}
 
 
-class EvaluationError(ValueError):
+class EvaluationError(ProtectionError):
     """Inputs the evaluation cannot use; the message names what was wrong."""
 
 
@@ -116,7 +119,7 @@ def read_protected_set(directory: str | Path, clean_pairs: list[Pair], name: str
         raise EvaluationError(f"protected set {name!r}: {directory / PROTECTED_MANIFEST} not found")
     try:
         pairs = read_pairs(directory, PROTECTED_MANIFEST)
-    except ManifestError as exc:
+    except PairsManifestError as exc:
         raise EvaluationError(f"protected set {name!r}: {exc}") from exc
     if len(pairs) != len(clean_pairs):
         raise EvaluationError(
@@ -391,12 +394,12 @@ def evaluate_protection(
 
     def say(message: str) -> None:
         if progress:
-            print(message, file=sys.stderr, flush=True)
+            log.info(message)
 
     try:
         clean_pairs = read_pairs(clean_root, train_manifest)
         test_pairs = read_pairs(clean_root, test_manifest)
-    except ManifestError as exc:
+    except PairsManifestError as exc:
         raise EvaluationError(str(exc)) from exc
     from .retrieval import gallery_size
 
@@ -524,8 +527,6 @@ def evaluate_protection(
         example_sheet(clean_pairs, sheet_sets[:2], out_dir / "examples.png", examples=examples)
         report["examples_png"] = str(out_dir / "examples.png")
     report["report_md"], report["report_json"] = str(out_dir / "report.md"), str(out_dir / "report.json")
-    if progress:
-        print(table, flush=True)
     return report
 
 

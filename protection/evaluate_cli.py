@@ -79,7 +79,7 @@ def run_protect_eval(args: argparse.Namespace) -> int:
     from aigis.cpu import apply_threads
     from aigis.preprocess import BadImageError
 
-    from .captions import ManifestError
+    from .captions import PairsManifestError
     from .evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection
 
     try:
@@ -89,7 +89,7 @@ def run_protect_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"--data {root}: not a directory")
         protected = _parse_protected(args.protected)
         conditions = ["clean", *([] if args.no_random else ["random"]), *protected]
-        evaluate_protection(
+        report = evaluate_protection(
             root,
             _relative_manifest(root, args.train_manifest),
             _relative_manifest(root, args.test_manifest),
@@ -114,9 +114,11 @@ def run_protect_eval(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             gallery=args.gallery,
         )
-    except (ValueError, FileNotFoundError, ManifestError, BadImageError) as exc:
+    except (ValueError, FileNotFoundError, PairsManifestError, BadImageError) as exc:
         print(f"aigis protect-eval: error: {exc}", file=sys.stderr)
         return 2
     if args.quiet:
         print(Path(args.out) / "report.md")
+    else:
+        print(Path(report["report_md"]).read_text(encoding="utf-8"), flush=True)
     return 0

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from aigis.errors import ProtectionError
+
 # Fashion-MNIST's label order; (singular, plural) as a caption says them.
 CLASSES = (
     ("t-shirt", "t-shirts"), ("pair of trousers", "pairs of trousers"), ("pullover", "pullovers"),
@@ -43,7 +45,7 @@ ENV_VAR = "AIGIS_FASHION_MNIST"
 MIN_SIZE = 16  # px: an item is drawn in a quarter of the image
 
 
-class FashionDataError(ValueError):
+class FashionDataError(ProtectionError):
     """Fashion-MNIST files that are missing or malformed; the message names the file."""
 
 

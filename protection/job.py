@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import shutil
-import sys
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +35,8 @@ import numpy as np
 
 from .mem import MEMSettings
 from .mem import file_sha256 as _sha256_file
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "aigis-mem-checkpoint-1"
 PROTECTION_FORMAT = "aigis-protection-1"
@@ -416,10 +418,9 @@ def protect_dataset(
     autocast = bool(resumed["autocast"]) if resumed else mem.autocast_enabled(settings.amp, device_t)
     run_settings = replace(settings, amp="on" if autocast else "off")
     if progress:
-        print(f"MEM on {len(sources)} images ({len(pairs)} pairs), {device_t}, "
-              f"{'bfloat16 autocast' if autocast else 'float32'}"
-              f"{f'; resuming after outer iteration {state.iteration}/{settings.outer_iterations}' if resumed else ''}",
-              file=sys.stderr)
+        log.info(f"MEM on {len(sources)} images ({len(pairs)} pairs), {device_t}, "
+                 f"{'bfloat16 autocast' if autocast else 'float32'}"
+                 f"{f'; resuming after outer iteration {state.iteration}/{settings.outer_iterations}' if resumed else ''}")
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
 
     def checkpoint(st, stats) -> None:
@@ -503,9 +504,8 @@ def protect_dataset(
     _write_atomic(out_dir / "protection.json", json.dumps(report, indent=1).encode())
     elapsed = time.monotonic() - started
     if progress:
-        print(f"protected {len(pairs)} pairs ({len(sources)} images) into {out_dir} in {elapsed:.1f}s "
-              f"({len(sources) * state.iteration / max(elapsed, 1e-9):.1f} image-iterations/s)",
-              file=sys.stderr)
+        log.info(f"protected {len(pairs)} pairs ({len(sources)} images) into {out_dir} in {elapsed:.1f}s "
+                 f"({len(sources) * state.iteration / max(elapsed, 1e-9):.1f} image-iterations/s)")
     last = state.history[-1] if state.history else {}
     return {
         "out_dir": str(out_dir), "pairs": len(pairs), "images": len(sources), "mode": settings.mode, "resumed": bool(resumed),

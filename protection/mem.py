@@ -51,7 +51,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
+import logging
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -67,6 +67,8 @@ from torch import Tensor
 from .clip import CLIP, MAX_LOGIT_SCALE, CLIPConfig, contrastive_loss, normalize_images
 from .settings import MEMSettings
 from .tokenizer import Tokenizer, apply_trigger_text
+
+log = logging.getLogger(__name__)
 
 SURROGATE_FORMAT = "aigis-mem-surrogate-1"
 WEIGHTS_FILE = "model.safetensors"
@@ -1022,19 +1024,18 @@ def run_mem(
             rate = f"{stats['images_per_s']:.1f} images/s"
             if not groups.one_each:
                 rate += f" = {stats['pairs_per_s']:.1f} pairs/s"
-            print(
+            log.info(
                 f"MEM {state.iteration}/{settings.outer_iterations}: surrogate loss {surrogate_loss:.4f} "
                 f"({stats['surrogate_pairs_per_s']:.0f} pairs/s), pass loss {pass_loss:.4f} "
                 f"({rate}{', triggers' if stats['triggers_updated'] else ''}"
                 f"{', surrogate ' + '+'.join(map(str, redrawn)) + ' re-drawn' if redrawn else ''}), "
-                f"{stats['seconds']:.1f}s",
-                file=sys.stderr, flush=True,
+                f"{stats['seconds']:.1f}s"
             )
         if callback is not None:
             callback(state, stats)
     if progress and state.iteration < settings.outer_iterations:
-        print(f"MEM stopped after {state.iteration} outer iterations: pass loss "
-              f"{state.history[-1]['pass_loss']:.4f} <= stop_loss {settings.stop_loss}", file=sys.stderr, flush=True)
+        log.info(f"MEM stopped after {state.iteration} outer iterations: pass loss "
+                 f"{state.history[-1]['pass_loss']:.4f} <= stop_loss {settings.stop_loss}")
     return state
 
 

@@ -9,7 +9,7 @@ read back from PNG are trained on as published.
 from __future__ import annotations
 
 import math
-import sys
+import logging
 import time
 from contextlib import nullcontext
 from typing import Callable
@@ -20,6 +20,8 @@ from torch import Tensor
 
 from .clip import CLIP, contrastive_loss, normalize_images
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -136,12 +138,8 @@ def train_clip(
         if progress:
             elapsed = time.monotonic() - start
             done = (epoch + 1) * per_epoch * batch_size
-            print(
-                f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, "
-                f"{done / elapsed:.0f} pairs/s, {elapsed:.1f}s",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.info(f"epoch {epoch + 1}/{epochs}: loss {np.mean(losses):.4f}, {done / elapsed:.0f} pairs/s, "
+                     f"{elapsed:.1f}s")
     return model.eval()
 
 

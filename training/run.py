@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from aigis.training.memory import ExemplarMemory
 from aigis.training.metrics import (AccuracyMatrix, binary_correct, format_percent, multi_real_correct,
                                     plot_accuracy_matrix, summarize)
 
+log = logging.getLogger(__name__)
 
 class ContinualRun:
     """Trains `config.method` over the tasks of `data`, writing <out_dir> as described in aigis.training.checkpoint."""
@@ -46,7 +48,7 @@ class ContinualRun:
         self.device = config.resolved_device()
         self.amp = config.use_amp(self.device)
         self.trainer = TaskTrainer(config, self.device, progress=progress)
-        self.log = print if progress else (lambda *a, **k: None)
+        self.log = log.info if progress else (lambda *a, **k: None)
         self.tasks: list[TaskData] = []
         self.cache = None
         # Features of frozen extractors on validation sets never change: (extractor, task) -> [N, D].
