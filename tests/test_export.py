@@ -20,24 +20,19 @@ from PIL import Image
 from aigis import contract
 from aigis.cli import main as aigis_main
 from aigis.data.cddb import CDDB
-from aigis.data.synth import SynthConfig, generate
 from aigis.export import export_run, load_version, served_version, validate, versions
 from aigis.export.configs import read_config, to_pbtxt
 from aigis.export.repository import RepositoryError, notes, pointed_version
 from aigis.training.config import TrainConfig
 from aigis.training.run import ContinualRun, load_run
-
-TASKS = ["tconv", "nearest", "bilinear"]
-TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
-            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+from tiny_run import TASKS, TINY, synthetic_root
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> dict:
     """A synthetic root, a run trained on two tasks, and a repository holding its version 2."""
     base = tmp_path_factory.mktemp("export")
-    root = base / "data"
-    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    root = synthetic_root(base)
     run = base / "run"
     config = TrainConfig.from_dict(TINY)
     ContinualRun(config, CDDB(root, TASKS[:2], progress=False), run, progress=False).run()

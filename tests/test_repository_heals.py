@@ -19,29 +19,20 @@ from pathlib import Path
 import pytest
 
 from aigis import contract
-from aigis.data.cddb import CDDB
-from aigis.data.synth import SynthConfig, generate
 from aigis.export import export_run, validate, versions
 from aigis.export.repository import LOCK_FILE, STAGING_PREFIX, leftovers, notes, publish_version, repository_lock
-from aigis.training.config import TrainConfig
-from aigis.training.run import ContinualRun
-
-TASKS = ["tconv", "nearest", "bilinear"]
-TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
-            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+from tiny_run import synthetic_root, train_tasks
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
     """A run over three tasks and a repository holding its version 2 (version 3 is what the kills interrupt)."""
     base = tmp_path_factory.mktemp("heals")
-    root = base / "data"
-    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    root = synthetic_root(base)
     run, repo = base / "run", base / "repo"
-    config = TrainConfig.from_dict(TINY)
-    ContinualRun(config, CDDB(root, TASKS[:2], progress=False), run, progress=False).run()
+    train_tasks(root, run, 2)
     export_run(run, repo, progress=False)
-    ContinualRun(config, CDDB(root, TASKS, progress=False), run, resume=True, progress=False).run()
+    train_tasks(root, run, 3)
     return {"run": run, "repo": repo}
 
 

@@ -27,16 +27,12 @@ from aigis import contract
 from aigis.cli import main as aigis_main
 from aigis.client.loadcheck import start_loads
 from aigis.data.cddb import CDDB
-from aigis.data.synth import SynthConfig, generate
 from aigis.export import export_run, load_version
 from aigis.serving.server import TritonServer, free_port
-from aigis.training.config import TrainConfig
-from aigis.training.run import ContinualRun, load_run
+from aigis.training.run import load_run
 from polling import poll
+from tiny_run import TASKS, synthetic_root, train_tasks
 
-TASKS = ["tconv", "nearest", "bilinear"]
-TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
-            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
 ROLLOUTS = 4
 
 
@@ -46,16 +42,14 @@ def two_versions(tmp_path_factory) -> dict:
     from aigis import preprocess
 
     base = tmp_path_factory.mktemp("rollout")
-    root = base / "data"
-    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    root = synthetic_root(base)
     run, repo = base / "run", base / "repo"
-    config = TrainConfig.from_dict(TINY)
     expected = {}
     data = CDDB(root, TASKS, progress=False)
     paths = [s.path for t in range(len(TASKS)) for s in data.samples(t, "val")]
     images = np.stack([preprocess.eval_view_from_file(p, 32) for p in paths])
     for count in (2, 3):
-        ContinualRun(config, CDDB(root, TASKS[:count], progress=False), run, resume=count > 2, progress=False).run()
+        train_tasks(root, run, count)
         export_run(run, repo, data_root=root, progress=False)
         with torch.no_grad():
             predicted = load_run(run)(torch.from_numpy(images)).argmax(1).numpy()

@@ -1,0 +1,28 @@
+"""A tiny continual run on the synthetic benchmark, shared by the export, rollout and repository tests
+(the test modules import this; tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aigis.data.cddb import CDDB
+from aigis.data.synth import SynthConfig, generate
+from aigis.training.config import TrainConfig
+from aigis.training.run import ContinualRun
+
+TASKS = ["tconv", "nearest", "bilinear"]
+TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_size=8, lr_first=0.5, lr_later=0.5,
+            memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
+
+
+def synthetic_root(base: Path) -> Path:
+    """Three synthetic tasks of 36-px images (5 train + 4 val per class)."""
+    root = base / "data"
+    generate(root, SynthConfig(tasks=3, train_per_class=5, val_per_class=4, size=36, seed=1), progress=False)
+    return root
+
+
+def train_tasks(root: Path, run: Path, count: int, config: TrainConfig | None = None) -> None:
+    """Train (or continue) `run` over the first `count` tasks."""
+    ContinualRun(config or TrainConfig.from_dict(TINY), CDDB(root, TASKS[:count], progress=False), run,
+                 resume=run.exists(), progress=False).run()
