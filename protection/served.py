@@ -26,8 +26,10 @@ from .triton_model import SETTINGS_FILE, SURROGATE_DIR
 # The modules a served version runs: their sha256 is pinned in the version (aigis.export.code_pin), and its
 # model.py refuses to load under other code, so a rollback never serves old settings with new code.
 SERVED_MODULES = ("aigis.contract", "aigis.preprocess", "aigis.export.decode_model", "aigis.protection.triton_model",
-                  "aigis.protection.mem", "aigis.protection.clip", "aigis.protection.settings",
-                  "aigis.protection.tokenizer")
+                  "aigis.protection.mem", "aigis.protection.attack", "aigis.protection.search",
+                  "aigis.protection.pgd", "aigis.protection.state", "aigis.protection.surrogate",
+                  "aigis.protection.upload", "aigis.protection.word_code", "aigis.protection.artefact",
+                  "aigis.protection.clip", "aigis.protection.settings", "aigis.protection.tokenizer")
 MODEL_SHIM = '''"""mem_protect: MEM protect-on-upload (aigis.protection.triton_model), pinned to the code in code.json."""
 from pathlib import Path
 

@@ -673,6 +673,42 @@ def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_t
         mem.MEMSettings.from_dict({"warp": 9})
 
 
+def _score_position_one_at_a_time(model, images, delta, tokens, position, options):
+    """Reference for mem.score_position: each candidate written into a copy of the batch row by row, and both
+    towers run afresh (the text tower on the whole padded context) for every candidate."""
+    rows = []
+    for c in range(options.shape[1]):
+        trial = tokens.clone()
+        for i in range(trial.shape[0]):
+            trial[i, position] = options[i, c]
+        image_features = mem._encode_images(model, images, delta)
+        rows.append(mem.pair_losses(image_features, model.encode_text(trial), model.logit_scale))
+    return torch.stack(rows)
+
+
+def _search_triggers_one_at_a_time(model, tokenizer, images, delta, tokens, triggers, settings):
+    """Reference for mem.search_triggers with one model: the same HotFlip proposals, then each slot's options
+    (the current id first) scored one candidate at a time; each pair keeps its best (ties: the first)."""
+    k = triggers.shape[1]
+    candidate_ids = tokenizer.trigger_candidates()
+    candidate_ids = candidate_ids[candidate_ids < model.vocab_size]
+    with torch.no_grad():
+        image_features = mem._encode_images(model, images, delta)
+    current = triggers.clone()
+    proposals = mem.hotflip_candidates(model, mem._with_triggers(tokens, current), image_features, k, candidate_ids,
+                                       settings.candidates)
+    loss = None
+    with torch.no_grad():
+        for j in range(k):
+            options = torch.cat([current[:, j : j + 1], proposals[:, j]], dim=1)
+            losses = _score_position_one_at_a_time(model, images, delta, mem._with_triggers(tokens, current), 1 + j,
+                                                    options)
+            best = losses.argmin(dim=0)
+            current[:, j] = options.gather(1, best[:, None]).squeeze(1)
+            loss = losses.gather(0, best[None]).squeeze(0)
+    return current, loss
+
+
 def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
     model, tokenizer, images_np, captions = tiny
     images = torch.from_numpy(images_np)
@@ -683,7 +719,7 @@ def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
     with torch.no_grad():
         features = mem._encode_images(model, images, delta)
         batched = mem.score_position(model, tokens, features, 2, options)
-        looped = mem.score_position_looped(model, images, delta, tokens, 2, options)
+        looped = _score_position_one_at_a_time(model, images, delta, tokens, 2, options)
     assert batched.shape == (4, len(captions))
     torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # cutting the causal text tower after the last end-of-text changes nothing
@@ -694,7 +730,7 @@ def test_batched_candidate_scoring_equals_one_at_a_time(tiny):
     settings = mem.MEMSettings(candidates=3, amp="off")
     start = torch.full((len(captions), 3), tokenizer.placeholder_id)
     fast, fast_loss = mem.search_triggers(model, tokenizer, images, delta, tokens, start, settings)
-    slow, slow_loss = mem.search_triggers(model, tokenizer, images, delta, tokens, start, settings, _looped=True)
+    slow, slow_loss = _search_triggers_one_at_a_time(model, tokenizer, images, delta, tokens, start, settings)
     assert torch.equal(fast, slow)
     torch.testing.assert_close(fast_loss, slow_loss, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # the search lowers the batch's loss from the starting trigger
