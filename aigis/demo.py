@@ -218,6 +218,7 @@ def protection_job(out: Path) -> tuple[tuple[Path, Path], dict[str, Any]]:
                                  out_dir=out / f"protection_eval_{style}", clip_preset=DEMO_PROTECT["clip"],
                                  image_size=DEMO_PROTECT["size"], epochs=DEMO_PROTECT["hacker_epochs"],
                                  gallery=DEMO_PROTECT["gallery"])
+    print(Path(report["report_md"]).read_text(encoding="utf-8").rstrip())
     print(f"efficacy table, JSON and example sheet: {out / f'protection_eval_{style}'}")
     return (data, protected), {"scenes": style, "preset": DEMO_PROTECT["preset"], "job": job, "evaluation": report}
 
