@@ -61,7 +61,8 @@ def command_logging() -> Iterator[None]:
     handler = _ToCurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    level = logger.level
+    logger.setLevel(logging.INFO)
     try:
         yield
     finally:

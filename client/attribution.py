@@ -130,11 +130,13 @@ class AttributionCodec:
 MANIFEST_WAIT_S = 5.0
 
 
-def read_answer(codec: AttributionCodec, answer: Answer, count: int, refresh: Callable[[], None]) -> list[Attribution]:
-    """codec.read, first re-reading the served config (`refresh`) while the answering version is unknown."""
+def read_answer(codec: AttributionCodec, answer: Answer, count: int,
+                refresh: Callable[[str], None]) -> list[Attribution]:
+    """codec.read, first re-reading the served config (`refresh(version)`) while the answering version is
+    unknown."""
     deadline = time.monotonic() + MANIFEST_WAIT_S
     while codec.manifest_for(answer.model_version) is None and time.monotonic() < deadline:
-        refresh()
+        refresh(answer.model_version)
         if codec.manifest_for(answer.model_version) is None:
             time.sleep(0.05)
     return codec.read(answer, count)
@@ -247,10 +249,12 @@ class AttributionClient:
             served, lambda: self._transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,)))
         return served, manifest
 
-    def _refresh(self) -> None:
-        """Re-read the served config (a rollout switched the version) and learn its manifest."""
+    def _refresh(self, version: str) -> None:
+        """Re-read the served config (a rollout switched the version) and learn its manifest; one thread reads
+        it while the others wait, then finds the version known."""
         with self._refresh_lock:
-            self._codec.learn(*self._read_served())
+            if self._codec.manifest_for(version) is None:
+                self._codec.learn(*self._read_served())
 
     def _send(self, prepared: Sequence[Prepared]) -> list[Attribution]:
         with self._in_flight:

@@ -9,7 +9,8 @@ aigis.preprocess's defaults; an image over either is refused from its header, be
 
 Code that travels with its version: export copies this file as the version's model.py and aigis/preprocess.py
 beside it (PREPROCESS_COPY), and a served version decodes with that copy, so rolling back a version rolls
-back its decoding too, whatever aigis is installed.
+back its decoding too. Only the tensor names (aigis.contract) and the error root (aigis.errors) still come
+from the installed package.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SOURCE_FILE = "source.json"
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".aigis-writer.lock"
+ROLLOUT_LOCK_FILE = ".aigis-rollout.lock"
 MANIFEST_FORMAT = "aigis-served-manifest/1"
 
 
@@ -70,6 +71,27 @@ def version_config(repo: str | Path, model: str, version: int) -> dict:
 
 
 @contextmanager
+def _flock(path: Path, timeout_s: float, holder: str) -> Iterator[None]:
+    """An exclusive flock on `path` (the kernel releases it when its holder dies), waited for up to `timeout_s`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RepositoryError(f"{path.parent}: {holder} has held {path.name} for {timeout_s:.0f} s") \
+                        from None
+                time.sleep(0.1)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
 def repository_lock(repo: str | Path, timeout_s: float = 600.0) -> Iterator[Path]:
     """Hold the repository's writer lock; under it, remove what writers that died left behind.
 
@@ -78,27 +100,19 @@ def repository_lock(repo: str | Path, timeout_s: float = 600.0) -> Iterator[Path
     process's flock): removing it can never touch a live one.
     """
     repo = Path(repo)
-    repo.mkdir(parents=True, exist_ok=True)
-    with open(repo / LOCK_FILE, "a+") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise RepositoryError(f"{repo}: another writer (an export, a publish or a rollout) has held "
-                                          f"the repository lock for {timeout_s:.0f} s") from None
-                time.sleep(0.1)
-        try:
-            for leftover in leftovers(repo):
-                if leftover.is_dir():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink(missing_ok=True)
-            yield repo
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with _flock(repo / LOCK_FILE, timeout_s, "another writer (an export, a publish or a pointer move)"):
+        for leftover in leftovers(repo):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        yield repo
+
+
+def rollout_lock(repo: str | Path, timeout_s: float = 600.0) -> AbstractContextManager[None]:
+    """One rollout at a time per repository: two interleaved ones could leave pointers and the served versions
+    disagreeing. Separate from the writer lock, which each pointer move takes on its own."""
+    return _flock(Path(repo) / ROLLOUT_LOCK_FILE, timeout_s, "another rollout")
 
 
 def leftovers(repo: str | Path) -> list[Path]:
@@ -156,9 +170,9 @@ def point_to(repo: str | Path, model: str, version: int) -> bool:
     if not source.is_file():
         raise RepositoryError(f"{model} version {version} does not exist in {repo}")
     text = source.read_text()
-    if target.is_file() and target.read_text() == text:
-        return False
     with repository_lock(repo):
+        if target.is_file() and target.read_text() == text:
+            return False
         _write_atomic(target, text)
     return True
 
@@ -462,14 +476,15 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
                 order.append(step)
     order += [(ensemble, version) for ensemble in ensembles]
     done = Rollout()
-    for model, model_version in order:
-        with _pointer_restored_on_failure(repo, model):
-            moved = point_to(repo, model, model_version)
-            if moved or not control.is_ready(model, str(model_version)):
-                control.load(model)
-                done.loaded.append(model)
-    _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
-    done.unloaded = retire_steps(control, repo, prune=prune)
+    with rollout_lock(repo):
+        for model, model_version in order:
+            with _pointer_restored_on_failure(repo, model):
+                moved = point_to(repo, model, model_version)
+                if moved or not control.is_ready(model, str(model_version)):
+                    control.load(model)
+                    done.loaded.append(model)
+        _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
+        done.unloaded = retire_steps(control, repo, prune=prune)
     return done
 
 
@@ -522,7 +537,7 @@ def load_model_version(control: Any, repo: str | Path, model: str, version: int)
                                       f"roll out the ensemble instead")
     if version not in versions(Path(repo), model):
         raise RepositoryError(f"{repo}: no {model} version {version}; versions: {versions(Path(repo), model) or 'none'}")
-    with _pointer_restored_on_failure(repo, model):
+    with rollout_lock(repo), _pointer_restored_on_failure(repo, model):
         moved = point_to(repo, model, version)
         if moved or not control.is_ready(model, str(version)):
             control.load(model)
@@ -537,7 +552,7 @@ def _pointer_restored_on_failure(repo: str | Path, model: str) -> Iterator[None]
     before = pointed_version(repo, model)
     try:
         yield
-    except BaseException:
+    except Exception:
         if before is not None:
             point_to(repo, model, before)
         raise

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from aigis.serving.server import TritonServer
@@ -56,15 +56,15 @@ def control_key_for(args: argparse.Namespace) -> tuple[str, Path | None, str]:
     import os
     import secrets
 
-    from aigis.serving.control import KEY_ENVIRONMENT
+    from aigis.serving.control import KEY_ENVIRONMENT, nonempty_key
 
     if args.control_key_file is not None:
         path = Path(args.control_key_file)
         if path.is_file():
-            return path.read_text().strip(), None, f"read from {path}"
+            return nonempty_key(path.read_text().strip(), str(path)), None, f"read from {path}"
         return secrets.token_urlsafe(32), path, "new"
-    if os.environ.get(KEY_ENVIRONMENT):
-        return os.environ[KEY_ENVIRONMENT].strip(), None, f"from ${KEY_ENVIRONMENT}"
+    if os.environ.get(KEY_ENVIRONMENT) is not None:
+        return nonempty_key(os.environ[KEY_ENVIRONMENT].strip(), f"${KEY_ENVIRONMENT}"), None, f"from ${KEY_ENVIRONMENT}"
     return secrets.token_urlsafe(32), None, "new"
 
 
@@ -90,6 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import signal
     import sys
 
+    from aigis.errors import ServingError
     from aigis.serving.control import default_key_file, write_key_file
     from aigis.serving.server import LaunchError, TritonServer
 
@@ -97,7 +98,11 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"aigis serve: model repository {args.repo} is not a directory", file=sys.stderr)
         return 1
     grpc_port = args.grpc_port or None
-    key, key_file, key_source = control_key_for(args)
+    try:
+        key, key_file, key_source = control_key_for(args)
+    except ServingError as error:
+        print(f"aigis serve: {error}", file=sys.stderr)
+        return 2
     server = TritonServer(
         args.repo,
         models=default_models(args.repo) if args.load is None else args.load,
@@ -131,7 +136,8 @@ def run_serve(args: argparse.Namespace) -> int:
             key_file = write_key_file(key_file or default_key_file(server.grpc_url), key)
             key_source = f"new, written to {key_file} (0600)"
         report(server, key_source)
-        return supervise(server, stop_requested, args.max_restarts)
+        models = (lambda: default_models(args.repo)) if args.load is None else (lambda: args.load)
+        return supervise(server, stop_requested, args.max_restarts, models)
     finally:
         server.stop()
         for sig, handler in previous.items():
@@ -161,9 +167,11 @@ def report(server: TritonServer, key_source: str) -> None:
     print("Ctrl-C or SIGTERM stops the server.", flush=True)
 
 
-def supervise(server: TritonServer, stop_requested: threading.Event, max_restarts: int | None = None) -> int:
+def supervise(server: TritonServer, stop_requested: threading.Event, max_restarts: int | None = None,
+              models: Callable[[], list[str]] | None = None) -> int:
     """Wait for a stop request; restart tritonserver each time it dies: at once, then after 2, 4, 8 ... 30 s
-    while it keeps dying within a minute of its last start (a crash loop is not hammered)."""
+    while it keeps dying within a minute of its last start (a crash loop is not hammered). `models` names the
+    models to load at each restart, read anew (a model published since the start is loaded too)."""
     import sys
     import time
 
@@ -190,6 +198,8 @@ def supervise(server: TritonServer, stop_requested: threading.Event, max_restart
             break
         died_at = time.monotonic()
         try:
+            if models is not None:
+                server.models = models()
             server.restart()
         except LaunchError as error:
             print(f"aigis serve: restart {restarts + 1} failed: {error}", file=sys.stderr, flush=True)

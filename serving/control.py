@@ -37,27 +37,38 @@ def default_key_file(grpc_url: str) -> Path:
 
 
 def read_control_key(grpc_url: str, key_file: str | Path | None = None) -> str | None:
-    """The control key for the server at `grpc_url`: `key_file`, else $AIGIS_CONTROL_KEY, else the file
-    `aigis serve` wrote for that port; None when there is none."""
+    """The control key for the server at `grpc_url`: `key_file`, else $AIGIS_CONTROL_KEY, else (for a server on
+    this host only: the key is never sent to another host by default) the file `aigis serve` wrote for that
+    port; None when there is none. An empty key is refused: it would mean no lock at all."""
     if key_file is not None:
         path = Path(key_file)
         if not path.is_file():
             raise ModelControlError(f"control key file {path} does not exist")
-        return path.read_text().strip()
-    if os.environ.get(KEY_ENVIRONMENT):
-        return os.environ[KEY_ENVIRONMENT].strip()
+        return nonempty_key(path.read_text().strip(), str(path))
+    if os.environ.get(KEY_ENVIRONMENT) is not None:
+        return nonempty_key(os.environ[KEY_ENVIRONMENT].strip(), f"${KEY_ENVIRONMENT}")
+    host = grpc_url.rsplit(":", 1)[0].strip("[]")
     path = default_key_file(grpc_url)
-    return path.read_text().strip() if path.is_file() else None
+    if host in ("127.0.0.1", "localhost", "::1") and path.is_file():
+        return nonempty_key(path.read_text().strip(), str(path))
+    return None
+
+
+def nonempty_key(key: str, source: str) -> str:
+    if not key:
+        raise ModelControlError(f"the control key in {source} is empty")
+    return key
 
 
 def write_key_file(path: str | Path, key: str) -> Path:
-    """Write `key` to `path`, readable by its owner only (created 0600, never world-readable in between)."""
+    """Write `key` to `path`, readable by its owner only: created 0600 (an existing file is made 0600 before the
+    key is written), never through a symbolic link."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as handle:
         handle.write(key + "\n")
-    os.chmod(path, 0o600)
     return path
 
 

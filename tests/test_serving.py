@@ -479,3 +479,23 @@ def test_aigis_serve_runs_until_sigterm_then_stops_cleanly(repo, tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_control_keys_are_never_empty_and_stay_on_this_host(tmp_path, monkeypatch):
+    from aigis.serving.control import default_key_file, read_control_key, write_key_file
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    monkeypatch.delenv("AIGIS_CONTROL_KEY", raising=False)
+    written = write_key_file(default_key_file("127.0.0.1:8123"), "local-key")
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert read_control_key("127.0.0.1:8123") == "local-key"
+    assert read_control_key("elsewhere.example:8123") is None     # the local file is never sent to another host
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ModelControlError, match="is empty"):
+        read_control_key("127.0.0.1:8123", tmp_path / "empty")
+    monkeypatch.setenv("AIGIS_CONTROL_KEY", "  ")
+    with pytest.raises(ModelControlError, match="is empty"):
+        read_control_key("127.0.0.1:8123")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OSError):
+        write_key_file(tmp_path / "link", "k")                   # never written through a symbolic link
