@@ -229,7 +229,7 @@ def publish_and_protect_over_grpc(repo: Path, data: Path, protected_dir: Path, s
 
     from aigis import contract
     from aigis.client import ProtectionClient
-    from aigis.export.repository import load_model_version
+    from aigis.export.rollout import load_model_version
     from aigis.protection.captions import load_images, read_pairs
     from aigis.protection.served import publish_protect_model
 

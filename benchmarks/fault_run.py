@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                      "versions": versions, "images": len(images)}
     try:
-        from aigis.export.repository import served_version
+        from aigis.export.rollout import served_version
         from aigis.serving.control import ModelControl
 
         with ModelControl(serve.grpc_url, control_key=key) as control:

@@ -38,20 +38,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, request: int,
                        code: bool = False) -> dict:
-    """Write out/ in the protected-set layout from requests of `request` images through protect_batch, or
-    (code) through protect_with_word_code with the job's word code."""
+    """Write out/ in the protected-set layout from requests of `request` images through what a published
+    version serves (method.load_protection): the job's word code (code), or per-image MEM's search + PGD against
+    the job's surrogate (for a word-code job too, with the settings both methods share)."""
     from aigis.protection import mem
     from aigis.protection.captions import load_images, read_pairs
     from aigis.protection.job import _output_names
 
     report = json.loads((job_dir / "protection.json").read_text())
-    models, tokenizer, meta = mem.load_surrogates(job_dir / report["surrogate"]["path"])
-    settings = mem.served_settings(meta)  # what a published version serves
-    word_code = mem.load_word_code(job_dir / report["surrogate"]["path"], meta, settings) if code else None
-    if code and (word_code is None or not settings.word_textures):
-        raise SystemExit(f"{job_dir}: its surrogate artefact holds no word code (word_code.safetensors: a "
-                         f"word-texture job saves one with its surrogate)")
-    settings = settings if code else settings.per_image()
+    artefact = job_dir / report["surrogate"]["path"]
+    _, _, meta = mem.load_surrogates(artefact)
+    settings = mem.served_settings(meta)
+    if code and not isinstance(settings, mem.WordCodeSettings):
+        raise SystemExit(f"{job_dir}: its artefact holds no word code (word_code.safetensors: a word-code job "
+                         f"saves one with its surrogate)")
+    if not code:
+        if isinstance(settings, mem.WordCodeSettings):  # the job's surrogate, searched against per upload
+            shared = {f.name for f in dataclasses.fields(mem.SurrogateSettings)}
+            settings = mem.MEMSettings(**{k: v for k, v in dataclasses.asdict(settings).items() if k in shared})
+        settings = dataclasses.replace(settings, upload_steps=steps)
+    protection = mem.load_protection(artefact, settings)
+    models, tokenizer = protection.surrogates, protection.tokenizer
     pairs = read_pairs(data, "train.jsonl")
     groups = mem.CaptionsPerImage.by_key([p.path.resolve() for p in pairs])
     first = groups.first(np.arange(groups.n_images))
@@ -63,12 +70,8 @@ def protect_as_uploads(data: Path, job_dir: Path, out: Path, steps: int | None, 
     for i in range(0, len(sources), request):
         batch = slice(i, i + request)
         captions = [p.caption for p in sources[batch]]
-        if word_code is not None:
-            out_images, texts, _ = mem.protect_with_word_code(word_code, tokenizer, images[batch], captions, settings,
-                                                              models[0].image_resolution)
-        else:
-            out_images, texts, _ = mem.protect_batch(models, tokenizer, images[batch], captions, settings,
-                                                     steps=steps, device="cpu")
+        answer = protection.protect(images[batch], captions, device="cpu")
+        out_images, texts = answer.images, answer.captions
         protected[batch] = out_images
         prefixes += [text[: len(text) - len(caption)] for text, caption in zip(texts, captions)]
         done = min(i + request, len(sources))
@@ -97,7 +100,7 @@ def unseen_job(work: Path, job: str, seed: int, style: str) -> Path:
     """The job's settings run on another draw of the scenes (same sizes), for a surrogate that never saw work's."""
     from aigis.protection.captions import read_pairs, synth_captioned
     from aigis.protection.job import protect_dataset
-    from aigis.protection.mem import MEMSettings
+    from aigis.protection.settings import settings_from_dict
 
     reference = json.loads((work / job / "protection.json").read_text())
     other = work / f"unseen{seed}"
@@ -107,7 +110,7 @@ def unseen_job(work: Path, job: str, seed: int, style: str) -> Path:
         images = len({p.path for p in pairs})
         synth_captioned(data, n_train=images, n_test=10, size=reference["image_size"], seed=seed, style=style,
                         captions_per_image=len(pairs) // images)
-    protect_dataset(data, "train.jsonl", other / job, MEMSettings.from_dict(reference["settings"]),
+    protect_dataset(data, "train.jsonl", other / job, settings_from_dict(reference["settings"]),
                     clip_preset=reference["clip_preset"], image_size=reference["image_size"],
                     trigger_words=0 if reference.get("trigger_words") == "caption words" else None)
     return other / job

@@ -44,9 +44,13 @@ def check_data_matches(data: Path, train_lines: int, test_lines: int) -> None:
                          f"--captions-per-image and --test ask for {train_lines} and {test_lines}: use another --work")
 
 
+# The word code's shape when the options leave it alone (a result's file name says when others were used).
+WORDS_PER_IMAGE, TEXTURE_TILE = 3, 4
+
+
 def main(argv: list[str] | None = None) -> int:
     from aigis.protection.captions import STYLES, synth_captioned
-    from aigis.protection.mem import MEMSettings
+    from aigis.protection.settings import MEMSettings, WordCodeSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="default runs/bench/protection (style flat) or protection_photo")
@@ -83,15 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger-words", type=int, default=None,
                         help="made-up trigger words (default: the job's; 0: triggers from caption words)")
     parser.add_argument("--word-textures", type=int, default=0, metavar="K",
-                        help="MEMSettings.word_textures: word-wise noise, K caption words owning shared textures")
-    parser.add_argument("--words-per-image", type=int, default=MEMSettings.words_per_image,
-                        help="MEMSettings.words_per_image (word textures)")
-    parser.add_argument("--texture-tile", type=int, default=MEMSettings.texture_tile,
-                        help="MEMSettings.texture_tile (word textures)")
+                        help="the word code (WordCodeSettings.word_textures), K caption words owning shared textures")
+    parser.add_argument("--words-per-image", type=int, default=WORDS_PER_IMAGE,
+                        help="WordCodeSettings.words_per_image (word textures)")
+    parser.add_argument("--texture-tile", type=int, default=TEXTURE_TILE,
+                        help="WordCodeSettings.texture_tile (word textures)")
     parser.add_argument("--texture-sign", action="store_true",
-                        help="MEMSettings.texture_sign: word-wise noise at +-epsilon (the sign of the textures' sum)")
+                        help="WordCodeSettings.texture_sign: word-wise noise at +-epsilon (the sign of the textures' sum)")
     parser.add_argument("--texture-gray", action="store_true",
-                        help="MEMSettings.texture_gray: word textures in luminance only (the same on R, G, B)")
+                        help="WordCodeSettings.texture_gray: word textures in luminance only (the same on R, G, B)")
     parser.add_argument("--foreign-triggers", action="store_true",
                         help="MEMSettings.foreign_triggers: no pair's trigger uses its own caption's words")
     parser.add_argument("--trigger-iterations", type=int, default=5, help="outer iterations that search triggers "
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                              "before the autocast fix were float32 on every CPU: off repeats them)")
     args = parser.parse_args(argv)
 
-    from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, galleries_text, markdown_table
+    from aigis.protection.eval_report import galleries_text
+    from aigis.protection.evaluate import ROBUSTNESS_TRANSFORMS, evaluate_protection, markdown_table
     from aigis.protection.clip import PRESETS
     from aigis.protection.job import parse_clip_presets, protect_dataset
 
@@ -143,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     word_settings = {"word_textures": args.word_textures, "words_per_image": args.words_per_image,
                      "texture_tile": args.texture_tile, "texture_sign": args.texture_sign,
                      "texture_gray": args.texture_gray}
-    word_shape_changed = (args.words_per_image != MEMSettings.words_per_image
-                          or args.texture_tile != MEMSettings.texture_tile or args.texture_sign or args.texture_gray)
+    word_shape_changed = (args.words_per_image != WordCodeSettings.words_per_image
+                          or args.texture_tile != WordCodeSettings.texture_tile or args.texture_sign or args.texture_gray)
     if not args.word_textures and word_shape_changed:
         parser.error("--words-per-image, --texture-tile, --texture-sign and --texture-gray shape word textures: "
                      "they need --word-textures")
@@ -172,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     words = ""  # (MEM only: EM keeps its job)
     if args.word_textures:
         words = f"_words{args.word_textures}"
-        words += f"_per{args.words_per_image}" if args.words_per_image != MEMSettings.words_per_image else ""
-        words += f"_tile{args.texture_tile}" if args.texture_tile != MEMSettings.texture_tile else ""
+        words += f"_per{args.words_per_image}" if args.words_per_image != WordCodeSettings.words_per_image else ""
+        words += f"_tile{args.texture_tile}" if args.texture_tile != WordCodeSettings.texture_tile else ""
         words += "_sign" if args.texture_sign else ""
         words += "_gray" if args.texture_gray else ""
     variant = surrogate_tag + words + ("" if args.trigger_length == 3 else f"_mem{args.trigger_length}") + grid
@@ -188,15 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     for mode, trigger in (("mem", args.trigger_length), ("em", 0)):
         if mode not in conditions:
             continue
-        settings = MEMSettings(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
-                               surrogate_steps=args.surrogate_steps,
-                               pgd_steps=args.pgd_steps, pgd_step=args.pgd_step / 255, candidates=args.candidates,
-                               batch_size=args.batch,
-                               trigger_iterations=args.trigger_iterations, lr=args.surrogate_lr, stop_loss=args.stop_loss,
-                               noise_grid=args.noise_grid, surrogate_restart=args.surrogate_restart,
-                               norm_stats=args.norm_stats, seed=args.job_seed, amp=args.amp,
-                               foreign_triggers=args.foreign_triggers and mode == "mem",
-                               **(word_settings if mode == "mem" else {}))
+        shared = dict(epsilon=args.epsilon / 255, trigger_length=trigger, outer_iterations=args.outer,
+                      surrogate_steps=args.surrogate_steps, pgd_steps=args.pgd_steps, pgd_step=args.pgd_step / 255,
+                      batch_size=args.batch, lr=args.surrogate_lr, stop_loss=args.stop_loss,
+                      surrogate_restart=args.surrogate_restart, norm_stats=args.norm_stats, seed=args.job_seed,
+                      amp=args.amp, foreign_triggers=args.foreign_triggers and mode == "mem")
+        if mode == "mem" and args.word_textures:
+            settings = WordCodeSettings(**shared, **word_settings)
+        else:
+            settings = MEMSettings(**shared, candidates=args.candidates, trigger_iterations=args.trigger_iterations,
+                                   noise_grid=args.noise_grid)
         t0 = time.perf_counter()
         job_dir = work / f"{mode}{budget}{variant if mode == 'mem' else em_tag + grid}"
         summary = protect_dataset(data, "train.jsonl", job_dir, settings, clip_preset=args.clip,

@@ -16,8 +16,16 @@ def __getattr__(name: str):
         from aigis.export.configs import TargetOptions
 
         return TargetOptions
+    if name in ("ExportReport", "export", "export_run"):
+        from aigis.export import attribution
+
+        return getattr(attribution, "export_run" if name == "export" else name)
+    if name in ("load_version", "retire_steps", "served_version"):
+        from aigis.export import rollout
+
+        return getattr(rollout, name)
     if name in __all__:
         from aigis.export import repository
 
-        return getattr(repository, "export_run" if name == "export" else name)   # export: the name
+        return getattr(repository, name)
     raise AttributeError(f"module 'aigis.export' has no attribute {name!r}")

@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export(args: argparse.Namespace) -> int:
     from aigis.export.configs import TargetOptions
     from aigis.export.onnx_export import ExportCheckError
-    from aigis.export.repository import RepositoryError, export_run
+    from aigis.export.attribution import export_run
+    from aigis.export.repository import RepositoryError
     from aigis.training.checkpoint import RunError
 
     try:
@@ -114,8 +115,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def run_rollout(args: argparse.Namespace) -> int:
-    from aigis.export.repository import (RepositoryError, load_model_version, load_version, model_served_version,
-                                         served_version)
+    from aigis.export.repository import RepositoryError
+    from aigis.export.rollout import load_model_version, load_version, model_served_version, served_version
     from aigis.serving.control import ModelControl, ModelControlError, read_control_key
 
     try:

@@ -24,22 +24,19 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from aigis import contract
 from aigis.errors import ExportError
 
-from .configs import (CONFIG_FILE, LABELS_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
-                      extractor_config, manifest_of, read_config, to_pbtxt)
+from .configs import (CONFIG_FILE, manifest_of, read_config, to_pbtxt)
 
 log = logging.getLogger(__name__)
 SOURCE_FILE = "source.json"
@@ -200,72 +197,7 @@ def _sha256_files(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-# ---- export -------------------------------------------------------------------------------------------
-
-@dataclass
-class ExportReport:
-    """What one export did: the ensemble version, models written or reused, and the numerical checks."""
-
-    version: int
-    tasks: list[str]
-    written: list[str] = field(default_factory=list)
-    reused: list[str] = field(default_factory=list)
-    checks: list[Any] = field(default_factory=list)
-    already_published: bool = False
-
-    def summary(self) -> str:
-        count = f"{len(self.tasks)} task{'s' if len(self.tasks) != 1 else ''}"
-        if self.already_published:
-            return f"version {self.version} ({count}) is already in the repository: nothing written"
-        lines = [f"published version {self.version} ({count}: {', '.join(self.tasks)}); "
-                 f"wrote {', '.join(self.written)}" + (f"; kept {', '.join(self.reused)}" if self.reused else "")]
-        lines += [f"  {check}" for check in self.checks]
-        return "\n".join(lines)
-
-
-def run_source_hash(run_dir: Path, entries: list[dict]) -> str:
-    """Identity of the checkpoint a version comes from: the adapter and head files of its tasks."""
-    files = []
-    for entry in entries:
-        files += [run_dir / entry["files"][name] for name in sorted(entry["files"]) if name.endswith(".safetensors")]
-    return _sha256_files(files)
-
-
-def served_manifest(model_manifest: dict, version: int, source_sha256: str) -> dict:
-    """What the client reads from the ensemble: tasks, class names, crop, version, and where it came from."""
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": str(version),
-        "tasks": list(model_manifest["tasks"]),
-        "class_names": list(model_manifest["class_names"]),
-        "crop": int(model_manifest["crop"]),
-        "backbone": {k: model_manifest["backbone"][k] for k in ("name", "sha256") if k in model_manifest["backbone"]},
-        "lora": model_manifest.get("lora"),
-        "source_sha256": source_sha256,
-        "metrics": {k: (model_manifest.get("metrics") or {}).get(k)
-                    for k in ("average_accuracy", "forgetting", "binary_accuracy")},
-    }
-
-
-def real_images(run_dir: Path, model_manifest: dict, crop: int, data_root: str | Path | None,
-                per_task: int = 4):
-    """A few held-out images of each task, as the client sends them; None when the data is not at hand."""
-    from aigis.data.cddb import CDDB, CDDBLayoutError
-
-    root = data_root
-    if root is None:
-        exemplars = run_dir / model_manifest["task_entries"][-1]["dir"] / "exemplars.json"
-        if exemplars.is_file():
-            root = json.loads(exemplars.read_text()).get("data_root")
-    if root is None or not Path(root).is_dir():
-        return None
-    try:
-        images, _ = CDDB(root, list(model_manifest["tasks"]), on_bad="skip", progress=False).eval_images(
-            crop, per_task=per_task)
-    except (CDDBLayoutError, ValueError):
-        return None
-    return images
-
+# ---- what a version holds ------------------------------------------------------------------------
 
 ENSEMBLES = (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL)
 
@@ -277,298 +209,12 @@ def version_models(version: int) -> list[tuple[str, int]]:
             (contract.ENSEMBLE_MODEL, version), (contract.BYTES_ENSEMBLE_MODEL, version)]
 
 
-def _recorded_source(repo: Path, model: str, version: int) -> dict:
-    """What a published version says it was made from (source.json; an ensemble's manifest as a fallback)."""
-    vdir = repo / model / str(version)
-    if (vdir / SOURCE_FILE).is_file():
-        return json.loads((vdir / SOURCE_FILE).read_text())
-    if (vdir / CONFIG_FILE).is_file():
-        return manifest_of(read_config(vdir / CONFIG_FILE)) or {}
-    return {}
-
-
-def _version_state(repo: Path, model: str, version: int, source: str, tasks: list[str]) -> str:
-    """'missing', 'same' (this run's model after these tasks) or 'other' for one model's version."""
-    if version not in versions(repo, model):
-        return "missing"
-    recorded = _recorded_source(repo, model, version)
-    return "same" if recorded.get("source_sha256") == source and recorded.get("tasks") == tasks else "other"
-
-
-def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = None, *,
-               data_root: str | Path | None = None, options: TargetOptions | None = None,
-               progress: bool = True, rtol: float | None = None) -> ExportReport:
-    """Publish the run's model after `num_tasks` tasks (default: all finished) as ensemble version num_tasks.
-
-    Every ONNX model is compared with PyTorch on random and (when the data is at hand) real images and is
-    not published beyond `rtol` (default onnx_export.RTOL) of its output scale. Exporting a version that
-    is already published from the same run is a no-op; a version published from another run is refused;
-    a version left incomplete by an interrupted export is finished.
-    """
-    import numpy as np
-    import torch
-
-    from aigis.training.run import load_run
-
-    from . import onnx_export
-
-    options = options or TargetOptions()
-    options.validate()
-    rtol = onnx_export.RTOL if rtol is None else float(rtol)
-    if not rtol >= 0:
-        raise ValueError(f"rtol must be 0 or more, got {rtol}")
-    run_dir, repo = Path(run_dir), Path(repo)
-    say = log.info if progress else (lambda *a, **k: None)
-    model = load_run(run_dir, num_tasks)
-    manifest = model.manifest
-    tasks = list(manifest["tasks"])
-    version = len(tasks)
-    crop = int(manifest["crop"])
-    source = run_source_hash(run_dir, manifest["task_entries"])
-    served = served_manifest(manifest, version, source)
-    report = ExportReport(version=version, tasks=tasks)
-
-    states = {name: _version_state(repo, name, model_version, source, tasks)
-              for name, model_version in version_models(version)}
-    foreign = [name for name, state in states.items() if state == "other"]
-    if foreign:
-        old = _recorded_source(repo, foreign[0], version)
-        raise RepositoryError(f"{repo}: version {version} exists and holds another model "
-                              f"({', '.join(foreign)}: tasks {old.get('tasks')}, source "
-                              f"{str(old.get('source_sha256'))[:12]}...; this run: tasks {tasks}, source "
-                              f"{source[:12]}...); versions are never rewritten: export into a new repository")
-    if all(state == "same" for state in states.values()):
-        report.already_published = True
-        return report
-    if any(state == "same" for state in states.values()):
-        say(f"  version {version} is incomplete (an export was interrupted): finishing it")
-    version_source = {"source_sha256": source, "tasks": tasks, "run": str(run_dir.resolve())}
-
-    rng = np.random.default_rng(0)
-    random_images = rng.integers(0, 256, size=(8, crop, crop, 3), dtype=np.uint8)
-    held_out = real_images(run_dir, manifest, crop, data_root)
-    image_sets = [("random", random_images)] + ([("real images", held_out)] if held_out is not None else [])
-    if held_out is None:
-        say("  no data root at hand: checking on random images only (give --data to check on real images)")
-
-    # Extractors: one per task, written once. An existing one must hold the same adapter.
-    need_classifier = states[contract.classifier_model(version)] == "missing"
-    features: dict[str, list] = {name: [] for name, _ in image_sets}
-    pending: list[tuple[str, int, bytes, dict, dict]] = []
-    for k, task in enumerate(tasks):
-        name = contract.extractor_model(task)
-        entry = manifest["task_entries"][k]
-        adapter_sha = _sha256_files([run_dir / entry["files"]["adapter.safetensors"]])
-        exists = 1 in versions(repo, name)
-        if exists:
-            recorded = json.loads((repo / name / "1" / SOURCE_FILE).read_text()) \
-                if (repo / name / "1" / SOURCE_FILE).is_file() else {}
-            if recorded.get("adapter_sha256") != adapter_sha or recorded.get("backbone_sha256") != manifest["backbone"]["sha256"]:
-                raise RepositoryError(f"{repo / name} holds another adapter for task {task!r} "
-                                      f"(adapter {str(recorded.get('adapter_sha256', '?'))[:12]}... there, "
-                                      f"{adapter_sha[:12]}... in {run_dir}); export into a new repository")
-            report.reused.append(name)
-            if not need_classifier:
-                continue
-        extractor = model.merged_extractor(k)
-        for set_name, images in image_sets:
-            with torch.no_grad():
-                features[set_name].append(extractor(torch.from_numpy(images)).numpy())
-        if exists:
-            continue
-        say(f"  exporting {name} ...")
-        # Export a copy (export may fix input-size-dependent constants); check against the untouched one.
-        graph = onnx_export.extractor_onnx(model.merged_extractor(k), crop)
-        checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name, rtol, runtime)
-                  for set_name, images in image_sets for runtime in options.runtimes]
-        onnx_export.require(checks)
-        report.checks += checks
-        source_info = {"task": task, "task_index": k, "adapter_sha256": adapter_sha,
-                       "backbone": manifest["backbone"]["name"], "backbone_sha256": manifest["backbone"]["sha256"],
-                       "run": str(run_dir.resolve())}
-        pending.append((name, 1, graph, extractor_config(task, crop, model.feature_dim, options), source_info))
-
-    classifier_graph = b""
-    if need_classifier:
-        classifier = model.classifier_module()
-        classifier_graph = onnx_export.classifier_onnx(classifier, len(tasks), model.feature_dim)
-        checks = [onnx_export.check_classifier(contract.classifier_model(version), classifier_graph, classifier,
-                                               features[set_name], set_name, rtol, runtime)
-                  for set_name, _ in image_sets for runtime in options.runtimes]
-        onnx_export.require(checks)
-        report.checks += checks
-
-    # Everything is checked: publish, extractors first and the ensembles last.
-    for name, v, onnx_bytes, config, source_info in pending:
-        publish_version(repo, name, v, config, _writer({"model.onnx": onnx_bytes,
-                                                        SOURCE_FILE: json.dumps(source_info, indent=2).encode()}))
-        report.written.append(name)
-    source_file = {SOURCE_FILE: json.dumps(version_source, indent=2).encode()}
-    contents = {
-        contract.classifier_model(version): (classifier_config(version, len(tasks), model.feature_dim, options),
-                                             {"model.onnx": classifier_graph}),
-        contract.decode_model(version): (decode_config(version, crop, options), decode_files()),
-        contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options), {}),
-        contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True), {}),
-    }
-    labels = {LABELS_FILE: "".join(f"{name}\n" for name in manifest["class_names"]).encode()}
-    for name, model_version in version_models(version):
-        if states[name] == "same":
-            report.reused.append(name)
-            continue
-        config, files = contents[name]
-        publish_version(repo, name, model_version, config, _writer({**files, **source_file}),
-                        model_files=labels if name == contract.classifier_model(version) else None)
-        report.written.append(name)
-    return report
-
-
-def decode_files() -> dict[str, bytes]:
-    """The decode step's code, copied into its version: it keeps decoding as it did when it was exported."""
-    from aigis import preprocess
-
-    from . import decode_model
-
-    return {"model.py": Path(decode_model.__file__).read_bytes(),
-            decode_model.PREPROCESS_COPY: Path(preprocess.__file__).read_bytes()}
-
-
-def _writer(files: dict[str, bytes]) -> Callable[[Path], None]:
-    def write(folder: Path) -> None:
-        for name, data in files.items():
-            (folder / name).write_bytes(data)
-    return write
-
-
-# ---- serving a version ------------------------------------------------------------------------------
-
 def ensemble_dependencies(config: dict) -> list[tuple[str, int]]:
     return [(step["model_name"], int(step["model_version"])) for step in config["ensemble_scheduling"]["step"]]
 
 
-@dataclass
-class Rollout:
-    """What one rollout did on one server."""
-
-    loaded: list[str] = field(default_factory=list)     # models (re)loaded, in order
-    unloaded: list[str] = field(default_factory=list)   # steps retired once no served version used them
-
-
-def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: bool = True, *,
-                 prune: bool = False, drain_timeout_s: float = 120.0) -> Rollout:
-    """Serve ensemble version `version` on a running server (ModelControl), with no restart and no gap.
-
-    The steps the version pins are loaded first, beside the ones being served (they are models of their own,
-    so this disturbs nothing); then the ensembles are pointed at `version` and reloaded (Triton answers with
-    the old version until the new one is ready); once the old ensemble versions have drained, the classifier
-    and decode steps no served version uses are unloaded, and with `prune` the unused extractors too.
-    Models already serving the right version are left alone.
-    """
-    repo = Path(repo)
-    if version not in versions(repo, contract.ENSEMBLE_MODEL):
-        raise RepositoryError(f"{repo}: no ensemble version {version}; versions: "
-                              f"{versions(repo, contract.ENSEMBLE_MODEL) or 'none'}")
-    ensembles = [contract.ENSEMBLE_MODEL] + ([contract.BYTES_ENSEMBLE_MODEL] if bytes_ensemble else [])
-    order: list[tuple[str, int]] = []
-    for ensemble in ensembles:
-        for step in ensemble_dependencies(version_config(repo, ensemble, version)):
-            if step not in order:
-                order.append(step)
-    order += [(ensemble, version) for ensemble in ensembles]
-    done = Rollout()
-    with rollout_lock(repo):
-        for model, model_version in order:
-            with _pointer_restored_on_failure(repo, model):
-                moved = point_to(repo, model, model_version)
-                if moved or not control.is_ready(model, str(model_version)):
-                    control.load(model)
-                    done.loaded.append(model)
-        _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
-        done.unloaded = retire_steps(control, repo, prune=prune)
-    return done
-
-
-def _wait_drained(control: Any, serving: dict[str, int], timeout_s: float) -> None:
-    """Wait until each ensemble has no version but `serving[ensemble]` loaded (Triton unloads an old version
-    only once its requests are answered)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        lingering = [f"{row.name}/{row.version}" for row in control.index()
-                     if row.name in serving and row.version != str(serving[row.name])
-                     and row.state in ("READY", "UNLOADING", "LOADING")]
-        if not lingering:
-            return
-        if time.monotonic() >= deadline:
-            raise RepositoryError(f"old ensemble versions {', '.join(lingering)} still loaded {timeout_s:.0f} s "
-                                  f"after the switch; their steps were left loaded")
-        time.sleep(0.05)
-
-
-def retire_steps(control: Any, repo: str | Path, prune: bool = False) -> list[str]:
-    """Unload the per-version steps (classifiers, decode steps) that no served ensemble version pins, and with
-    `prune` the unused extractors (e.g. after a rollback). Call only when no old ensemble version is loaded."""
-    loaded = control.loaded()
-    needed = {model for ensemble in ENSEMBLES for v in loaded.get(ensemble, [])
-              for model, _ in ensemble_dependencies(version_config(repo, ensemble, int(v)))}
-    prefixes = (contract.classifier_model(""), contract.decode_model(""))
-    if prune:
-        prefixes += (contract.extractor_model(""),)
-    retired = []
-    for model in sorted(loaded):
-        if model.startswith(prefixes) and model not in needed:
-            control.unload(model)
-            retired.append(model)
-    return retired
-
-
 def _policy_versions(config: dict) -> list[int]:
     return [int(v) for v in ((config.get("version_policy") or {}).get("specific") or {}).get("versions", [])]
-
-
-def load_model_version(control: Any, repo: str | Path, model: str, version: int) -> bool:
-    """Serve version `version` of one stand-alone model (e.g. mem_protect) on a running server, no restart;
-    returns whether it was (re)loaded. Ensemble versions go through load_version, which moves their steps."""
-    if model in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
-        raise RepositoryError(f"{model} is an ensemble: roll it out with load_version (it moves its steps too)")
-    for ensemble in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
-        for pinned in versions(Path(repo), ensemble):
-            if any(step == model for step, _ in ensemble_dependencies(version_config(repo, ensemble, pinned))):
-                raise RepositoryError(f"{model} is a step of {ensemble} version {pinned}, which pins its version: "
-                                      f"roll out the ensemble instead")
-    if version not in versions(Path(repo), model):
-        raise RepositoryError(f"{repo}: no {model} version {version}; versions: {versions(Path(repo), model) or 'none'}")
-    with rollout_lock(repo), _pointer_restored_on_failure(repo, model):
-        moved = point_to(repo, model, version)
-        if moved or not control.is_ready(model, str(version)):
-            control.load(model)
-            return True
-    return False
-
-
-@contextmanager
-def _pointer_restored_on_failure(repo: str | Path, model: str) -> Iterator[None]:
-    """A load that fails leaves the server on the version it served (Triton keeps it): point the repository
-    back at that version too, so that a restart comes back on what is served."""
-    before = pointed_version(repo, model)
-    try:
-        yield
-    except Exception:
-        if before is not None:
-            point_to(repo, model, before)
-        raise
-
-
-def model_served_version(control: Any, model: str) -> int | None:
-    """The version of `model` the server answers with now, or None."""
-    if not control.is_ready(model):
-        return None
-    found = _policy_versions(control.config(model))
-    return found[0] if found else None
-
-
-def served_version(control: Any) -> int | None:
-    """The ensemble version the server answers with now, or None."""
-    return model_served_version(control, contract.ENSEMBLE_MODEL)
 
 
 # ---- listing and validation ----------------------------------------------------------------------------

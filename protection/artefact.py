@@ -13,7 +13,7 @@ import torch
 
 from .attack import Negatives, surrogate_list, surrogates_and_negatives
 from .clip import CLIP, CLIPConfig
-from .settings import MEMSettings
+from .settings import MEMSettings, SurrogateSettings, WordCodeSettings, settings_from_dict
 from .tokenizer import Tokenizer
 from .word_code import WordCode
 
@@ -41,7 +41,7 @@ def _member_file(i: int, name: str) -> str:
 
 
 def save_surrogate(
-    directory: str | Path, model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, settings: MEMSettings,
+    directory: str | Path, model: CLIP | Sequence[CLIP], tokenizer: Tokenizer, settings: SurrogateSettings,
     extra: dict[str, Any] | None = None, negatives: Negatives | list[Negatives | None] | None = None,
     word_code: WordCode | None = None,
 ) -> dict:
@@ -160,7 +160,7 @@ def load_surrogate(directory: str | Path) -> tuple[CLIP, Tokenizer, dict]:
     return models[0], tokenizer, meta
 
 
-def load_word_code(directory: str | Path, meta: dict, settings: MEMSettings) -> WordCode | None:
+def load_word_code(directory: str | Path, meta: dict, settings: WordCodeSettings) -> WordCode | None:
     """The artefact's word code (None if its job had none), checked against the settings it is served with;
     load_surrogates has checked its sha256."""
     from safetensors.torch import load_file
@@ -178,11 +178,12 @@ def load_word_code(directory: str | Path, meta: dict, settings: MEMSettings) -> 
     return WordCode(textures, words)
 
 
-def served_settings(meta: dict, settings: MEMSettings | None = None) -> MEMSettings:
-    """What a published mem_protect version protects uploads with: the job's settings (or `settings`) and, for a
-    word-texture job whose artefact holds its code, that code (protect_with_word_code); otherwise a trigger
-    search and PGD per request (protect_batch), per image."""
-    settings = settings if settings is not None else MEMSettings.from_dict(meta.get("settings", {}))
-    if settings.word_textures and WORD_CODE_FILE in meta.get("files", {}):
-        return settings
-    return settings.per_image()
+def served_settings(meta: dict, settings: SurrogateSettings | None = None) -> SurrogateSettings:
+    """What the artefact protects uploads with: the job's settings (or `settings`). A word code's artefact
+    saved before the code itself was (no word-code file) can only search and run PGD per upload: it is served
+    as per-image MEM with the settings both methods share."""
+    settings = settings if settings is not None else settings_from_dict(meta.get("settings", {}))
+    if isinstance(settings, WordCodeSettings) and WORD_CODE_FILE not in meta.get("files", {}):
+        shared = {f.name for f in dataclasses.fields(SurrogateSettings)}
+        return MEMSettings(**{name: value for name, value in dataclasses.asdict(settings).items() if name in shared})
+    return settings

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .clip import CLIP, MAX_LOGIT_SCALE, normalize_images
-from .settings import MEMSettings
+from .settings import SurrogateSettings
 
 
 def _device(device: str | torch.device | None) -> torch.device:
@@ -96,7 +96,7 @@ def cpu_has_amx() -> bool:
 
 
 def autocast_enabled(amp: str, device: torch.device) -> bool:
-    """Whether MEM's models run under bfloat16 autocast for MEMSettings.amp on this device.
+    """Whether MEM's models run under bfloat16 autocast for the settings' amp on this device.
 
     "auto" turns it on for CUDA and for a CPU with AMX, where no kind of MEM step measured slower with it
     and RN50 at 224 px ran 3x faster (BENCHMARKS.md, "bfloat16 autocast"); other CPUs were not measured:
@@ -107,7 +107,7 @@ def autocast_enabled(amp: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
 
 
-def _autocast(settings: MEMSettings, device: torch.device):
+def _autocast(settings: SurrogateSettings, device: torch.device):
     on = autocast_enabled(settings.amp, device)
     return torch.autocast(device.type, dtype=torch.bfloat16) if on else nullcontext()
 

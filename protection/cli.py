@@ -1,92 +1,96 @@
-"""`aigis protect` (MEM protection of a folder of image-caption pairs, see aigis.protection.job) and
-`aigis protect-publish` (a finished job's surrogate as a new mem_protect version)."""
+"""`aigis protect` (protection of a folder of image-caption pairs, see aigis.protection.job; its setting options
+are built from the settings classes' fields) and `aigis protect-publish` (a finished job's artefact as a new
+mem_protect version)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
 
 from aigis.contract import PROTECT_MODEL
 
-from .settings import AMP_CHOICES, MEM_PRESETS, NORM_STATS, MEMSettings, preset_settings
+from .settings import DEFAULT_TRIGGER_WORDS, PRESETS, SETTINGS_CLASSES, MEMSettings, preset_settings
 
-_DEFAULTS = MEMSettings()
 
-# `aigis protect` options that set a MEMSettings field of another name (the rest share theirs).
-_OPTION_FIELDS = {"outer": "outer_iterations", "batch": "batch_size"}
-_SETTING_OPTIONS = ("trigger_length", "foreign_triggers", "word_textures", "texture_tile", "words_per_image",
-                    "texture_sign", "texture_gray", "outer", "trigger_iterations", "surrogate_steps", "noise_grid",
-                    "pgd_steps", "candidates", "batch", "lr", "surrogate_restart", "norm_stats", "seed",
-                    "stop_loss", "amp")
+def _setting_fields() -> dict[str, dataclasses.Field]:
+    """Every settings field with a command-line option, of either method, in declaration order."""
+    fields: dict[str, dataclasses.Field] = {}
+    for cls in SETTINGS_CLASSES.values():
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("option", f.name) is not None:
+                fields.setdefault(f.name, f)
+    return fields
+
+
+def _option(f: dataclasses.Field) -> str:
+    return "--" + f.metadata.get("option", f.name).replace("_", "-")
+
+
+def _shown(value: Any, f: dataclasses.Field) -> str:
+    if isinstance(value, float) and f.metadata.get("scale"):
+        return f"{value * f.metadata['scale']:g}"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _preset_defaults(f: dataclasses.Field) -> str:
+    """Each preset's value of a field, as '(paper: 3; word-code, word-code-gray: 16)'."""
+    by_value: dict[str, list[str]] = {}
+    for name, (cls, values) in PRESETS.items():
+        if f.name in {g.name for g in dataclasses.fields(cls)}:
+            by_value.setdefault(_shown(values.get(f.name, getattr(cls(), f.name)), f), []).append(name)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
+
+
+def _add_setting_options(p: argparse.ArgumentParser) -> None:
+    """An option per settings field, its help from the field's, every default None (= the preset's)."""
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for f in _setting_fields().values():
+        methods = tuple(m for m, cls in SETTINGS_CLASSES.items() if f.name in {g.name for g in dataclasses.fields(cls)})
+        if methods not in groups:
+            title = "settings of every method" if len(methods) == len(SETTINGS_CLASSES) else \
+                f"settings of the {' and '.join(methods)} method"
+            groups[methods] = p.add_argument_group(title, "each defaults to the --preset's value, in brackets" + (
+                "" if len(methods) == len(SETTINGS_CLASSES) else "; refused with a preset of another method"))
+        group = groups[methods]
+        help_text = f.metadata["help"] + (f" (in {f.metadata['units']})" if f.metadata.get("units") else "")
+        help_text += f" [{_preset_defaults(f)}]"
+        kind = type(f.default) if f.default is not None else float
+        extra: dict[str, Any] = {"default": None, "help": help_text}
+        if "metavar" in f.metadata:
+            extra["metavar"] = f.metadata["metavar"]
+        if kind is bool:
+            group.add_argument(_option(f), action=argparse.BooleanOptionalAction, dest=f.name, **extra)
+        else:
+            group.add_argument(_option(f), type=kind, dest=f.name, choices=f.metadata.get("choices"), **extra)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `protect`."""
+    """Add `protect` and `protect-publish`."""
     p = sub.add_parser(
         "protect",
-        help="make image-caption pairs unlearnable for CLIP training (MEM noise + text trigger)",
-        description="Run MEM over ROOT/MANIFEST (JSON lines {\"image\": relpath, \"caption\": ...}) and write "
-        "protected PNGs, a triggered manifest, protection.json and the surrogate to --out. "
-        "Resumes from the last checkpoint unless --no-resume.",
+        help="make image-caption pairs unlearnable for CLIP training (noise + caption trigger)",
+        description="Protect ROOT/MANIFEST (JSON lines {\"image\": relpath, \"caption\": ...}) with the --preset's "
+        "method and write protected PNGs, a triggered manifest, protection.json and the fitted artefact (for "
+        "protect-on-upload) to --out. Resumes from the last checkpoint unless --no-resume.",
     )
     p.add_argument("--data", required=True, help="data root folder (images are resolved inside it)")
     p.add_argument("--manifest", default="train.jsonl", help="manifest file relative to --data (default train.jsonl)")
     p.add_argument("--out", required=True, help="output folder (never the originals' place)")
-    p.add_argument("--preset", choices=tuple(MEM_PRESETS), default="paper",
-                   help="named settings (protection/settings.py); an option below given beside it overrides that "
-                        "value, the '(paper N)' in each help is the paper preset's: paper (default; the reference's "
-                        "MEM, one noise per image, a 3-token trigger), word-code (word-wise noise and 16 foreign "
-                        "trigger words: the setting that met the 2x-chance target, BENCHMARKS.md), word-code-gray "
-                        "(the same in luminance, for images that may be re-encoded in grayscale)")
-    p.add_argument("--mode", choices=("mem", "em"), default="mem", help="mem: noise + trigger; em: noise only")
-    p.add_argument("--epsilon", type=float, default=None,
-                   help=f"L-inf noise budget in /255 units (paper {round(_DEFAULTS.epsilon * 255)})")
-    p.add_argument("--trigger-length", type=int, default=None,
-                   help=f"trigger words for --mode mem (paper {_DEFAULTS.trigger_length})")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="paper",
+                   help="named settings (protection/settings.py): paper (default; the paper's MEM, one noise per "
+                        "image, a 3-token trigger searched per image), word-code (the word code: a shared texture "
+                        "per caption word, 16 trigger words naming an image's textures), word-code-gray (the word "
+                        "code in luminance, for images that may be re-encoded in grayscale)")
+    p.add_argument("--mode", choices=("mem", "em"), default="mem",
+                   help="with the paper preset: mem = noise + trigger; em = noise only")
     p.add_argument("--trigger-words", type=int, default=None,
-                   help="made-up words added to the tokenizer for triggers to use (default "
-                        "protection.job.DEFAULT_TRIGGER_WORDS; 0: triggers from the captions' own words)")
-    p.add_argument("--foreign-triggers", action=argparse.BooleanOptionalAction, default=None,
-                   help="a pair's trigger never uses a word of its own caption(s): for --trigger-words 0, and with "
-                        "--word-textures each image's words are drawn from those its captions do not use")
-    p.add_argument("--word-textures", type=int, default=None, metavar="K",
-                   help="word-wise noise: the K most used caption words each own a shared texture, an image's noise "
-                        "sums its words' textures and its trigger names them (paper 0: one noise per image)")
-    p.add_argument("--texture-tile", type=int, default=None,
-                   help=f"px per side of a word texture's tile (paper {_DEFAULTS.texture_tile})")
-    p.add_argument("--words-per-image", type=int, default=None,
-                   help=f"words (textures) per image (paper {_DEFAULTS.words_per_image})")
-    p.add_argument("--texture-sign", action=argparse.BooleanOptionalAction, default=None,
-                   help="word-wise noise at the range's ends: +-epsilon, the sign of the image's textures' sum")
-    p.add_argument("--texture-gray", action=argparse.BooleanOptionalAction, default=None,
-                   help="word textures in luminance only (the same on R, G, B): the code survives grayscale "
-                        "re-encoding; keep a 4-px --texture-tile (a gray tile has a third of the values)")
-    p.add_argument("--outer", type=int, default=None, help=f"outer iterations (paper {_DEFAULTS.outer_iterations})")
-    p.add_argument("--trigger-iterations", type=int, default=None,
-                   help=f"outer iterations that update triggers (paper {_DEFAULTS.trigger_iterations})")
-    p.add_argument("--surrogate-steps", type=int, default=None,
-                   help=f"surrogate batches per outer iteration (paper {_DEFAULTS.surrogate_steps})")
-    p.add_argument("--noise-grid", type=int, default=None,
-                   help="cut each image into N x N cells of one noise value each: a low-frequency noise that a "
-                        "fresh model picks up sooner; paper 0: per-pixel noise")
-    p.add_argument("--pgd-steps", type=int, default=None, help=f"PGD steps per pass (paper {_DEFAULTS.pgd_steps})")
-    p.add_argument("--candidates", type=int, default=None,
-                   help=f"HotFlip candidates per trigger slot (paper {_DEFAULTS.candidates})")
-    p.add_argument("--batch", type=int, default=None, help=f"batch size (paper {_DEFAULTS.batch_size})")
-    p.add_argument("--lr", type=float, default=None, help=f"surrogate learning rate (paper {_DEFAULTS.lr})")
-    p.add_argument("--surrogate-restart", type=int, default=None, metavar="R",
-                   help="re-draw each surrogate from fresh random weights every R outer iterations (ensemble members "
-                        "staggered); paper 0: never")
-    p.add_argument("--norm-stats", choices=NORM_STATS, default=None,
-                   help="BatchNorm statistics a ResNet surrogate uses while noise and triggers are optimised: each "
-                        "batch's own, as a model in training sees them (default from scratch), or the stored averages "
-                        "(default with --init, whose pretrained averages are sound)")
-    p.add_argument("--seed", type=int, default=None, help=f"the job's random draws (paper {_DEFAULTS.seed})")
-    p.add_argument("--stop-loss", type=float, default=None,
-                   help="end early once a pass's loss (noise + trigger against shuffled captions) is at most this, "
-                        "after the trigger iterations (default: run all --outer iterations)")
+                   help=f"made-up words added to the tokenizer for searched triggers to use (default "
+                        f"{DEFAULT_TRIGGER_WORDS}; 0: triggers from the captions' own words)")
     p.add_argument("--clip", default=None,
                    help="surrogate CLIP preset (rn_tiny, the default; rn_wide, vit_tiny, RN50, ViT-B/32), or several "
                         "joined by '+' (e.g. vit_tiny+rn_tiny): an ensemble the noise and triggers must fool together, "
@@ -101,11 +105,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "or an aigis-bpe JSON file; triggers use its whole words")
     p.add_argument("--size", type=int, default=None, help="image size in px (default: the CLIP preset's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    p.add_argument("--amp", choices=AMP_CHOICES, default=None,
-                   help=f"bfloat16 autocast: auto = on CUDA and on CPUs with AMX, where it is faster (paper "
-                        f"{_DEFAULTS.amp})")
     p.add_argument("--no-resume", action="store_true", help="discard checkpoints in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _add_setting_options(p)
     p.set_defaults(func=_protect)
 
     publish = sub.add_parser(
@@ -146,24 +148,27 @@ def _protect(args: argparse.Namespace) -> int:
     return 0
 
 
-def settings_from_options(args: argparse.Namespace) -> MEMSettings:
+def settings_from_options(args: argparse.Namespace) -> Any:
     """The --preset's settings with every option the user gave on top (None: not given)."""
-    given: dict[str, Any] = {_OPTION_FIELDS.get(name, name): getattr(args, name) for name in _SETTING_OPTIONS
-                             if getattr(args, name) is not None}
-    if args.epsilon is not None:
-        given["epsilon"] = args.epsilon / 255
-    if args.norm_stats is None and args.init:
+    fields = _setting_fields()
+    given: dict[str, Any] = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
+    if "epsilon" in given:
+        given["epsilon"] /= fields["epsilon"].metadata["scale"]
+    if "norm_stats" not in given and args.init:
         given["norm_stats"] = "running"  # a pretrained surrogate's averages are sound
-    code_preset = bool(MEM_PRESETS[args.preset].get("word_textures"))
-    if code_preset and given.get("word_textures") == 0:
-        raise ValueError(f"--word-textures 0 turns preset {args.preset!r}'s word code off: use --preset paper")
+    cls = PRESETS[args.preset][0]
     if args.mode == "em":
-        if code_preset or given.get("word_textures"):
-            raise ValueError("--mode em is noise only, with no trigger to name word textures: use --preset paper "
-                             "without --word-textures")
+        if cls is not MEMSettings:
+            raise ValueError(f"--mode em is noise only, with no trigger: preset {args.preset!r} names its textures "
+                             f"with triggers; use --preset paper")
         given["trigger_length"] = 0
     elif given.get("trigger_length", 1) < 1:
         raise ValueError("--mode mem needs --trigger-length >= 1 (use --mode em for noise only)")
+    own = {f.name for f in dataclasses.fields(cls)}
+    foreign = [_option(fields[name]) for name in given if name not in own]
+    if foreign:
+        raise ValueError(f"{', '.join(foreign)}: not a setting of preset {args.preset!r} (method {cls.method}); "
+                         f"choose a preset of the method it belongs to")
     return preset_settings(args.preset, **given)
 
 
@@ -172,7 +177,7 @@ def _publish(args: argparse.Namespace) -> int:
 
     from aigis.export.repository import RepositoryError
 
-    from .served import PROTECTS_WITH_SEARCH, publish_protect_model
+    from .served import publish_protect_model
     from .triton_model import SETTINGS_FILE
 
     job = Path(args.job)
@@ -192,7 +197,6 @@ def _publish(args: argparse.Namespace) -> int:
     except (RepositoryError, ValueError, FileNotFoundError) as exc:
         print(f"aigis protect-publish: error: {exc}", file=sys.stderr)
         return 2
-    protects_with = recorded.get("protects_with", PROTECTS_WITH_SEARCH)  # (versions published before say nothing)
-    print(f"{PROTECT_MODEL} version {version} in {args.repo}: protects with {protects_with} "
+    print(f"{PROTECT_MODEL} version {version} in {args.repo}: protects with {recorded['protects_with']} "
           f"(surrogate {recorded['surrogate']})")
     return 0

@@ -14,20 +14,20 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 from aigis import contract, preprocess
 from aigis.export.code_pin import PIN_FILE, pin
 from aigis.export.configs import tensor
 from aigis.export.repository import publish_version, versions
 
+from .settings import SurrogateSettings
 from .triton_model import SETTINGS_FILE, SURROGATE_DIR
 
 # The modules a served version runs: their sha256 is pinned in the version (aigis.export.code_pin), and its
 # model.py refuses to load under other code, so a rollback never serves old settings with new code.
 SERVED_MODULES = ("aigis.contract", "aigis.preprocess", "aigis.export.decode_model", "aigis.protection.triton_model",
-                  "aigis.protection.mem", "aigis.protection.attack", "aigis.protection.search",
-                  "aigis.protection.pgd", "aigis.protection.state", "aigis.protection.surrogate",
+                  "aigis.protection.method", "aigis.protection.per_image", "aigis.protection.attack",
+                  "aigis.protection.search", "aigis.protection.pgd", "aigis.protection.state", "aigis.protection.surrogate",
                   "aigis.protection.upload", "aigis.protection.word_code", "aigis.protection.artefact",
                   "aigis.protection.clip", "aigis.protection.settings", "aigis.protection.tokenizer")
 MODEL_SHIM = '''"""mem_protect: MEM protect-on-upload (aigis.protection.triton_model), pinned to the code in code.json."""
@@ -38,11 +38,6 @@ from aigis.export.code_pin import require_pinned_code
 require_pinned_code(Path(__file__).parent)
 from aigis.protection.triton_model import TritonPythonModel  # noqa: E402,F401
 '''
-
-
-# What a version protects uploads with (settings.json "protects_with"): the job's word code, or its own search.
-PROTECTS_WITH_CODE = "word code"
-PROTECTS_WITH_SEARCH = "search + PGD"
 
 
 def protect_config(version: int, max_batch_size: int = 16, gpu: bool = False, max_queue_delay_us: int = 5000) -> dict:
@@ -72,37 +67,43 @@ def _tree_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def _identity(surrogate_dir: Path) -> str:
+    meta = json.loads((surrogate_dir / "meta.json").read_text())
+    return meta.get("identity", meta.get("sha256"))
+
+
 def existing_versions(repo: str | Path) -> list[int]:
     return versions(repo, contract.PROTECT_MODEL)
 
 
 def publish_protect_model(repo: str | Path, surrogate_dir: str | Path, *, steps: int | None = None,
-                          mem_settings: Any = None, gpu: bool = False, max_batch_size: int = 16) -> int:
-    """Write mem_protect version N+1 from a surrogate artefact; return N+1, or the version that already holds it.
+                          settings: SurrogateSettings | None = None, gpu: bool = False,
+                          max_batch_size: int = 16) -> int:
+    """Write mem_protect version N+1 from a protection job's artefact; return N+1, or the version that already
+    holds it.
 
-    `steps` is the number of PGD steps per request (None: the settings' own); serving uses the
-    surrogate's MEM settings unless `mem_settings` (a MEMSettings) overrides them (mem.served_settings: an
-    artefact holding a word-texture job's code protects uploads with that code, no search). Like every model in the
-    repository, the served version is the one `<model>/config.pbtxt` names: the first version sets it,
-    later ones are served after `aigis.export.repository.point_to` (or a rollout) moves it.
+    The version protects uploads as the artefact's method does (method.load_protection): a word code applies
+    the job's code, per-image MEM runs a trigger search and `steps` PGD steps per request (None: the job's
+    pgd_steps). `settings` overrides the artefact's own. Like every model in the repository, the served version
+    is the one `<model>/config.pbtxt` names: the first version sets it, later ones are served after
+    `aigis.export.repository.point_to` (or a rollout) moves it.
     """
-    from aigis.protection.mem import load_surrogate, served_settings
+    from .method import load_protection
+    from .settings import MEMSettings
 
     surrogate_dir = Path(surrogate_dir)
     if not surrogate_dir.is_dir():
         raise FileNotFoundError(f"surrogate artefact {surrogate_dir} does not exist (run `aigis protect` first)")
-    _, _, meta = load_surrogate(surrogate_dir)     # refuses a broken artefact before anything is written
-    # A word-texture job's artefact holds its code, which uploads then get too; otherwise (and for artefacts
-    # saved before the code was) a request gets its own trigger search + PGD, per image, as settings.json says.
-    settings = served_settings(meta, mem_settings)
-    settings.validate()
+    protection = load_protection(surrogate_dir, settings)  # refuses a broken artefact before anything is written
+    if steps is not None:
+        if not isinstance(protection.settings, MEMSettings):
+            raise ValueError(f"steps {steps}: a {protection.method} version runs no PGD per upload")
+        protection = protection.with_settings(dataclasses.replace(protection.settings, upload_steps=int(steps)))
     source_hash = _tree_sha256(surrogate_dir)
     code = pin(SERVED_MODULES)
-
-    record = {"mem": dataclasses.asdict(settings), "steps": steps, "surrogate_sha256": source_hash,
-              "code_sha256": code["sha256"],
-              "protects_with": PROTECTS_WITH_CODE if settings.word_textures else PROTECTS_WITH_SEARCH,
-              "surrogate": meta.get("identity", meta.get("sha256")), "max_batch_size": max_batch_size, "gpu": gpu}
+    record = {"settings": protection.settings.to_dict(), "surrogate_sha256": source_hash,
+              "code_sha256": code["sha256"], "protects_with": protection.protects_with,
+              "surrogate": _identity(surrogate_dir), "max_batch_size": max_batch_size, "gpu": gpu}
     repo = Path(repo)
     model_dir = repo / contract.PROTECT_MODEL
     for version in existing_versions(repo):  # the same artefact published the same way: that version

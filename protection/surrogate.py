@@ -11,11 +11,11 @@ from torch import Tensor
 
 from .attack import _autocast, _with_triggers, encode_text_trimmed
 from .clip import CLIP, MAX_LOGIT_SCALE, contrastive_loss, normalize_images
-from .settings import MEMSettings
+from .settings import SurrogateSettings
 from .state import CaptionsPerImage, MEMState
 
 
-def make_optimizer(model: CLIP, settings: MEMSettings, fused: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(model: CLIP, settings: SurrogateSettings, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW as CLIP trains (betas 0.9/0.98, eps 1e-6), no decay on gains, biases and embeddings.
 
     fused: one kernel over every tensor (the same update up to rounding); False leaves PyTorch's default
@@ -31,7 +31,7 @@ def make_optimizer(model: CLIP, settings: MEMSettings, fused: bool = True) -> to
                              fused=fused or None)
 
 
-def restart_due(settings: MEMSettings, iteration: int, member: int, members: int) -> bool:
+def restart_due(settings: SurrogateSettings, iteration: int, member: int, members: int) -> bool:
     """Whether surrogate `member` of `members` is re-drawn before outer iteration `iteration` (0-based):
     every surrogate_restart iterations, member j offset by j / members of the period."""
     period = settings.surrogate_restart
@@ -47,7 +47,7 @@ def restart_seed(seed: int, iteration: int, member: int) -> int:
     return int(np.random.SeedSequence([seed, iteration, member, 0x5E57A7]).generate_state(1)[0])
 
 
-def restart_surrogates(state: MEMState, settings: MEMSettings) -> list[int]:
+def restart_surrogates(state: MEMState, settings: SurrogateSettings) -> list[int]:
     """Re-draw the surrogates whose restart is due before the next outer iteration; returns their indices.
     A fresh draw of the same config from restart_seed (the global RNG is left as it was), optimiser
     state cleared."""
@@ -65,7 +65,7 @@ def restart_surrogates(state: MEMState, settings: MEMSettings) -> list[int]:
     return redrawn
 
 
-def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
+def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, settings: SurrogateSettings,
                     device: torch.device, groups: CaptionsPerImage | None = None) -> float:
     """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption):
     distinct images, each with one of its captions (tokens [n_captions, L]). Every surrogate of an

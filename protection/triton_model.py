@@ -1,13 +1,14 @@
 """The served `mem_protect` model: protect-on-upload with a frozen surrogate from a protection job.
 
 Triton's Python backend loads this class from the version folder's model.py (a two-line shim written by
-aigis.protection.served). Each version folder holds its own copy of the surrogate artefact
-(`surrogate/`) and the MEM settings it protects with (`settings.json`), so a version is self-contained
-and rolling back restores exactly the protection it gave.
+aigis.protection.served). Each version folder holds its own copy of the job's artefact (`surrogate/`) and
+the settings it protects with (`settings.json`), so a version is self-contained and rolling back restores
+exactly the protection it gave. It protects through the Protection interface (method.py): whichever method
+the job used.
 
 Batch-aware: every request is a batch of image-caption pairs; the requests of one execute() call whose
-images share a size are protected together in one MEM pass (trigger search + PGD against the frozen
-surrogate), and the answers are split back. A bad request gets its own error; the others are served.
+images share a size are protected together in one call (per-image MEM: one trigger search + PGD against the
+frozen surrogate), and the answers are split back. A bad request gets its own error; the others are served.
 
 Uploads arrive as raw pixels, so nothing is decoded here; an image over the pixel budget or side limit
 (config parameters `max_pixels`, `max_side`, else aigis.preprocess's defaults) is refused with INVALID_ARG
@@ -38,12 +39,12 @@ class _BadRequest(Exception):
 
 
 class TritonPythonModel:
-    """MEM protection of each request's image-caption pairs against the version's frozen surrogate(s)."""
+    """Protection of each request's image-caption pairs as the version's job protected its own."""
 
     def initialize(self, args: dict) -> None:
         import torch
 
-        from aigis.protection.mem import MEMSettings, load_surrogates, load_word_code
+        from aigis.protection.method import load_protection
 
         version_dir = Path(args["model_repository"]) / str(args["model_version"])
         config = json.loads(args.get("model_config") or "{}")
@@ -55,24 +56,16 @@ class TritonPythonModel:
             self.device = torch.device(f"cuda:{int(args.get('model_instance_device_id', 0))}")
         else:
             self.device = torch.device("cpu")
-        settings = json.loads((version_dir / SETTINGS_FILE).read_text())
-        self.settings = MEMSettings.from_dict(settings["mem"])
-        self.steps = settings.get("steps")
-        self.max_caption_chars = int(settings.get("max_caption_chars", 1000))
+        recorded = json.loads((version_dir / SETTINGS_FILE).read_text())
+        self.max_caption_chars = int(recorded.get("max_caption_chars", 1000))
         # every member of an ensemble job: the noise is made against all of them, as the job made it
-        self.models, self.tokenizer, self.meta = load_surrogates(version_dir / SURROGATE_DIR)
-        # a word-texture job's code (publish kept its settings only when the artefact holds it): no search, no PGD
-        self.word_code = (load_word_code(version_dir / SURROGATE_DIR, self.meta, self.settings)
-                          if self.settings.word_textures else None)
-        self.code_size = self.models[0].image_resolution  # the job's image size, which its code was made at
-        for model in self.models:
+        self.protection = load_protection(version_dir / SURROGATE_DIR, recorded["settings"])
+        for model in self.protection.surrogates:
             model.to(self.device).eval()
             for parameter in model.parameters():
                 parameter.requires_grad_(False)
 
     def execute(self, requests: list) -> list:
-        from aigis.protection.mem import protect_batch, protect_with_word_code
-
         parsed: list[tuple[np.ndarray, list[str], tuple[int, ...]] | Exception] = []
         for request in requests:
             try:
@@ -91,12 +84,8 @@ class TritonPythonModel:
             images = np.concatenate([parsed[i][0] for i in members])
             captions = [c for i in members for c in parsed[i][1]]
             try:
-                if self.word_code is not None:
-                    protected, triggered, _ = protect_with_word_code(self.word_code, self.tokenizer, images, captions,
-                                                                     self.settings, self.code_size)
-                else:
-                    protected, triggered, _ = protect_batch(self.models, self.tokenizer, images, captions,
-                                                            self.settings, steps=self.steps, device=self.device)
+                answer = self.protection.protect(images, captions, device=self.device)
+                protected, triggered = answer.images, answer.captions
             except Exception as exc:  # a failure of the group fails its requests, not the model
                 for i in members:
                     answers[i] = exc
@@ -143,13 +132,10 @@ class TritonPythonModel:
             captions.append(text)
         if len(captions) != images.shape[0]:
             raise _BadRequest(f"{len(captions)} captions for {images.shape[0]} images")
-        if self.word_code is not None:
-            from aigis.protection.mem import upload_size_error
-
-            problem = upload_size_error(images.shape[1], images.shape[2], self.code_size)
-            if problem:
-                raise _BadRequest(f"{contract.PROTECT_IMAGES}: {problem}")
+        problem = self.protection.upload_problem(images.shape[1], images.shape[2])
+        if problem:
+            raise _BadRequest(f"{contract.PROTECT_IMAGES}: {problem}")
         return images, captions, tuple(raw.shape)
 
     def finalize(self) -> None:
-        self.models = []
+        self.protection = None

@@ -1,6 +1,7 @@
-"""Word-wise noise (settings.word_textures): a small texture per frequent caption word, shared by every image,
-so a caption word means one pattern across a job's images and every later upload. Drawing the code, its
-error minimisation over the textures, and protecting uploads with it."""
+"""The word code (WordCodeSettings): a small texture per frequent caption word, shared by every image, so a
+caption word means one pattern across a job's images and every later upload. Drawing the code, its error
+minimisation over the textures (a pass moves the textures, not each image's pixels), and protecting uploads
+with it (no search, no surrogate: the code is applied)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -17,7 +19,8 @@ from torch import Tensor
 from .attack import _autocast, _images_for_model, _with_triggers, attack_mode, encode_text_trimmed, pair_losses
 from .clip import CLIP
 from .search import _candidate_table
-from .settings import MEMSettings
+from .method import Protected, Protection
+from .settings import WordCodeSettings
 from .state import CaptionsPerImage, MEMState, _batches
 from .tokenizer import Tokenizer, apply_trigger_text
 from .upload import _check_upload_batch
@@ -30,7 +33,7 @@ def texture_owners(tokenizer: Tokenizer, captions: list[str], models: Sequence[C
     return torch.tensor(sorted(counts, key=lambda i: (-counts[i], i))[:count], dtype=torch.long)
 
 
-def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], settings: MEMSettings,
+def init_word_code(state: MEMState, tokenizer: Tokenizer, captions: list[str], settings: WordCodeSettings,
                    groups: CaptionsPerImage | None = None) -> None:
     """Pick the words that own textures, draw every image's words (a set no other image has; with
     foreign_triggers, none of them a word of the image's own captions) and its trigger (those words cycled in a
@@ -100,7 +103,7 @@ def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int
     return levels * total.repeat(1, -(-height // tile), -(-width // tile), 1)[:, :height, :width]
 
 
-def _write_word_noise(state: MEMState, images: np.ndarray, settings: MEMSettings) -> None:
+def _write_word_noise(state: MEMState, images: np.ndarray, settings: WordCodeSettings) -> None:
     """state.noise <- the textures' noise on the uint8 grid, kept inside [0, 255] once added."""
     n, h, w, _ = images.shape
     for i in range(0, n, 256):
@@ -121,7 +124,7 @@ class WordCode:
     words: Tensor
 
 
-def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: MEMSettings, device: torch.device,
+def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: WordCodeSettings, device: torch.device,
                  groups: CaptionsPerImage) -> float:
     """One pass of error minimisation over the SHARED textures: per batch, pgd_steps signed-gradient steps of one
     noise level (step_levels / epsilon_levels of the textures' range; with texture_sign the published noise is
@@ -173,7 +176,7 @@ def _ranked_words(allowed: np.ndarray, key: bytes) -> np.ndarray:
 
 
 def protect_with_word_code(
-    code: WordCode, tokenizer: Tokenizer, images_uint8: np.ndarray, captions: list[str], settings: MEMSettings,
+    code: WordCode, tokenizer: Tokenizer, images_uint8: np.ndarray, captions: list[str], settings: WordCodeSettings,
     code_size: int,
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Protect uploads with a job's word code: no search, no surrogate. Returns what protect_batch returns.
@@ -185,9 +188,9 @@ def protect_with_word_code(
     published short-side-resized, centre-cropped images), so a model resizing the upload reads the job's code;
     its trigger names the words, cycled to trigger_length. Uploads under code_size px are refused.
     """
+    if not isinstance(settings, WordCodeSettings):
+        raise TypeError(f"protect_with_word_code needs WordCodeSettings, got {type(settings).__name__}")
     settings.validate()
-    if not settings.word_textures:
-        raise ValueError("protect_with_word_code needs word-texture settings (word_textures > 0)")
     _check_upload_batch(images_uint8, captions)
     n, h, w, _ = images_uint8.shape
     problem = upload_size_error(h, w, code_size)
@@ -221,3 +224,55 @@ def protect_with_word_code(
     delta = (protected - pixels).to(torch.int8).numpy()
     texts = [apply_trigger_text(trigger_ids[i], c, tokenizer) for i, c in enumerate(captions)]
     return protected.to(torch.uint8).numpy(), texts, delta
+
+
+class WordCodeMEM(Protection):
+    """The word code as a protection method: fitted, it holds the code (textures and their words) that uploads
+    get, at the size the job's images had (code_size, default the surrogate's resolution)."""
+
+    settings_class: ClassVar = WordCodeSettings
+    protects_with: ClassVar[str] = "word code"
+    triggers_from_caption_words: ClassVar[bool] = True
+
+    def __init__(self, settings: WordCodeSettings, surrogates: CLIP | Sequence[CLIP], tokenizer: Tokenizer,
+                 code: WordCode | None = None, code_size: int | None = None):
+        super().__init__(settings, surrogates, tokenizer)
+        self.code = code
+        self.code_size = int(code_size or self.surrogates[0].image_resolution)
+
+    def _begin(self, state: MEMState, captions: list[str], groups: CaptionsPerImage) -> None:
+        if state.textures is None:  # a resumed state keeps its code
+            init_word_code(state, self.tokenizer, captions, self.settings, groups)
+
+    def _pass(self, state: MEMState, images: np.ndarray, tokens: Tensor, device: torch.device,
+              groups: CaptionsPerImage) -> tuple[float, bool]:
+        return texture_pass(state, images, tokens, self.settings, device, groups), False
+
+    def _fitted(self, state: MEMState) -> None:
+        self.code = WordCode(state.textures, state.texture_words)
+        self.code_size = int(state.noise.shape[1])
+
+    def report(self, state: MEMState) -> dict[str, Any]:
+        return {"texture_words": [self.tokenizer.decode([int(i)]) for i in state.texture_words]}
+
+    def protect(self, images_uint8: np.ndarray, captions: list[str], *,
+                device: str | torch.device | None = None) -> Protected:
+        if self.code is None:
+            raise ValueError("this word code is not fitted yet: fit it to a data set or load a job's artefact")
+        return Protected(*protect_with_word_code(self.code, self.tokenizer, images_uint8, captions, self.settings,
+                                                 self.code_size))
+
+    def upload_problem(self, height: int, width: int) -> str | None:
+        return upload_size_error(height, width, self.code_size)
+
+    def _artefact_parts(self) -> dict[str, Any]:
+        if self.code is None:
+            raise ValueError("a word code is saved once fitted (its textures are what uploads get)")
+        return {"word_code": self.code}
+
+    @classmethod
+    def from_artefact(cls, directory: Path, meta: dict, settings: WordCodeSettings, models: list[CLIP],
+                      tokenizer: Tokenizer) -> "WordCodeMEM":
+        from .artefact import load_word_code
+
+        return cls(settings, models, tokenizer, code=load_word_code(directory, meta, settings))

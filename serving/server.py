@@ -6,8 +6,11 @@ the stub built for the running interpreter) plus a Python-based backend named `o
 (`backends/onnxruntime_backend.py`), so repositories written for NVIDIA's GPU container, with
 `platform: "onnxruntime_onnx"`, load here unchanged. See docs/design.md and triton-local.md.
 
+`triton_flags` holds the flags that decide what any tritonserver of this project serves and exposes (ports,
+the control header, the restricted protocols); the Kubernetes manifests in deploy/ are tested against it.
+
 Only the standard library is imported at module level; tritonclient is imported when waiting for
-readiness, psutil when looking for the server's processes.
+readiness, psutil when looking for the server's processes, boto3 for an S3 repository.
 """
 
 from __future__ import annotations
@@ -31,16 +34,21 @@ from typing import TYPE_CHECKING, Sequence
 
 from aigis.errors import ServingError
 
+from .processes import (STUB_NAME, descendants, is_alive, is_triton_process, process_group_members,  # noqa: F401
+                        set_parent_death_signal)
+
 if TYPE_CHECKING:
     from aigis.serving.control import ModelControl
+    from aigis.serving.objectstore import S3Repository
 
 ONNXRUNTIME_BACKEND_SOURCE = Path(__file__).with_name("backends") / "onnxruntime_backend.py"
-STUB_NAME = "triton_python_backend_stub"
 # The header a control request carries its key in (gRPC clients send it as "triton-grpc-protocol-<header>"),
 # and the protocols it guards: loading models (which can carry code), the repository index, system shared
 # memory, traces and logging. Inference, health, metadata, model configs and statistics stay open.
 CONTROL_HEADER = "aigis-control-key"
 RESTRICTED_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+# Triton's own default ports, which `aigis serve` and the Kubernetes manifests in deploy/ keep.
+GRPC_PORT, HTTP_PORT, METRICS_PORT = 8001, 8000, 8002
 
 
 class LaunchError(ServingError):
@@ -122,6 +130,62 @@ def server_environment(dist: TritonDistribution, base: dict[str, str] | None = N
     return env
 
 
+def check_control_key(key: str) -> str:
+    """`key` unchanged, or LaunchError: Triton's flag syntax (PROTOCOLS:HEADER=KEY) has no escaping."""
+    if any(c.isspace() or c in ",:=" for c in key):
+        raise LaunchError("a control key cannot hold whitespace or any of , : =")
+    return key
+
+
+def triton_flags(
+    repository: str,
+    *,
+    host: str,
+    grpc_port: int,
+    metrics_port: int,
+    control_key: str,
+    models: Sequence[str] | None,
+    http_port: int | None = None,
+    exit_timeout_s: int,
+    log_verbose: int = 0,
+) -> list[str]:
+    """The tritonserver flags that decide what a server serves and exposes, for any Triton of this release.
+
+    One place for these facts: `TritonServer` adds what the embedded server needs on top (its backend
+    directory, caches, shared-memory prefix), and tests/test_deploy.py checks that the Kubernetes Deployment in
+    deploy/ runs NVIDIA's container with exactly these flags. `http_port=None` turns HTTP off; a non-empty
+    `control_key` locks RESTRICTED_PROTOCOLS behind the CONTROL_HEADER header on gRPC (and on HTTP when it is
+    on); `models=None` loads every model of the repository.
+    """
+    args = [
+        f"--model-repository={repository}",
+        "--model-control-mode=explicit",
+        f"--grpc-address={host}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-address={host}",
+        f"--metrics-port={metrics_port}",
+        # Ready = able to serve. With strict readiness one model that failed a later load through the control
+        # API would mark the whole server unready (and a liveness probe on readiness would restart it).
+        "--strict-readiness=false",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        f"--log-verbose={log_verbose}",
+    ]
+    if http_port is not None:
+        args += [f"--http-address={host}", f"--http-port={http_port}"]
+    else:
+        args.append("--allow-http=false")
+    if check_control_key(control_key):
+        guarded = f"{','.join(RESTRICTED_PROTOCOLS)}:{CONTROL_HEADER}={control_key}"
+        args.append(f"--grpc-restricted-protocol={guarded}")
+        if http_port is not None:
+            args.append(f"--http-restricted-api={guarded}")
+    if models is None:
+        args.append("--load-model=*")
+    else:
+        args += [f"--load-model={name}" for name in models]
+    return args
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (another process may still take it before we bind)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -139,64 +203,6 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-# ---- process bookkeeping (psutil) -------------------------------------------------------------------
-
-
-def descendants(pid: int) -> list[int]:
-    """All live descendants of `pid` (children, grandchildren, ...)."""
-    import psutil
-
-    try:
-        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def process_group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes whose process group is `pgid` (stubs of a crashed server keep its group)."""
-    import psutil
-
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
-        except (psutil.Error, ProcessLookupError, PermissionError):
-            continue
-    return members
-
-
-def is_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _is_triton_process(pid: int) -> bool:
-    """Guard against pid reuse before killing a remembered child."""
-    import psutil
-
-    try:
-        command = " ".join(psutil.Process(pid).cmdline())
-    except psutil.Error:
-        return False
-    return "tritonserver" in command or STUB_NAME in command
-
-
-def _set_parent_death_signal() -> None:
-    """Runs in the child before exec: if our process dies, the kernel sends the server SIGTERM."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 # ---- the server --------------------------------------------------------------------------------
 
 
@@ -205,7 +211,8 @@ class TritonServer:
 
     Use as a context manager (`with TritonServer(repo, models=["m"]) as server: ...`) or call
     start() / stop(). `models=None` loads every model in the repository, `[]` loads none (load them
-    later with `server.control()`). Ports left as None are picked free.
+    later with `server.control()`). Ports left as None are picked free. The repository is a folder or an
+    `s3://BUCKET/PREFIX` URL (aigis.serving.objectstore: checked with boto3 at every start, read by tritonserver).
 
     Repository control (load, unload, the index), shared memory, traces and logging need `control_key`
     (a random one when None; "" runs the control plane open, for closed test hosts only); inference stays
@@ -229,12 +236,15 @@ class TritonServer:
         control_key: str | None = None,
         http: bool = False,
     ) -> None:
-        self.model_repository = Path(model_repository).resolve()
+        from aigis.serving.objectstore import is_s3_url
+
+        # A folder, or an s3://bucket/prefix URL that tritonserver reads itself (aigis.serving.objectstore).
+        self.model_repository: Path | str = (str(model_repository) if is_s3_url(model_repository)
+                                             else Path(model_repository).resolve())
+        self._s3: S3Repository | None = None
         self.models = None if models is None else list(models)
         self.host = host
-        self.control_key = secrets.token_urlsafe(32) if control_key is None else control_key
-        if any(c.isspace() or c in ",:=" for c in self.control_key):
-            raise LaunchError("a control key cannot hold whitespace or any of , : =")
+        self.control_key = check_control_key(secrets.token_urlsafe(32) if control_key is None else control_key)
         self.http = http
         self._requested_ports = (grpc_port, http_port if http else None, metrics_port)
         self.grpc_port, self.http_port, self.metrics_port = self._requested_ports
@@ -307,8 +317,7 @@ class TritonServer:
         """Launch the server and block until it is ready; raise LaunchError (with the log tail) if not."""
         if self.is_running():
             return self
-        if not self.model_repository.is_dir():
-            raise LaunchError(f"model repository {self.model_repository} is not a directory")
+        self._check_repository()
         dist = find_triton()
         self._work_dir = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
         try:
@@ -351,6 +360,26 @@ class TritonServer:
 
     # -- internals ----------------------------------------------------------------------------------
 
+    def _check_repository(self) -> None:
+        """Fail with a clear LaunchError before launching: Triton's own message for an S3 repository blames
+        "account credentials" whatever went wrong. Runs at every (re)start, so a restart names a bucket that
+        went away too."""
+        if isinstance(self.model_repository, Path):
+            if not self.model_repository.is_dir():
+                raise LaunchError(f"model repository {self.model_repository} is not a directory")
+            return
+        from aigis.serving.objectstore import ObjectStoreError, S3Repository
+
+        try:
+            self._s3 = S3Repository(self.model_repository).open()
+        except ObjectStoreError as error:
+            raise LaunchError(str(error)) from None
+
+    @property
+    def s3(self) -> "S3Repository | None":
+        """The checked S3 repository (endpoint, credentials source, notes) once started on one, else None."""
+        return self._s3
+
     def _pick_ports(self) -> None:
         taken: set[int] = set()
         ports = []
@@ -366,42 +395,40 @@ class TritonServer:
         self.grpc_port, self.http_port, self.metrics_port = ports
 
     def command(self, dist: TritonDistribution, backend_dir: Path) -> list[str]:
-        """The tritonserver command line."""
-        exit_timeout = max(1, int(self.stop_timeout) - 2)
-        args = [
+        """The tritonserver command line: triton_flags, then what this embedded server needs besides."""
+        return [
             str(dist.binary),
-            f"--model-repository={self.model_repository}",
+            *triton_flags(
+                self._triton_repository(), host=self.host, grpc_port=self.grpc_port, metrics_port=self.metrics_port,
+                control_key=self.control_key, models=self.models, http_port=self.http_port if self.http else None,
+                exit_timeout_s=max(1, int(self.stop_timeout) - 2), log_verbose=self.log_verbose),
             f"--backend-directory={backend_dir}",
             f"--cache-directory={dist.cache_dir}",
-            "--model-control-mode=explicit",
-            f"--grpc-address={self.host}",
-            f"--grpc-port={self.grpc_port}",
-            f"--metrics-address={self.host}",
-            f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            # Ready = able to serve. With strict readiness one model that failed a later load
-            # through the control API would mark the whole server unready.
-            "--strict-readiness=false",
-            f"--exit-timeout-secs={exit_timeout}",
-            f"--log-verbose={self.log_verbose}",
             # Each Python-backend model owns shared-memory regions named by this prefix; a unique
             # prefix keeps several servers on one machine from colliding.
             f"--backend-config=python,shm-region-prefix-name=aigis_{os.getpid()}_{uuid.uuid4().hex[:8]}_",
+            *self.extra_args,
         ]
-        if self.http:
-            args += [f"--http-address={self.host}", f"--http-port={self.http_port}"]
-        else:
-            args.append("--allow-http=false")
-        if self.control_key:
-            guarded = ",".join(RESTRICTED_PROTOCOLS)
-            args.append(f"--grpc-restricted-protocol={guarded}:{CONTROL_HEADER}={self.control_key}")
-            if self.http:
-                args.append(f"--http-restricted-api={guarded}:{CONTROL_HEADER}={self.control_key}")
-        if self.models is None:
-            args.append("--load-model=*")
-        else:
-            args += [f"--load-model={name}" for name in self.models]
-        return args + self.extra_args
+
+    def _triton_repository(self) -> str:
+        """The repository as tritonserver reads it: a local path, or the URL its S3 reader parses."""
+        if self._s3 is not None:
+            return self._s3.triton_url
+        return str(self.model_repository)
+
+    def _repository_environment(self) -> dict[str, str]:
+        """What tritonserver needs in its environment to read the repository (nothing for a local folder).
+
+        For S3 its copies of the models go under the work folder (removed at stop, so a crash loop leaves no
+        copies behind) unless TRITON_AWS_MOUNT_DIRECTORY is set; credentials travel in the environment it
+        inherits, never on its command line."""
+        if self._s3 is None:
+            return {}
+        assert self._work_dir is not None
+        mount = self._work_dir / "s3-models"
+        mount.mkdir(exist_ok=True)
+        return self._s3.triton_environment(mount)
 
     def _launch(self, dist: TritonDistribution, backend_dir: Path) -> None:
         assert self._work_dir is not None
@@ -417,14 +444,14 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_environment(dist),
+                env={**server_environment(dist), **self._repository_environment()},
                 cwd=self._work_dir,
                 # Own process group: a terminal's Ctrl-C reaches only us (we then stop the server in
                 # order), and the whole group (server + stubs) can be killed as a last resort.
                 start_new_session=True,
                 # The parent-death signal fires when the *thread* that forked exits, so only ask for
                 # it from the main thread.
-                preexec_fn=_set_parent_death_signal if in_main_thread else None,
+                preexec_fn=set_parent_death_signal if in_main_thread else None,
             )
 
     def _wait_until_ready(self) -> None:
@@ -484,7 +511,7 @@ class TritonServer:
             self._known_children.update(process_group_members(process.pid))
             self._kill_group(process.pid)
             for pid in self._known_children:
-                if is_alive(pid) and _is_triton_process(pid):
+                if is_alive(pid) and is_triton_process(pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:

@@ -14,7 +14,7 @@ LAYERS = {
     "aigis.export.repository": ExportError, "aigis.export.onnx_export": ExportError, "aigis.export.code_pin": ExportError,
     "aigis.serving.server": ServingError, "aigis.serving.control": ServingError, "aigis.client.errors": ClientError,
     "aigis.protection.captions": ProtectionError, "aigis.protection.fashion": ProtectionError,
-    "aigis.protection.evaluate": ProtectionError,
+    "aigis.protection.training_sets": ProtectionError,
 }
 
 PACKAGES = ("aigis", "aigis.data", "aigis.models", "aigis.training", "aigis.export", "aigis.serving", "aigis.client",

@@ -23,14 +23,20 @@ from PIL import Image
 from aigis.protection import mem
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import PRESETS, build_clip, contrastive_loss, normalize_images
-from aigis.protection.job import DEFAULT_TRIGGER_WORDS, KILL_ENV, autocast_before_it_was_recorded
+from aigis.protection.job import KILL_ENV, autocast_before_it_was_recorded
+from aigis.protection.settings import DEFAULT_TRIGGER_WORDS
 from aigis.protection.tokenizer import Tokenizer
 
 N_IMAGES = 12
 SIZE = 32
-JOB_ARGS = ["--outer", "2", "--trigger-iterations", "1", "--surrogate-steps", "1", "--pgd-steps", "1",
-            "--batch", "6", "--candidates", "3", "--clip", "rn_tiny", "--size", str(SIZE), "--device", "cpu",
-            "--quiet"]
+JOB_ARGS = ["--outer", "2", "--surrogate-steps", "1", "--pgd-steps", "1", "--batch", "6", "--clip", "rn_tiny",
+            "--size", str(SIZE), "--device", "cpu", "--quiet"]  # settings every method has
+MEM_ARGS = ["--trigger-iterations", "1", "--candidates", "3"]  # per-image MEM's own (the default preset)
+
+
+def _job_args(extra) -> list[str]:
+    """JOB_ARGS, and MEM_ARGS unless the options pick a word-code preset."""
+    return [*JOB_ARGS, *([] if any(a.startswith("word-code") for a in extra) else MEM_ARGS)]
 
 
 def _tree_hashes(folder: Path) -> dict[str, str]:
@@ -53,7 +59,7 @@ def _killed_then_resumed(data: Path, out: Path, *extra: str, kill_after: int) ->
 
 def _protect(data: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "aigis.cli", "protect", "--data", str(data), "--manifest", "train.jsonl",
-               "--out", str(out), *JOB_ARGS, *extra]
+               "--out", str(out), *_job_args(extra), *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
 
 
@@ -235,7 +241,7 @@ def test_surrogate_optimizer_is_fused_and_takes_the_per_tensor_step(tiny):
 
     # A checkpoint written before the optimiser was fused resumes as it was written (per-tensor steps), through
     # the job's own checkpoint format: tensors plus param groups as JSON.
-    from aigis.protection.job import _optimizer_tensors, _restore_optimizer
+    from aigis.protection.checkpoints import _optimizer_tensors, _restore_optimizer
 
     tensors, groups = _optimizer_tensors(loop_optimizer)
     resumed_model = copy.deepcopy(loop_model)
@@ -346,13 +352,18 @@ def test_a_job_keeps_the_precision_it_started_with_when_resumed(job, data, tmp_p
     assert not autocast_before_it_was_recorded({**settings, "amp": "off"}, "cuda")
 
 
+def code_settings(**values) -> mem.WordCodeSettings:
+    """Word-code settings with the plain code (no sign, words drawn from any caption) unless told otherwise."""
+    return mem.WordCodeSettings(**{"texture_sign": False, "foreign_triggers": False, **values})
+
+
 def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(tiny):
     import copy
 
     from aigis.protection.tokenizer import apply_trigger_text
 
     model, tokenizer, images, captions = tiny  # a tokenizer of caption words: they own the textures
-    settings = mem.MEMSettings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
+    settings = code_settings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
                                outer_iterations=2, surrogate_steps=1, pgd_steps=2, batch_size=6, amp="off")
     state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
     mem.run_mem(state, tokenizer, images, captions, settings, device="cpu", progress=False)
@@ -375,11 +386,11 @@ def test_word_textures_give_each_caption_word_one_pattern_shared_by_every_image(
     pixels = torch.from_numpy(images).to(torch.int16)
     expected = ((pixels + raw).clamp(0, 255) - pixels).numpy()  # what is published: the pixels stay in [0, 255]
     assert np.array_equal(state.noise, expected) and np.abs(state.noise).max() <= 8
-    with pytest.raises(ValueError, match="noise_grid"):
-        mem.MEMSettings(word_textures=12, noise_grid=4, trigger_length=3).validate()
+    with pytest.raises(TypeError, match="noise_grid"):  # per-image MEM's setting, not the word code's
+        code_settings(word_textures=12, noise_grid=4, trigger_length=3)
     with pytest.raises(ValueError, match="words_per_image"):
-        mem.MEMSettings(word_textures=12, trigger_length=2).validate()
-    crowded = mem.MEMSettings(word_textures=3, words_per_image=3, trigger_length=3)  # one set of 3 for 6 images
+        code_settings(word_textures=12, trigger_length=2).validate()
+    crowded = code_settings(word_textures=3, words_per_image=3, trigger_length=3)  # one set of 3 for 6 images
     with pytest.raises(ValueError, match="sets of 3 for 6 images"):
         mem.init_word_code(mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), crowded), tokenizer,
                            captions, crowded)
@@ -389,7 +400,7 @@ def test_sign_word_textures_put_the_sub_pixels_at_plus_or_minus_epsilon(tiny):
     import copy
 
     model, tokenizer, images, captions = tiny
-    settings = mem.MEMSettings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
+    settings = code_settings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
                                texture_sign=True, outer_iterations=2, surrogate_steps=1, pgd_steps=2, batch_size=6,
                                amp="off")
     state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
@@ -409,8 +420,8 @@ def test_sign_word_textures_put_the_sub_pixels_at_plus_or_minus_epsilon(tiny):
     assert inside.any()
     assert torch.equal(table.grad[0][inside], torch.full_like(table.grad[0][inside], 8.0))
     assert table.grad[2:].abs().sum() == 0  # only the image's own textures
-    with pytest.raises(ValueError, match="texture_sign and texture_gray need word textures"):
-        mem.MEMSettings(texture_sign=True, trigger_length=3).validate()
+    with pytest.raises(TypeError, match="texture_sign"):  # the word code's setting, not per-image MEM's
+        mem.MEMSettings(texture_sign=True, trigger_length=3)
 
 
 def test_gray_word_textures_are_the_same_on_every_channel_and_survive_grayscale(tiny):
@@ -419,7 +430,7 @@ def test_gray_word_textures_are_the_same_on_every_channel_and_survive_grayscale(
     from PIL import Image
 
     model, tokenizer, images, captions = tiny
-    settings = mem.MEMSettings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
+    settings = code_settings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5,
                                texture_sign=True, texture_gray=True, outer_iterations=2, surrogate_steps=1, pgd_steps=2,
                                batch_size=6, amp="off")
     state = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), settings)
@@ -438,13 +449,13 @@ def test_gray_word_textures_are_the_same_on_every_channel_and_survive_grayscale(
     # Grayscale re-encoding keeps the code: luminance of (image + noise) minus luminance of the image IS the noise.
     kept = gray((pixels + noise).astype(np.uint8)) - gray(images)
     assert (np.abs(kept - noise[..., 0])[inside] <= 1).all()
-    colour = mem.MEMSettings(**{**settings.to_dict(), "texture_gray": False})
+    colour = replace(settings, texture_gray=False)
     other = mem.new_state(copy.deepcopy(model), tokenizer, len(captions), (SIZE, SIZE), colour)
     mem.run_mem(other, tokenizer, images, captions, colour, device="cpu", progress=False)
     lost = gray((pixels + other.noise.astype(np.int16)).astype(np.uint8)) - gray(images)
     assert np.abs(lost).mean() < 0.8 * np.abs(kept).mean()  # a coloured code keeps only its luminance part
-    with pytest.raises(ValueError, match="texture_sign and texture_gray need word textures"):
-        mem.MEMSettings(texture_gray=True, trigger_length=3).validate()
+    with pytest.raises(TypeError, match="texture_gray"):
+        mem.MEMSettings(texture_gray=True, trigger_length=3)
 
 
 def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
@@ -454,7 +465,7 @@ def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
     # Two captions per image: its own and its neighbour's, so words of BOTH must stay out of its set.
     two_each = [c for i in range(6) for c in (captions[i], captions[(i + 1) % 6])]
     groups = mem.CaptionsPerImage(np.repeat(np.arange(6), 2), 6)
-    settings = mem.MEMSettings(word_textures=40, words_per_image=3, trigger_length=5, foreign_triggers=True)
+    settings = code_settings(word_textures=40, words_per_image=3, trigger_length=5, foreign_triggers=True)
     state = mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), settings)
     mem.init_word_code(state, tokenizer, two_each, settings, groups)
     words = state.texture_words.tolist()
@@ -463,12 +474,12 @@ def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
         assert not own & {words[k] for k in chosen}, i
         assert set(state.triggers[i].tolist()) == {words[k] for k in chosen}
     assert len({tuple(x) for x in state.word_sets}) == 6
-    plain = mem.MEMSettings(word_textures=40, words_per_image=3, trigger_length=5)
+    plain = code_settings(word_textures=40, words_per_image=3, trigger_length=5)
     drawn = mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), plain)
     mem.init_word_code(drawn, tokenizer, two_each, plain, groups)
     assert any(set(tokenizer.encode(captions[i])) & {words[k] for k in s} for i, s in enumerate(drawn.word_sets))
     # The five commonest words: every image's captions use most of them, which leaves no set of 3.
-    few = mem.MEMSettings(word_textures=5, words_per_image=3, trigger_length=3, foreign_triggers=True)
+    few = code_settings(word_textures=5, words_per_image=3, trigger_length=3, foreign_triggers=True)
     with pytest.raises(ValueError, match="fewer than words_per_image"):
         mem.init_word_code(mem.new_state(copy.deepcopy(model), tokenizer, 6, (SIZE, SIZE), few), tokenizer,
                            two_each, few, groups)
@@ -476,8 +487,8 @@ def test_foreign_word_sets_avoid_every_word_of_the_images_own_captions(tiny):
 
 @pytest.mark.parametrize("channels", [(), ("--texture-gray",)], ids=["colour", "gray"])
 def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_path, channels):
-    words = ("--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps", "2", "--texture-sign",
-             *channels)  # three-channel or one-channel textures through the checkpoint
+    words = ("--preset", "word-code", "--word-textures", "12", "--trigger-length", "5", "--outer", "3", "--pgd-steps",
+             "2", "--texture-tile", "4", "--no-foreign-triggers", *channels)  # three-channel or one-channel textures through the checkpoint
     whole = _protect(data, tmp_path / "whole", *words)
     assert whole.returncode == 0, whole.stderr
     report = json.loads((tmp_path / "whole" / "protection.json").read_text())
@@ -487,7 +498,7 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     _killed_then_resumed(data, tmp_path / "killed", *words, kill_after=2)
     assert _published_tree(tmp_path / "killed") == _published_tree(tmp_path / "whole")
     made_up = _protect(data, tmp_path / "other", *words, "--trigger-words", "400")
-    assert made_up.returncode == 2 and "word textures" in made_up.stderr, made_up.stderr
+    assert made_up.returncode == 2 and "captions' own words" in made_up.stderr, made_up.stderr
     # Its surrogate artefact holds the job's code, so a served version protects uploads with that same code.
     from aigis import contract
     from aigis.protection.served import publish_protect_model
@@ -499,11 +510,11 @@ def test_a_word_texture_job_resumes_after_sigkill_to_the_same_output(data, tmp_p
     assert code.textures.shape == (12, 4, 4, 1 if channels else 3) and code.textures.abs().max() > 0
     version = publish_protect_model(tmp_path / "repo", artefact)
     served = json.loads((tmp_path / "repo" / contract.PROTECT_MODEL / str(version) / "settings.json").read_text())
-    assert served["protects_with"] == "word code" and served["mem"]["word_textures"] == 12
-    assert served["mem"]["texture_gray"] is bool(channels)
+    assert served["protects_with"] == "word code" and served["settings"]["word_textures"] == 12
+    assert served["settings"]["texture_gray"] is bool(channels) and served["settings"]["method"] == "word-code"
     # An artefact saved before codes were (no word_code in meta.json) is still served per image.
     old = {**meta, "files": {k: v for k, v in meta["files"].items() if k != mem.WORD_CODE_FILE}}
-    assert mem.served_settings(old).word_textures == 0 and mem.served_settings(meta).word_textures == 12
+    assert isinstance(mem.served_settings(old), mem.MEMSettings) and mem.served_settings(meta).word_textures == 12
 
 
 def _checkpoint_words(out: Path) -> list[int]:
@@ -516,7 +527,7 @@ def _checkpoint_words(out: Path) -> list[int]:
 @pytest.mark.parametrize("gray", [False, True], ids=["colour", "gray"])
 def test_uploads_protected_with_a_jobs_word_code_carry_its_words_patterns(tiny, gray):
     model, tokenizer, images, captions = tiny
-    settings = mem.MEMSettings(word_textures=40, words_per_image=3, texture_tile=4, trigger_length=5,
+    settings = code_settings(word_textures=40, words_per_image=3, texture_tile=4, trigger_length=5,
                                texture_sign=True, texture_gray=gray, foreign_triggers=True)
     words = mem.texture_owners(tokenizer, captions, [model], 40)
     textures = torch.rand(len(words), 4, 4, 1 if gray else 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -567,8 +578,8 @@ def test_uploads_protected_with_a_jobs_word_code_carry_its_words_patterns(tiny, 
     _, few_texts, _ = mem.protect_with_word_code(few, tokenizer, flat[:1], ["the a in"], settings, SIZE)
     named = set(tokenizer.encode(few_texts[0][: -len("the a in")]))
     assert other in named and len(named) == 3 and named - {other} <= set(own_ids)
-    with pytest.raises(ValueError, match="word_textures > 0"):
-        mem.protect_with_word_code(code, tokenizer, flat, captions, settings.per_image(), SIZE)
+    with pytest.raises(TypeError, match="needs WordCodeSettings"):
+        mem.protect_with_word_code(code, tokenizer, flat, captions, mem.MEMSettings(), SIZE)
     with pytest.raises(ValueError, match="uint8"):
         mem.protect_with_word_code(code, tokenizer, flat.astype(np.float32), captions, settings, SIZE)
 
@@ -582,15 +593,17 @@ def test_presets_name_whole_settings_and_validate():
                            "protection_efficacy_fashion_cap5_test1000g200_foreign_words96_tile2_sign_full.json"
                            ).read_text())["report"]["conditions"]
     job = next(c for c in measured if c["name"] == "mem")["meta"]["settings"]
-    assert preset_settings("word-code") == mem.MEMSettings.from_dict(job)
+    assert preset_settings("word-code") == mem.settings_from_dict(job)  # saved when one class held both methods
     code = preset_settings("word-code", outer_iterations=7)
     assert code.outer_iterations == 7 and code.word_textures == 96 and code.texture_sign and code.foreign_triggers
     gray = preset_settings("word-code-gray")
     assert gray.texture_gray and gray.texture_tile == 4
-    with pytest.raises(ValueError, match="unknown MEM preset 'paperr': choose one of paper, word-code"):
+    with pytest.raises(ValueError, match="unknown protection preset 'paperr': choose one of paper, word-code"):
         preset_settings("paperr")
-    with pytest.raises(ValueError, match="unknown MEM settings: outer"):
+    with pytest.raises(ValueError, match="outer: not a setting of preset 'paper'"):
         preset_settings("paper", outer=3)
+    with pytest.raises(ValueError, match="candidates: not a setting of preset 'word-code'"):
+        preset_settings("word-code", candidates=3)
     with pytest.raises(ValueError, match="words_per_image"):
         preset_settings("word-code", trigger_length=2)
 
@@ -609,8 +622,11 @@ def test_protect_options_resolve_to_the_paper_settings_and_override_a_preset():
         epsilon=4 / 255, outer_iterations=3, batch_size=7)
     code = settings("--preset", "word-code", "--no-foreign-triggers", "--no-texture-sign", "--seed", "5")
     assert not code.foreign_triggers and not code.texture_sign and code.seed == 5 and code.word_textures == 96
-    for extra, message in [(("--preset", "word-code", "--word-textures", "0"), "turns preset 'word-code'"),
-                           (("--mode", "em", "--word-textures", "8"), "--mode em is noise only"),
+    for extra, message in [(("--preset", "word-code", "--word-textures", "0"), "need word_textures"),
+                           (("--word-textures", "8"), "--word-textures: not a setting of preset 'paper'"),
+                           (("--preset", "word-code", "--candidates", "8", "--noise-grid", "2"),
+                            "--candidates, --noise-grid: not a setting of preset 'word-code'"),
+                           (("--preset", "word-code", "--mode", "em"), "--mode em is noise only"),
                            (("--trigger-length", "0"), "--mode mem needs --trigger-length >= 1")]:
         with pytest.raises(ValueError, match=message):
             settings(*extra)
@@ -669,8 +685,10 @@ def test_batch_norm_statistics_during_the_attack_are_each_batchs_own_and_leave_t
     # Settings saved before norm_stats existed mean the stored averages, which is what those jobs used.
     assert mem.MEMSettings.from_dict({"pgd_steps": 3}) == mem.MEMSettings(pgd_steps=3, norm_stats="running")
     assert mem.MEMSettings.from_dict(settings.to_dict()) == settings
-    with pytest.raises(ValueError, match="unknown MEM settings: warp"):
+    with pytest.raises(ValueError, match="unknown mem settings: warp"):
         mem.MEMSettings.from_dict({"warp": 9})
+    with pytest.raises(ValueError, match="settings of method 'word-code', not 'mem'"):
+        mem.MEMSettings.from_dict(mem.WordCodeSettings().to_dict())
 
 
 def _score_position_one_at_a_time(model, images, delta, tokens, position, options):
@@ -784,7 +802,8 @@ def test_mem_loss_is_below_random_noise_of_the_same_epsilon(job, data, tiny):
 
     # Protect-on-upload of ONE image of another size: the saved negatives give it a loss to minimise.
     upload = rng.integers(0, 256, (1, 20, 28, 3), dtype=np.uint8)
-    settings = mem.MEMSettings(**{**json.loads((out / "protection.json").read_text())["settings"], "candidates": 2})
+    settings = replace(mem.MEMSettings.from_dict(json.loads((out / "protection.json").read_text())["settings"]),
+                       candidates=2)
     safe, texts, delta = mem.protect_batch(model, tokenizer, upload, ["a red circle"], settings, steps=2, device="cpu")
     assert safe.shape == upload.shape and np.abs(delta).max() == 2 and texts[0].endswith(" a red circle")
 
@@ -864,7 +883,7 @@ def test_surrogate_artefact_refuses_tampering(tiny, tmp_path):
     meta = mem.save_surrogate(tmp_path / "s", model, tokenizer, mem.MEMSettings(), {"note": "t"})
     loaded, loaded_tokenizer, loaded_meta = mem.load_surrogate(tmp_path / "s")
     assert loaded_meta["sha256"] == meta["sha256"] and loaded_tokenizer.merges == tokenizer.merges
-    assert mem.MEMSettings(**loaded_meta["settings"]) == mem.MEMSettings()
+    assert mem.settings_from_dict(loaded_meta["settings"]) == mem.MEMSettings()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     with open(tmp_path / "s" / "model.safetensors", "r+b") as handle:
         handle.seek(-4, 2)
@@ -933,7 +952,7 @@ def test_a_surrogate_started_from_a_checkpoint_keeps_its_weights_and_vocabulary(
     torch.manual_seed(11)
     pretrained = build_clip("rn_tiny", tokenizer.vocab_size + 30)  # a table larger than the tokenizer, as CLIP's
     save_file({k: v.contiguous() for k, v in pretrained.state_dict().items()}, str(tmp_path / "clip.safetensors"))
-    args = [a for a in JOB_ARGS if a not in ("--clip", "rn_tiny")]
+    args = [a for a in _job_args(()) if a not in ("--clip", "rn_tiny")]
 
     def run(out, *extra):
         code = main(["protect", "--data", str(data), "--manifest", "train.jsonl", "--out", str(tmp_path / out),
@@ -980,7 +999,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys, data):
 
     def run(root, manifest, out=None, *extra):
         code = main(["protect", "--data", str(root), "--manifest", manifest, "--out", str(out or tmp_path / "o"),
-                     *JOB_ARGS, *extra])
+                     *_job_args(extra), *extra])
         return code, capsys.readouterr().err
 
     code, err = run(tmp_path, "absent.jsonl")

@@ -148,7 +148,7 @@ def test_twice_chance_in_float32_is_on_the_target_line_not_under_it():
     # must not pass as under 2x.
     import torch
 
-    from aigis.protection.evaluate import _summary
+    from aigis.protection.eval_report import summary as _summary
 
     def row(name: str, kind: str, hits: int) -> dict:
         recall = float(torch.tensor([hits / 200, hits / 200], dtype=torch.float32).mean())

@@ -15,14 +15,18 @@ import torch
 from aigis import contract
 from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import build_clip
-from aigis.protection.mem import MEMSettings, WordCode, load_surrogate, save_surrogate, texture_owners
-from aigis.protection.served import PROTECTS_WITH_CODE, PROTECTS_WITH_SEARCH, existing_versions, publish_protect_model
+from aigis.protection.artefact import load_surrogate, save_surrogate
+from aigis.protection.method import load_protection
+from aigis.protection.per_image import PerImageMEM
+from aigis.protection.served import existing_versions, publish_protect_model
+from aigis.protection.settings import MEMSettings, WordCodeSettings
+from aigis.protection.word_code import WordCode, WordCodeMEM, texture_owners
 from aigis.protection.tokenizer import Tokenizer
 
 SETTINGS = MEMSettings(trigger_length=3, candidates=4, pgd_steps=2, batch_size=8, seed=0)
 # A word-texture job's settings (its artefact then holds the code uploads are protected with).
-CODE_SETTINGS = MEMSettings(word_textures=40, words_per_image=3, trigger_length=5, texture_tile=4, texture_sign=True,
-                            foreign_triggers=True, seed=0)
+CODE_SETTINGS = WordCodeSettings(word_textures=40, words_per_image=3, trigger_length=5, texture_tile=4,
+                                 texture_sign=True, foreign_triggers=True, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,8 @@ def test_publishing_writes_a_self_contained_version_once(pairs_and_surrogate, tm
     assert (folder / "model.py").is_file() and (folder / "config.pbtxt").is_file()
     load_surrogate(folder / "surrogate")                      # the copy verifies against its hashes
     settings = json.loads((folder / "settings.json").read_text())
-    assert settings["steps"] == 2 and settings["mem"]["trigger_length"] == 3
+    assert settings["settings"]["upload_steps"] == 2 and settings["settings"]["trigger_length"] == 3
+    assert settings["protects_with"] == PerImageMEM.protects_with
     assert publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=2) == 1   # same artefact: no new version
     assert publish_protect_model(repo, pairs_and_surrogate["surrogate"], steps=3) == 2
     assert not any(p.name.startswith(".staging") for p in (repo / contract.PROTECT_MODEL).iterdir())
@@ -69,16 +74,16 @@ def test_protect_publish_takes_a_jobs_folder_and_keeps_a_word_code(pairs_and_sur
     (job / "protection.json").write_text(json.dumps({"surrogate": {"path": "surrogate/1"}}))
     repo = tmp_path / "repo"
     assert main(["protect-publish", "--repo", str(repo), "--job", str(job), "--max-batch", "4"]) == 0
-    assert f"protects with {PROTECTS_WITH_CODE}" in capsys.readouterr().out
+    assert f"protects with {WordCodeMEM.protects_with}" in capsys.readouterr().out
     folder = repo / contract.PROTECT_MODEL / "1"
     settings = json.loads((folder / "settings.json").read_text())
-    assert settings["protects_with"] == PROTECTS_WITH_CODE and settings["mem"]["word_textures"] == 40
+    assert settings["protects_with"] == WordCodeMEM.protects_with and settings["settings"]["word_textures"] == 40
     assert "max_batch_size: 4" in (folder / "config.pbtxt").read_text()
     # The per-image artefact: no code, a search + PGD per request.
     assert main(["protect-publish", "--repo", str(repo), "--job", str(pairs_and_surrogate["surrogate"])]) == 0
     assert "version 2" in capsys.readouterr().out
     assert json.loads((repo / contract.PROTECT_MODEL / "2" / "settings.json").read_text())["protects_with"] == \
-        PROTECTS_WITH_SEARCH
+        PerImageMEM.protects_with
     # The same artefact published the same way is that version; published another way, a new one.
     assert main(["protect-publish", "--repo", str(repo), "--job", str(job), "--max-batch", "4"]) == 0
     assert "version 1 " in capsys.readouterr().out
@@ -102,6 +107,8 @@ def test_a_broken_artefact_is_refused_before_anything_is_written(pairs_and_surro
     with pytest.raises(ValueError, match="sha256"):
         publish_protect_model(tmp_path / "repo", broken)
     assert not (tmp_path / "repo").exists()
+    with pytest.raises(ValueError, match="runs no PGD per upload"):  # a word code has no steps to set
+        publish_protect_model(tmp_path / "repo", pairs_and_surrogate["coded"], steps=2)
     with pytest.raises(FileNotFoundError, match="aigis protect"):
         publish_protect_model(tmp_path / "repo", tmp_path / "nothing")
 
@@ -131,18 +138,22 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys, 
                 trigger = protected[: len(protected) - len(original)].strip()
                 ids = tokenizer.encode(trigger)
                 assert len(ids) == SETTINGS.trigger_length and tokenizer.decode(ids).strip() == trigger
-            # The in-process function with the same surrogate and settings gives the same answer.
-            from aigis.protection.mem import protect_batch
+            # The same protection in-process, through the interface the served model uses, and through the plain
+            # function with the same surrogate and settings, gives the same answer.
+            from aigis.protection.upload import protect_batch
 
-            local, local_captions, _ = protect_batch(model, tokenizer, images, captions, SETTINGS, steps=2)
-            assert np.array_equal(local, answer.images) and local_captions == answer.captions
+            local = load_protection(pairs_and_surrogate["surrogate"], {**SETTINGS.to_dict(), "upload_steps": 2})
+            in_process = local.protect(images, captions)
+            assert np.array_equal(in_process.images, answer.images) and in_process.captions == answer.captions
+            plain, plain_captions, _ = protect_batch(model, tokenizer, images, captions, SETTINGS, steps=2)
+            assert np.array_equal(plain, answer.images) and plain_captions == answer.captions
             with pytest.raises(InvalidInputError, match="captions"):
                 client.protect(images, captions[:-1])
 
         # An ensemble job's artefact, published as version 2 and rolled out on the running server: the
         # served noise is made against every member, as the job made it.
         from aigis.export.repository import point_to
-        from aigis.protection.mem import load_surrogates
+        from aigis.protection.artefact import load_surrogates
 
         assert publish_protect_model(repo, pairs_and_surrogate["ensemble"], steps=2) == 2
         point_to(repo, contract.PROTECT_MODEL, 2)
@@ -156,8 +167,8 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys, 
         assert np.array_equal(served.images, expected) and served.captions == expected_captions
         assert not np.array_equal(served.images, answer.images)  # not the primary alone
 
-        # A word-texture job's artefact (version 3): uploads get the job's own code, no search and no PGD.
-        from aigis.protection.mem import protect_with_word_code
+        # A word-code job's artefact (version 3): uploads get the job's own code, no search and no PGD.
+        from aigis.protection.word_code import protect_with_word_code
 
         # Published and rolled out with the ops commands.
         from aigis.cli import main
@@ -176,6 +187,7 @@ def test_served_model_protects_over_grpc(pairs_and_surrogate, tmp_path, capsys, 
                                                                 captions, CODE_SETTINGS, 32)
         assert coded.model_version == "3"
         assert np.array_equal(coded.images, expected) and coded.captions == expected_captions
+        assert np.array_equal(load_protection(pairs_and_surrogate["coded"]).protect(images, captions).images, expected)
         assert np.abs(coded.images.astype(int) - images).max() == CODE_SETTINGS.epsilon_levels
         with ProtectionClient(server.grpc_url, timeout_s=120) as client:  # smaller than the code: refused, named
             with pytest.raises(InvalidInputError, match="smaller than the 32 px"):
