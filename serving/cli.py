@@ -7,7 +7,10 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from aigis.serving.server import GRPC_PORT, HTTP_PORT, METRICS_PORT   # standard library only: `aigis --help` stays fast
+
 if TYPE_CHECKING:
+    from aigis.serving.objectstore import RepositoryReader
     from aigis.serving.server import TritonServer
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -25,14 +28,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "control (load, unload, index), shared memory, traces and logging need the control key. Port 0 picks "
         "a free port.",
     )
-    serve.add_argument("--repo", default="model_repository", help="model repository (default: %(default)s)")
+    serve.add_argument("--repo", default="model_repository",
+                       help="model repository: a folder, or s3://BUCKET/PREFIX read by tritonserver itself, with the "
+                            "endpoint and credentials of the standard AWS environment (AWS_ENDPOINT_URL for a store "
+                            "other than AWS, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE); several "
+                            "replicas can serve one bucket (default: %(default)s)")
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default: %(default)s; any other address exposes inference to the "
                             "network)")
-    serve.add_argument("--grpc-port", type=int, default=8001, help="default: %(default)s")
+    serve.add_argument("--grpc-port", type=int, default=GRPC_PORT, help="default: %(default)s")
     serve.add_argument("--http", action="store_true", help="also serve Triton's HTTP/REST endpoint (off by default)")
-    serve.add_argument("--http-port", type=int, default=8000, help="with --http (default: %(default)s)")
-    serve.add_argument("--metrics-port", type=int, default=8002, help="default: %(default)s")
+    serve.add_argument("--http-port", type=int, default=HTTP_PORT, help="with --http (default: %(default)s)")
+    serve.add_argument("--metrics-port", type=int, default=METRICS_PORT, help="default: %(default)s")
     serve.add_argument(
         "--load", nargs="*", metavar="MODEL", default=None,
         help="models to load at start (default: every model that no ensemble pins as a step; the ensembles "
@@ -68,21 +75,33 @@ def control_key_for(args: argparse.Namespace) -> tuple[str, Path | None, str]:
     return secrets.token_urlsafe(32), None, "new"
 
 
-def default_models(repo: str) -> list[str]:
-    """Every model of the repository that no ensemble pins as a step: Triton loads an ensemble's steps with it,
-    so only the served version's steps are loaded (not every old classifier)."""
-    from aigis.export.configs import CONFIG_FILE, read_config
+def default_models(repo: str | Path | RepositoryReader) -> list[str]:
+    """Every model of the repository (a folder, an s3:// URL or an open reader) that no ensemble pins as a step:
+    Triton loads an ensemble's steps with it, so only the served version's steps are loaded (not every old
+    classifier)."""
+    from aigis.serving.objectstore import CONFIG_FILE, open_repository
 
-    models, steps = [], set()
-    for folder in sorted(p for p in Path(repo).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not (folder / CONFIG_FILE).is_file():
-            continue
-        models.append(folder.name)
-        for version in (p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()):
-            if (version / CONFIG_FILE).is_file():
-                config = read_config(version / CONFIG_FILE)
-                steps.update(step["model_name"] for step in (config.get("ensemble_scheduling") or {}).get("step", []))
+    reader = open_repository(repo) if isinstance(repo, (str, Path)) else repo
+    files = reader.files()
+    models = sorted({name.split("/")[0] for name in files if name.count("/") == 1 and name.endswith(f"/{CONFIG_FILE}")})
+    steps: set[str] = set()
+    for model in models:
+        if not ensemble_steps(reader.read_text(f"{model}/{CONFIG_FILE}"))[0]:
+            continue   # the served-version pointer is a copy of a version's config: not an ensemble, no steps
+        for name in files:
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == model and parts[1].isdigit() and parts[2] == CONFIG_FILE:
+                steps.update(ensemble_steps(reader.read_text(name))[1])
     return [name for name in models if name not in steps]
+
+
+def ensemble_steps(config_text: str) -> tuple[bool, list[str]]:
+    """(is it an ensemble, the models its steps name) from a config.pbtxt's text."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_text, model_config_pb2.ModelConfig())
+    return config.platform == "ensemble", [step.model_name for step in config.ensemble_scheduling.step]
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -92,10 +111,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from aigis.errors import ServingError
     from aigis.serving.control import default_key_file, write_key_file
+    from aigis.serving.objectstore import ObjectStoreError, open_repository
     from aigis.serving.server import LaunchError, TritonServer
 
-    if not Path(args.repo).is_dir():
-        print(f"aigis serve: model repository {args.repo} is not a directory", file=sys.stderr)
+    try:   # for S3: bucket, endpoint, credentials and models checked here, before tritonserver could blame them
+        repository = open_repository(args.repo)
+        startup_models = default_models(repository) if args.load is None else args.load
+    except ObjectStoreError as error:
+        print(f"aigis serve: {error}", file=sys.stderr)
         return 1
     grpc_port = args.grpc_port or None
     try:
@@ -105,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     server = TritonServer(
         args.repo,
-        models=default_models(args.repo) if args.load is None else args.load,
+        models=startup_models,
         host=args.host,
         grpc_port=grpc_port,
         http_port=args.http_port or None,
@@ -153,6 +176,10 @@ def report(server: TritonServer, key_source: str) -> None:
     print("  HTTP     " + (f"http://{server.http_url}" if server.http else "off (--http turns it on)"))
     print(f"  metrics  {server.metrics_url}")
     print(f"  key      {key_source}")
+    if server.s3 is not None:
+        print(f"  S3       {server.s3.describe()}")
+        for note in server.s3.notes:
+            print(f"  note     {note}")
     if server.log_path is not None:
         print(f"  log      {server.log_path}")
     if server.host not in LOOPBACK:
@@ -175,6 +202,7 @@ def supervise(server: TritonServer, stop_requested: threading.Event, max_restart
     import sys
     import time
 
+    from aigis.errors import ServingError
     from aigis.serving.server import LaunchError
 
     restarts = failures_in_a_row = 0
@@ -197,9 +225,13 @@ def supervise(server: TritonServer, stop_requested: threading.Event, max_restart
         if stop_requested.wait(delay):
             break
         died_at = time.monotonic()
-        try:
-            if models is not None:
+        if models is not None:
+            try:
                 server.models = models()
+            except ServingError as error:   # e.g. the bucket unreachable: the restart below names it too
+                print(f"aigis serve: restart {restarts + 1} keeps the models named before: {error}", file=sys.stderr,
+                      flush=True)
+        try:
             server.restart()
         except LaunchError as error:
             print(f"aigis serve: restart {restarts + 1} failed: {error}", file=sys.stderr, flush=True)
