@@ -1,10 +1,11 @@
-"""Subcommands of the export stage: `aigis export` and the ops commands `aigis models list|validate|rollout`."""
+"""Subcommands of the export stage: `aigis export` and the ops commands `aigis models list|validate|rollout|status`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import Any
 
 from aigis import contract
 
@@ -41,20 +42,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     check = actions.add_parser("validate", help="every ensemble step resolves; names, dtypes, shapes agree")
     check.add_argument("--repo", required=True)
     check.set_defaults(func=run_validate)
-    rollout = actions.add_parser("rollout", help="serve another version of the ensemble (or of --model) on a running "
-                                                 "server (no restart)")
+    rollout = actions.add_parser("rollout", help="serve another version of the ensemble (or of --model) on running "
+                                                 "servers (no restart), replica by replica")
     rollout.add_argument("--repo", required=True)
-    rollout.add_argument("--url", default="127.0.0.1:8001", help="the server's gRPC endpoint")
+    rollout.add_argument("--url", default="127.0.0.1:8001",
+                         help="the server's gRPC endpoint, or a fleet's as HOST:PORT,HOST:PORT,... (rolled one after "
+                              "another; if one fails, the ones already moved go back)")
     rollout.add_argument("--version", type=int, required=True, help="version to serve (back or forward)")
     rollout.add_argument("--model", default=None,
                          help=f"a stand-alone model to roll instead of the ensemble, e.g. {contract.PROTECT_MODEL}")
     rollout.add_argument("--control-key-file", default=None,
                          help="file holding the server's control key (default: $AIGIS_CONTROL_KEY, else the file "
-                              "`aigis serve` wrote for that port)")
+                              "`aigis serve` wrote for each port)")
     rollout.add_argument("--prune", action="store_true",
                          help="also unload the extractors the version does not use (after a rollback); the old "
                               "version's classifier and decode steps are always unloaded once it has drained")
     rollout.set_defaults(func=run_rollout)
+    status = actions.add_parser("status", help="the models and versions each replica has ready")
+    status.add_argument("--url", default="127.0.0.1:8001", help="gRPC endpoints, HOST:PORT,HOST:PORT,...")
+    status.add_argument("--repo", default=None, help="also show the versions this repository points at")
+    status.add_argument("--control-key-file", default=None, help="as for rollout")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=run_status)
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -114,38 +123,87 @@ def run_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_rollout(args: argparse.Namespace) -> int:
-    from aigis.export.repository import RepositoryError
-    from aigis.export.rollout import load_model_version, load_version, model_served_version, served_version
-    from aigis.serving.control import ModelControl, ModelControlError, read_control_key
+def _controls(urls: list[str], key_file: str | None) -> list[tuple[str, Any]]:
+    from aigis.serving.control import ModelControl, read_control_key
 
+    return [(url, ModelControl(url, control_key=read_control_key(url, key_file))) for url in urls]
+
+
+def run_rollout(args: argparse.Namespace) -> int:
+    from aigis.export.fleet import FleetRolloutError, fleet_rollout, parse_urls
+    from aigis.export.repository import RepositoryError
+    from aigis.serving.control import ModelControlError
+
+    if args.model is not None and args.prune:
+        print("aigis models rollout: error: --prune is for ensemble rollbacks, not --model", file=sys.stderr)
+        return 2
+    replicas: list[tuple[str, Any]] = []
     try:
-        key = read_control_key(args.url, args.control_key_file)
-    except ModelControlError as exc:
+        replicas = _controls(parse_urls(args.url), args.control_key_file)
+        results = fleet_rollout(replicas, args.repo, args.version, model=args.model, prune=args.prune)
+    except FleetRolloutError as exc:
+        print(f"aigis models rollout: error: {exc}", file=sys.stderr)
+        for result in exc.results:
+            print(f"  {result.summary()}", file=sys.stderr)
+        return 2
+    except (RepositoryError, ModelControlError, ValueError) as exc:
         print(f"aigis models rollout: error: {exc}", file=sys.stderr)
         return 2
-    if args.model is not None:
-        if args.prune:
-            print("aigis models rollout: error: --prune is for ensemble rollbacks, not --model", file=sys.stderr)
-            return 2
-        try:
-            with ModelControl(args.url, control_key=key) as control:
-                before = model_served_version(control, args.model)
-                load_model_version(control, args.repo, args.model, args.version)
-                after = model_served_version(control, args.model)
-        except (RepositoryError, ModelControlError) as exc:
-            print(f"aigis models rollout: error: {exc}", file=sys.stderr)
-            return 2
-        print(f"{args.url}: {args.model} version {before} -> {after}")
-        return 0
-    try:
-        with ModelControl(args.url, control_key=key) as control:
-            before = served_version(control)
-            done = load_version(control, args.repo, args.version, prune=args.prune)
-            after = served_version(control)
-    except (RepositoryError, ModelControlError) as exc:
-        print(f"aigis models rollout: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.url}: ensemble version {before} -> {after} (loaded {', '.join(done.loaded) or 'nothing new'})"
-          + (f"; unloaded {', '.join(done.unloaded)}" if done.unloaded else ""))
+    finally:
+        for _, control in replicas:
+            control.close()
+    what = args.model or "ensemble"
+    for result in results:
+        done = result.rollout
+        line = f"{result.url}: {what} version {result.before} -> {result.after}"
+        if args.model is None:
+            line += (f" (loaded {', '.join(done.loaded) or 'nothing new'})"
+                     + (f"; unloaded {', '.join(done.unloaded)}" if done.unloaded else ""))
+        print(line)
     return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from aigis.export.fleet import parse_urls, replica_status
+    from aigis.export.repository import pointed_version, versions
+    from aigis.serving.control import ModelControlError
+
+    rows: dict[str, Any] = {}
+    failed = False
+    try:
+        replicas = _controls(parse_urls(args.url), args.control_key_file)
+    except (ModelControlError, ValueError) as exc:
+        print(f"aigis models status: error: {exc}", file=sys.stderr)
+        return 2
+    for url, control in replicas:
+        try:
+            rows[url] = replica_status(control)
+        except Exception as exc:  # noqa: BLE001 - an unreachable replica is reported, the others still shown
+            rows[url] = {"error": str(exc).splitlines()[0]}
+            failed = True
+        finally:
+            control.close()
+    pointed = {}
+    if args.repo is not None:
+        from pathlib import Path
+
+        models = sorted(p.name for p in Path(args.repo).iterdir() if p.is_dir() and versions(args.repo, p.name))
+        pointed = {m: pointed_version(args.repo, m) for m in models}
+    if args.json:
+        print(json.dumps({"replicas": rows, **({"repository": pointed} if args.repo else {})}, indent=2))
+        return 1 if failed else 0
+    for url, status in rows.items():
+        if "error" in status:
+            print(f"{url}: unreachable ({status['error']})")
+            continue
+        served = ", ".join(f"{name} {'+'.join(v)}" for name, v in sorted(status.items()) if not _is_step(name))
+        print(f"{url}: {served or 'nothing ready'} ({len(status)} models ready)")
+    if pointed:
+        print(f"{args.repo} points at: " + ", ".join(f"{m} {v}" for m, v in pointed.items() if v is not None
+                                                     and not _is_step(m)))
+    return 1 if failed else 0
+
+
+def _is_step(name: str) -> bool:
+    """A per-task or per-version step of the ensembles (listed by count, not by name)."""
+    return name.startswith((contract.extractor_model(""), contract.classifier_model(""), contract.decode_model("")))

@@ -19,19 +19,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from aigis import contract
 from aigis.cli import main as aigis_main
 from aigis.client.loadcheck import start_loads
-from aigis.data.cddb import CDDB
-from aigis.export import export_run, load_version
+from aigis.export import load_version
 from aigis.serving.server import TritonServer, free_port
-from aigis.training.run import load_run
 from polling import poll
-from tiny_run import TASKS, synthetic_root, train_tasks
+from tiny_run import TASKS, two_version_repo
 
 ROLLOUTS = 4
 
@@ -39,23 +34,7 @@ ROLLOUTS = 4
 @pytest.fixture(scope="module")
 def two_versions(tmp_path_factory) -> dict:
     """A repository with versions 2 and 3 of one run, the held-out images, and each version's predictions."""
-    from aigis import preprocess
-
-    base = tmp_path_factory.mktemp("rollout")
-    root = synthetic_root(base)
-    run, repo = base / "run", base / "repo"
-    expected = {}
-    data = CDDB(root, TASKS, progress=False)
-    paths = [s.path for t in range(len(TASKS)) for s in data.samples(t, "val")]
-    images = np.stack([preprocess.eval_view_from_file(p, 32) for p in paths])
-    for count in (2, 3):
-        train_tasks(root, run, count)
-        export_run(run, repo, data_root=root, progress=False)
-        with torch.no_grad():
-            predicted = load_run(run)(torch.from_numpy(images)).argmax(1).numpy()
-        names = contract.class_names(TASKS[:count])
-        expected[str(count)] = [names[k] for k in predicted]
-    return {"repo": repo, "images": images, "expected": expected}
+    return two_version_repo(tmp_path_factory.mktemp("rollout"))
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from aigis.data.cddb import CDDB
 from aigis.data.synth import SynthConfig, generate
 from aigis.training.config import TrainConfig
@@ -26,3 +28,28 @@ def train_tasks(root: Path, run: Path, count: int, config: TrainConfig | None = 
     """Train (or continue) `run` over the first `count` tasks."""
     ContinualRun(config or TrainConfig.from_dict(TINY), CDDB(root, TASKS[:count], progress=False), run,
                  resume=run.exists(), progress=False).run()
+
+
+def two_version_repo(base: Path) -> dict:
+    """A repository holding versions 2 and 3 of one tiny run (4 and 6 classes), its held-out images, and the class
+    each version's in-process model predicts for each image (what a served answer must say)."""
+    import torch
+
+    from aigis import contract, preprocess
+    from aigis.export import export_run
+    from aigis.training.run import load_run
+
+    root = synthetic_root(base)
+    run, repo = base / "run", base / "repo"
+    data = CDDB(root, TASKS, progress=False)
+    paths = [s.path for t in range(len(TASKS)) for s in data.samples(t, "val")]
+    images = np.stack([preprocess.eval_view_from_file(p, 32) for p in paths])
+    expected = {}
+    for count in (2, 3):
+        train_tasks(root, run, count)
+        export_run(run, repo, data_root=root, progress=False)
+        with torch.no_grad():
+            predicted = load_run(run)(torch.from_numpy(images)).argmax(1).numpy()
+        names = contract.class_names(TASKS[:count])
+        expected[str(count)] = [names[k] for k in predicted]
+    return {"repo": repo, "images": images, "expected": expected}
