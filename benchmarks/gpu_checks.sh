@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # MEM's GPU checks in one run of about 8 minutes at most on a CUDA host:
 #
-#     bash benchmarks/gpu_checks.sh          # results in $OUT, default runs/gpu_checks
+#     bash benchmarks/gpu_checks.sh                                  # results in $OUT, default runs/gpu_checks
+#     OFFICIAL=/path/to/Multimodal-Unlearnable-Examples bash benchmarks/gpu_checks.sh   # with the speed step
 #
 # The host needs torch with CUDA, numpy, Pillow, safetensors and pytest (a GPU image has them; nothing is
 # downloaded): this package is installed without its dependencies into a scratch folder (or, if pip cannot
 # build it there, laid out as its namespace with links to the stage folders). Then, each step under
-# its own time limit so that the whole run ends in time: the CUDA tests (tests/test_mem_cuda.py), and the speed
-# of ours against the official way on the GPU, with GPU memory -- rn_tiny with one caption per image, the
-# paper's RN50 at 224 px on Flickr8K's share, and COCO's share with photo-sized JPEGs. What comes back is small
-# on purpose (two files, for hosts that return few): steps.txt (GPU, versions, each step's exit status and
-# time) and gpu_checks.tar.gz (every log and result file).
+# its own time limit so that the whole run ends in time: the CUDA tests (tests/test_mem_cuda.py), and, when
+# OFFICIAL names a checkout of the official code (git clone, see benchmarks/mem_official.py), the official code
+# against ours on the GPU phase by phase, with each side's peak GPU memory (benchmarks/mem_official.py --device
+# cuda: RN50 at 224 px, float32). What comes back is small on purpose (two files, for hosts that return few):
+# steps.txt (GPU, versions, each step's exit status and time) and gpu_checks.tar.gz (every log and result file).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 cd "$REPO"
@@ -18,6 +19,7 @@ OUT=${OUT:-runs/gpu_checks}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [ -n "${OFFICIAL:-}" ]; then OFFICIAL=$(cd "$OFFICIAL" && pwd) || exit 1; fi
 WORK="$OUT/work"
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
@@ -54,11 +56,9 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to NAME.lo
 }
 
 step cuda_tests 120 $PY -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_mem_cuda.py"
-step speed_rn_tiny 60 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --pairs 512 --batch 128 \
-    --name "$WORK/mem_speed_cuda_rn_tiny_512"
-step speed_rn50 110 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --clip RN50 --size 224 --captions-per-image 5 \
-    --pairs 128 --batch 128 --clip-vocab --paper-schedule flickr8k --source-size 500x375 --outer 3 \
-    --name "$WORK/mem_speed_cuda_schedule_flickr8k_rn50_224"
-step speed_coco 130 $PY "$REPO/benchmarks/mem_speed.py" --device cuda --captions-per-image 5 --pairs 448 --batch 128 \
-    --clip-vocab --paper-schedule coco --source-size 640x480 --outer 3 \
-    --name "$WORK/mem_speed_cuda_schedule_coco_448"
+if [ -n "${OFFICIAL:-}" ]; then
+    step speed_official 420 $PY "$REPO/benchmarks/mem_official.py" --device cuda --official "$OFFICIAL" \
+        --images 32 --runs 3 --threads 4 --name "$WORK/mem_official_cuda"
+else
+    echo "speed_official: skipped (OFFICIAL names no checkout of the official code)" | tee -a "$OUT/steps.txt"
+fi

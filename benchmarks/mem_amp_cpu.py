@@ -19,13 +19,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from mem_speed import five_caption_data
 
 from aigis.protection import mem
-from aigis.protection.captions import load_images
+from aigis.protection.captions import load_images, read_pairs, synth_captioned
 from aigis.protection.clip import build_clip
+from aigis.protection.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def five_caption_data(tmp: str, images: int, captions_per_image: int, size: int, clip: str):
+    """The benchmark's data in `tmp`: (pairs, captions, groups, tokenizer, config). Every image has
+    captions_per_image caption lines (pairs[i * c + k] describes image i); config is the CLIP preset at `size`."""
+    from dataclasses import replace
+
+    from aigis.protection.clip import PRESETS
+
+    root = synth_captioned(tmp, images, 0, size=size, seed=0, captions_per_image=captions_per_image)
+    pairs = read_pairs(root, "train.jsonl")
+    captions = [p.caption for p in pairs]
+    groups = mem.CaptionsPerImage(np.repeat(np.arange(images), captions_per_image), images)
+    tokenizer = Tokenizer.train(captions, 1000)
+    return pairs, captions, groups, tokenizer, replace(PRESETS[clip], image_resolution=size)
 
 
 def bf16_kernels() -> str:

@@ -19,7 +19,7 @@ def make_optimizer(model: CLIP, settings: SurrogateSettings, fused: bool = True)
     """AdamW as CLIP trains (betas 0.9/0.98, eps 1e-6), no decay on gains, biases and embeddings.
 
     fused: one kernel over every tensor (the same update up to rounding); False leaves PyTorch's default
-    (a loop per tensor on a CPU, grouped foreach kernels on CUDA), as the benchmark's official way does.
+    (a loop per tensor on a CPU, grouped foreach kernels on CUDA), as the official code's optimiser does.
     Every surrogate step updates the whole token table (CLIP's has 49,408 rows); on a CPU the per-tensor
     loop over CLIP's was half of a rn_tiny step at batch 32. A checkpoint's param groups carry their
     own `fused`, so a resumed job keeps the step it was written with.
