@@ -13,7 +13,8 @@ from aigis import contract
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="publish a trained run as a new version of the Triton ensemble")
     export.add_argument("--run", required=True, help="training run directory (aigis train --out)")
-    export.add_argument("--repo", required=True, help="Triton model repository to add the version to")
+    export.add_argument("--repo", required=True, help="Triton model repository to add the version to: a folder, or "
+                                                      "s3://BUCKET/PREFIX (the store's endpoint in AWS_ENDPOINT_URL)")
     export.add_argument("--tasks", type=int, default=None, help="export the model after this many tasks (default all)")
     export.add_argument("--data", default=None, help="data root: check the ONNX models on its held-out images too")
     export.add_argument("--gpu", action="store_true", help="GPU instances (Triton's native onnxruntime backend)")
@@ -36,15 +37,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     models = sub.add_parser("models", help="ops on a model repository: list, validate, roll out a version")
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     listing = actions.add_parser("list", help="models, versions and the tasks of each ensemble version")
-    listing.add_argument("--repo", required=True)
+    listing.add_argument("--repo", required=True, help="a folder or s3://BUCKET/PREFIX")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=run_list)
     check = actions.add_parser("validate", help="every ensemble step resolves; names, dtypes, shapes agree")
-    check.add_argument("--repo", required=True)
+    check.add_argument("--repo", required=True, help="a folder or s3://BUCKET/PREFIX")
     check.set_defaults(func=run_validate)
     rollout = actions.add_parser("rollout", help="serve another version of the ensemble (or of --model) on running "
                                                  "servers (no restart), replica by replica")
-    rollout.add_argument("--repo", required=True)
+    rollout.add_argument("--repo", required=True, help="a folder or s3://BUCKET/PREFIX")
     rollout.add_argument("--url", default="127.0.0.1:8001",
                          help="the server's gRPC endpoint, or a fleet's as HOST:PORT,HOST:PORT,... (rolled one after "
                               "another; if one fails, the ones already moved go back)")
@@ -70,20 +71,24 @@ def run_export(args: argparse.Namespace) -> int:
     from aigis.export.configs import TargetOptions
     from aigis.export.onnx_export import ExportCheckError
     from aigis.export.attribution import export_run
+    from aigis.export.remote import repository_at
     from aigis.export.repository import RepositoryError
+    from aigis.objectstore import ObjectStoreError
     from aigis.training.checkpoint import RunError
 
     try:
         options = TargetOptions(gpu=args.gpu, tensorrt_fp16=args.tensorrt_fp16, max_batch_size=args.max_batch,
                                 cpu_threads=args.cpu_threads, cpu_accelerator=args.cpu_accelerator)
-        report = export_run(args.run, args.repo, args.tasks, data_root=args.data, options=options,
-                            progress=not args.quiet, rtol=args.rtol)
-        if args.tensorrt_plan:
-            from aigis.export.tensorrt_plan import build_plans
+        with repository_at(args.repo, write=True) as repo:
+            report = export_run(args.run, repo, args.tasks, data_root=args.data, options=options,
+                                progress=not args.quiet, rtol=args.rtol)
+            if args.tensorrt_plan:
+                from aigis.export.tensorrt_plan import build_plans
 
-            for line in build_plans(args.repo, report.tasks):
-                print(line)
-    except (RepositoryError, ExportCheckError, RunError, ValueError, FileNotFoundError, RuntimeError) as exc:
+                for line in build_plans(repo, report.tasks):
+                    print(line)
+    except (RepositoryError, ExportCheckError, RunError, ObjectStoreError, ValueError, FileNotFoundError,
+            RuntimeError) as exc:
         print(f"aigis export: error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
@@ -91,11 +96,14 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from aigis.export.remote import repository_at
     from aigis.export.repository import RepositoryError, list_models
+    from aigis.objectstore import ObjectStoreError
 
     try:
-        rows = list_models(args.repo)
-    except RepositoryError as exc:
+        with repository_at(args.repo) as repo:
+            rows = list_models(repo)
+    except (RepositoryError, ObjectStoreError) as exc:
         print(f"aigis models list: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -109,10 +117,18 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
+    from aigis.export.remote import remote_notes, repository_at
     from aigis.export.repository import notes, validate
+    from aigis.objectstore import ObjectStoreError
 
-    problems = validate(args.repo)
-    for note in notes(args.repo):
+    try:
+        with repository_at(args.repo) as repo:
+            problems = validate(repo)
+            found = notes(repo) + remote_notes(repo)
+    except ObjectStoreError as exc:
+        print(f"aigis models validate: error: {exc}", file=sys.stderr)
+        return 2
+    for note in found:
         print(f"  note: {note}")
     if problems:
         print(f"{args.repo}: {len(problems)} problem(s)")
@@ -131,7 +147,9 @@ def _controls(urls: list[str], key_file: str | None) -> list[tuple[str, Any]]:
 
 def run_rollout(args: argparse.Namespace) -> int:
     from aigis.export.fleet import FleetRolloutError, fleet_rollout, parse_urls
+    from aigis.export.remote import repository_at
     from aigis.export.repository import RepositoryError
+    from aigis.objectstore import ObjectStoreError
     from aigis.serving.control import ModelControlError
 
     if args.model is not None and args.prune:
@@ -140,13 +158,14 @@ def run_rollout(args: argparse.Namespace) -> int:
     replicas: list[tuple[str, Any]] = []
     try:
         replicas = _controls(parse_urls(args.url), args.control_key_file)
-        results = fleet_rollout(replicas, args.repo, args.version, model=args.model, prune=args.prune)
+        with repository_at(args.repo, write=True) as repo:  # on S3, each moved pointer is written through at once
+            results = fleet_rollout(replicas, repo, args.version, model=args.model, prune=args.prune)
     except FleetRolloutError as exc:
         print(f"aigis models rollout: error: {exc}", file=sys.stderr)
         for result in exc.results:
             print(f"  {result.summary()}", file=sys.stderr)
         return 2
-    except (RepositoryError, ModelControlError, ValueError) as exc:
+    except (RepositoryError, ModelControlError, ObjectStoreError, ValueError) as exc:
         print(f"aigis models rollout: error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -185,10 +204,11 @@ def run_status(args: argparse.Namespace) -> int:
             control.close()
     pointed = {}
     if args.repo is not None:
-        from pathlib import Path
+        from aigis.export.remote import repository_at
 
-        models = sorted(p.name for p in Path(args.repo).iterdir() if p.is_dir() and versions(args.repo, p.name))
-        pointed = {m: pointed_version(args.repo, m) for m in models}
+        with repository_at(args.repo) as repo:
+            models = sorted(p.name for p in repo.iterdir() if p.is_dir() and versions(repo, p.name))
+            pointed = {m: pointed_version(repo, m) for m in models}
     if args.json:
         print(json.dumps({"replicas": rows, **({"repository": pointed} if args.repo else {})}, indent=2))
         return 1 if failed else 0

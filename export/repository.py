@@ -36,7 +36,8 @@ from typing import Any, Callable, Iterator
 from aigis import contract
 from aigis.errors import ExportError
 
-from .configs import (CONFIG_FILE, manifest_of, read_config, to_pbtxt)
+from .configs import CONFIG_FILE, manifest_of, read_config, to_pbtxt
+from .remote import pointer_moved
 
 log = logging.getLogger(__name__)
 SOURCE_FILE = "source.json"
@@ -171,6 +172,7 @@ def point_to(repo: str | Path, model: str, version: int) -> bool:
         if target.is_file() and target.read_text() == text:
             return False
         _write_atomic(target, text)
+        pointer_moved(repo, model)  # a local mirror of a bucket: the servers read the pointer there
     return True
 
 

@@ -115,7 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=f"Add a version of {PROTECT_MODEL} (protect-on-upload) to a Triton model repository from a "
                     "finished `aigis protect` job. The repository's first version is served at once; later ones after "
                     f"`aigis models rollout --model {PROTECT_MODEL} --version N` on a running server.")
-    publish.add_argument("--repo", required=True, help="the Triton model repository")
+    publish.add_argument("--repo", required=True, help="the Triton model repository: a folder or s3://BUCKET/PREFIX")
     publish.add_argument("--job", required=True,
                          help="the job's output folder (the surrogate its protection.json names is published), or "
                               "one surrogate artefact folder (OUT/surrogate/N)")
@@ -127,25 +127,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _protect(args: argparse.Namespace) -> int:
+    """Under torchrun (`torchrun --nproc-per-node N $(which aigis) protect ...`) every process runs this: they join
+    one process group (aigis.distributed) and share the job (protection/parallel.py); rank 0 prints the summary."""
+    from aigis import distributed
     from aigis.cpu import apply_threads
     from aigis.preprocess import BadImageError
 
     from .captions import PairsManifestError
     from .job import protect_dataset
 
+    main = True
     try:
-        apply_threads(quiet=args.quiet)
         settings = settings_from_options(args)
-        summary = protect_dataset(
-            args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
-            device=args.device, resume=not args.no_resume, progress=not args.quiet,
-            trigger_words=args.trigger_words, tokenizer_file=args.tokenizer, init_checkpoint=args.init,
-        )
+        device = args.device or _default_device()
+        with distributed.process_group(device, quiet=args.quiet) as launch:
+            main = launch is None or launch.rank == 0
+            apply_threads(quiet=args.quiet or not main)
+            summary = protect_dataset(
+                args.data, args.manifest, args.out, settings, clip_preset=args.clip, image_size=args.size,
+                device=args.device, resume=not args.no_resume, progress=not args.quiet and main,
+                trigger_words=args.trigger_words, tokenizer_file=args.tokenizer, init_checkpoint=args.init,
+            )
     except (PairsManifestError, BadImageError, ValueError, FileNotFoundError) as exc:
-        print(f"aigis protect: error: {exc}", file=sys.stderr)
+        if main or not getattr(exc, "aigis_from_main", False):  # rank 0's error is printed by rank 0
+            print(f"aigis protect: error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=1))
+    if main:
+        print(json.dumps(summary, indent=1))
     return 0
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def settings_from_options(args: argparse.Namespace) -> Any:
@@ -175,7 +190,9 @@ def settings_from_options(args: argparse.Namespace) -> Any:
 def _publish(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from aigis.export.remote import repository_at
     from aigis.export.repository import RepositoryError
+    from aigis.objectstore import ObjectStoreError
 
     from .served import publish_protect_model
     from .triton_model import SETTINGS_FILE
@@ -191,10 +208,11 @@ def _publish(args: argparse.Namespace) -> int:
             artefact = (job / path).resolve()
             if not artefact.is_relative_to(job.resolve()):
                 raise ValueError(f"{job / 'protection.json'} names a surrogate outside the job's folder: {path!r}")
-        version = publish_protect_model(args.repo, artefact, steps=args.steps, gpu=args.gpu,
-                                        max_batch_size=args.max_batch)
-        recorded = json.loads((Path(args.repo) / PROTECT_MODEL / str(version) / SETTINGS_FILE).read_text())
-    except (RepositoryError, ValueError, FileNotFoundError) as exc:
+        with repository_at(args.repo, write=True) as repo:
+            version = publish_protect_model(repo, artefact, steps=args.steps, gpu=args.gpu,
+                                            max_batch_size=args.max_batch)
+            recorded = json.loads((repo / PROTECT_MODEL / str(version) / SETTINGS_FILE).read_text())
+    except (RepositoryError, ObjectStoreError, ValueError, FileNotFoundError) as exc:
         print(f"aigis protect-publish: error: {exc}", file=sys.stderr)
         return 2
     print(f"{PROTECT_MODEL} version {version} in {args.repo}: protects with {recorded['protects_with']} "

@@ -2,7 +2,7 @@
 
 `TritonServer` (aigis.serving.server) needs only the standard library; `ModelControl` and
 `wait_ready` (aigis.serving.control) import tritonclient, so they load on first use; S3 repositories
-(aigis.serving.objectstore) import boto3 when opened.
+(aigis.objectstore) import boto3 when opened.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ _WHERE = {
     "TritonServer": "aigis.serving.server",
     "LaunchError": "aigis.serving.server",
     "triton_flags": "aigis.serving.server",
-    "ObjectStoreError": "aigis.serving.objectstore",
-    "S3Repository": "aigis.serving.objectstore",
-    "open_repository": "aigis.serving.objectstore",
-    "upload_repository": "aigis.serving.objectstore",
+    "ObjectStoreError": "aigis.objectstore",
+    "S3Repository": "aigis.objectstore",
+    "open_repository": "aigis.objectstore",
+    "upload_repository": "aigis.objectstore",
     "ModelControl": "aigis.serving.control",
     "ModelControlError": "aigis.serving.control",
     "ModelStatus": "aigis.serving.control",

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 from aigis.serving.server import GRPC_PORT, HTTP_PORT, METRICS_PORT   # standard library only: `aigis --help` stays fast
 
 if TYPE_CHECKING:
-    from aigis.serving.objectstore import RepositoryReader
+    from aigis.objectstore import RepositoryReader
     from aigis.serving.server import TritonServer
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -79,7 +79,7 @@ def default_models(repo: str | Path | RepositoryReader) -> list[str]:
     """Every model of the repository (a folder, an s3:// URL or an open reader) that no ensemble pins as a step:
     Triton loads an ensemble's steps with it, so only the served version's steps are loaded (not every old
     classifier)."""
-    from aigis.serving.objectstore import CONFIG_FILE, open_repository
+    from aigis.objectstore import CONFIG_FILE, open_repository
 
     reader = open_repository(repo) if isinstance(repo, (str, Path)) else repo
     files = reader.files()
@@ -111,7 +111,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from aigis.errors import ServingError
     from aigis.serving.control import default_key_file, write_key_file
-    from aigis.serving.objectstore import ObjectStoreError, open_repository
+    from aigis.objectstore import ObjectStoreError, open_repository
     from aigis.serving.server import LaunchError, TritonServer
 
     try:   # for S3: bucket, endpoint, credentials and models checked here, before tritonserver could blame them

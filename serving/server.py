@@ -39,7 +39,7 @@ from .processes import (STUB_NAME, descendants, is_alive, is_triton_process, pro
 
 if TYPE_CHECKING:
     from aigis.serving.control import ModelControl
-    from aigis.serving.objectstore import S3Repository
+    from aigis.objectstore import S3Repository
 
 ONNXRUNTIME_BACKEND_SOURCE = Path(__file__).with_name("backends") / "onnxruntime_backend.py"
 # The header a control request carries its key in (gRPC clients send it as "triton-grpc-protocol-<header>"),
@@ -212,7 +212,7 @@ class TritonServer:
     Use as a context manager (`with TritonServer(repo, models=["m"]) as server: ...`) or call
     start() / stop(). `models=None` loads every model in the repository, `[]` loads none (load them
     later with `server.control()`). Ports left as None are picked free. The repository is a folder or an
-    `s3://BUCKET/PREFIX` URL (aigis.serving.objectstore: checked with boto3 at every start, read by tritonserver).
+    `s3://BUCKET/PREFIX` URL (aigis.objectstore: checked with boto3 at every start, read by tritonserver).
 
     Repository control (load, unload, the index), shared memory, traces and logging need `control_key`
     (a random one when None; "" runs the control plane open, for closed test hosts only); inference stays
@@ -236,9 +236,9 @@ class TritonServer:
         control_key: str | None = None,
         http: bool = False,
     ) -> None:
-        from aigis.serving.objectstore import is_s3_url
+        from aigis.objectstore import is_s3_url
 
-        # A folder, or an s3://bucket/prefix URL that tritonserver reads itself (aigis.serving.objectstore).
+        # A folder, or an s3://bucket/prefix URL that tritonserver reads itself (aigis.objectstore).
         self.model_repository: Path | str = (str(model_repository) if is_s3_url(model_repository)
                                              else Path(model_repository).resolve())
         self._s3: S3Repository | None = None
@@ -368,7 +368,7 @@ class TritonServer:
             if not self.model_repository.is_dir():
                 raise LaunchError(f"model repository {self.model_repository} is not a directory")
             return
-        from aigis.serving.objectstore import ObjectStoreError, S3Repository
+        from aigis.objectstore import ObjectStoreError, S3Repository
 
         try:
             self._s3 = S3Repository(self.model_repository).open()

@@ -1,6 +1,11 @@
-"""Shared test settings: small thread counts so the suite behaves on 2-core machines."""
+"""Shared test settings: small thread counts so the suite behaves on 2-core machines; shared fixtures (a tiny
+CLIP, an S3-compatible server)."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -24,3 +29,53 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     model = build_clip("rn_tiny", tokenizer.vocab_size).eval()
     return model, tokenizer, load_images(pairs, 32, progress=False), captions
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint(tmp_path_factory):
+    """moto's S3 server as a real process on a free 127.0.0.1 port, and the standard AWS environment naming it
+    (any credentials: moto checks none, tritonserver needs some to sign)."""
+    pytest.importorskip("boto3", reason="S3 repositories need boto3 (the serve extra): pip install 'aigis[serve]'")
+    pytest.importorskip("moto", reason="the S3 stand-in is moto's server mode: pip install 'moto[server]' (test extra)")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION",
+                     "TRITON_AWS_MOUNT_DIRECTORY"):
+            env.delenv(name, raising=False)
+        none = str(log.parent / "no-aws-files")             # keep this machine's ~/.aws out of the test
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", none)
+        env.setenv("AWS_CONFIG_FILE", none)
+        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        env.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        pytest.fail(f"moto's server did not start:\n{log.read_text()[-2000:]}")
+                    time.sleep(0.1)
+            yield endpoint
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

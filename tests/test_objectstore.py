@@ -13,7 +13,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from aigis.client import AttributionClient
 from aigis.data.cddb import CDDB
 from aigis.export import TargetOptions, export_run, load_version
 from aigis.serving.cli import default_models
-from aigis.serving.objectstore import (ObjectStoreError, S3Repository, S3Url, open_repository, triton_url,
+from aigis.objectstore import (ObjectStoreError, S3Repository, S3Url, open_repository, triton_url,
                                        upload_repository)
 from aigis.serving.server import TritonServer, free_port
 from tiny_run import TASKS, synthetic_root, train_tasks
@@ -38,50 +37,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 BUCKET, PREFIX = "aigis-models", "replicas/prod"
 URL = f"s3://{BUCKET}/{PREFIX}"
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory):
-    """moto's S3 server as a real process on a free 127.0.0.1 port, and the standard AWS environment naming it
-    (any credentials: moto checks none, tritonserver needs some to sign)."""
-    pytest.importorskip("boto3", reason="S3 repositories need boto3 (the serve extra): pip install 'aigis[serve]'")
-    pytest.importorskip("moto", reason="the S3 stand-in is moto's server mode: pip install 'moto[server]' (test extra)")
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
-    with pytest.MonkeyPatch.context() as env:
-        for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_REGION",
-                     "TRITON_AWS_MOUNT_DIRECTORY"):
-            env.delenv(name, raising=False)
-        none = str(log.parent / "no-aws-files")             # keep this machine's ~/.aws out of the test
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", none)
-        env.setenv("AWS_CONFIG_FILE", none)
-        env.setenv("AWS_EC2_METADATA_DISABLED", "true")
-        env.setenv("AWS_ACCESS_KEY_ID", "test-key-id")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        env.setenv("AWS_ENDPOINT_URL", endpoint)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        pytest.fail(f"moto's server did not start:\n{log.read_text()[-2000:]}")
-                    time.sleep(0.1)
-            yield endpoint
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from aigis.errors import ServingError
+from aigis.errors import AigisError
 
 SCHEME = "s3://"
 CONFIG_FILE = "config.pbtxt"    # Triton's; export writes one per model (the served version) and per version
@@ -40,7 +40,7 @@ _HOST = re.compile(r"[0-9A-Za-z.\-]+")
 AWS_HOSTS = (".amazonaws.com", ".amazonaws.com.cn")
 
 
-class ObjectStoreError(ServingError):
+class ObjectStoreError(AigisError):
     """The repository cannot be read as tritonserver would read it; the message names what is wrong."""
 
 
