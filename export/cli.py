@@ -177,7 +177,9 @@ def run_rollout(args: argparse.Namespace) -> int:
         line = f"{result.url}: {what} version {result.before} -> {result.after}"
         if args.model is None:
             line += (f" (loaded {', '.join(done.loaded) or 'nothing new'})"
-                     + (f"; unloaded {', '.join(done.unloaded)}" if done.unloaded else ""))
+                     + (f"; unloaded {', '.join(done.unloaded)}" if done.unloaded else "")
+                     + (f"; still draining {', '.join(done.lingering)}: their steps stay loaded until the next "
+                        f"rollout" if done.lingering else ""))
         print(line)
     return 0
 

@@ -24,6 +24,7 @@ class Rollout:
 
     loaded: list[str] = field(default_factory=list)     # models (re)loaded, in order
     unloaded: list[str] = field(default_factory=list)   # steps retired once no served version used them
+    lingering: list[str] = field(default_factory=list)  # old ensemble versions still answering at the drain timeout
 
 
 def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: bool = True, *,
@@ -55,24 +56,25 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
                 if moved or not control.is_ready(model, str(model_version)):
                     control.load(model)
                     done.loaded.append(model)
-        _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
-        done.unloaded = retire_steps(control, repo, prune=prune)
+        done.lingering = _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
+        if done.lingering:  # the switch is done; only the old steps' retirement waits for a later rollout
+            log.warning(f"old ensemble versions {', '.join(done.lingering)} still loaded {drain_timeout_s:.0f} s after "
+                        f"the switch (long requests in flight?); their steps stay loaded")
+        else:
+            done.unloaded = retire_steps(control, repo, prune=prune)
     return done
 
 
-def _wait_drained(control: Any, serving: dict[str, int], timeout_s: float) -> None:
+def _wait_drained(control: Any, serving: dict[str, int], timeout_s: float) -> list[str]:
     """Wait until each ensemble has no version but `serving[ensemble]` loaded (Triton unloads an old version
-    only once its requests are answered)."""
+    only once its requests are answered); returns the old versions still loaded at the timeout (none: drained)."""
     deadline = time.monotonic() + timeout_s
     while True:
         lingering = [f"{row.name}/{row.version}" for row in control.index()
                      if row.name in serving and row.version != str(serving[row.name])
                      and row.state in ("READY", "UNLOADING", "LOADING")]
-        if not lingering:
-            return
-        if time.monotonic() >= deadline:
-            raise RepositoryError(f"old ensemble versions {', '.join(lingering)} still loaded {timeout_s:.0f} s "
-                                  f"after the switch; their steps were left loaded")
+        if not lingering or time.monotonic() >= deadline:
+            return lingering
         time.sleep(0.05)
 
 

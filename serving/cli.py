@@ -140,6 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http=args.http,
     )
     stop_requested = threading.Event()
+    server.abort = stop_requested  # a SIGTERM during a restart ends the wait for readiness at once
     started = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -235,6 +235,7 @@ class TritonServer:
         extra_args: Sequence[str] = (),
         control_key: str | None = None,
         http: bool = False,
+        abort: threading.Event | None = None,
     ) -> None:
         from aigis.objectstore import is_s3_url
 
@@ -258,6 +259,9 @@ class TritonServer:
         self._work_dir: Path | None = None
         self._known_children: set[int] = set()
         self._lock = threading.Lock()
+        # Set by whoever wants a (re)start cut short, e.g. `aigis serve` on SIGTERM: start() stops waiting for
+        # readiness, cleans up and raises LaunchError.
+        self.abort = abort
 
     # -- endpoints ----------------------------------------------------------------------------------
 
@@ -463,6 +467,8 @@ class TritonServer:
         def check_alive() -> None:
             if process.poll() is not None:
                 raise LaunchError(self._failure_message(f"tritonserver exited with status {process.returncode}"))
+            if self.abort is not None and self.abort.is_set():
+                raise LaunchError("start aborted: a stop was requested before tritonserver was ready")
 
         try:
             wait_ready(self.grpc_url, timeout=self.startup_timeout, models=self.models or (), check=check_alive)

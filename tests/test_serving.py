@@ -426,6 +426,16 @@ def test_startup_with_a_broken_model_raises_naming_it_and_leaves_nothing(repo):
     assert not server.is_running() and server.pid is None
 
 
+def test_a_requested_abort_cuts_a_start_short_and_leaves_nothing(repo):
+    abort = threading.Event()
+    server = TritonServer(repo, models=["tiny"], startup_timeout=60, abort=abort)
+    abort.set()  # e.g. SIGTERM to `aigis serve` while it restarts tritonserver
+    started = time.monotonic()
+    with pytest.raises(LaunchError, match="start aborted"):
+        server.start()
+    assert time.monotonic() - started < 10 and not server.is_running() and server.pid is None
+
+
 def test_stop_ends_the_server_and_every_stub(server):
     pid, stubs = server.pid, _stub_pids(server)
     assert len(stubs) == 5                # one per loaded model instance
