@@ -1,4 +1,4 @@
-"""gRPC client library: batching, deadlines, retries, typed errors.
+"""gRPC client library: batching, deadlines, retries, failing over between replicas, typed errors.
 
 Thin by design: numpy, PIL (via aigis.preprocess) and tritonclient only -- never torch -- so it can run
 next to an upload service. Names of models and tensors come from aigis.contract.
@@ -7,6 +7,7 @@ next to an upload service. Names of models and tensors come from aigis.contract.
 from .aio import AsyncAttributionClient
 from .attribution import AttributionClient
 from .batcher import AsyncMicroBatcher, BatchStats, MicroBatcher
+from .endpoints import EndpointHealth, parse_urls
 from .errors import (
     ClientClosedError,
     ClientError,
@@ -32,12 +33,14 @@ __all__ = [
     "ClientClosedError",
     "ClientError",
     "DeadlineExceededError",
+    "EndpointHealth",
     "InvalidInputError",
     "Manifest",
     "ManifestError",
     "ModelNotFoundError",
     "MicroBatcher",
     "ModelNotReadyError",
+    "parse_urls",
     "Protected",
     "ProtectionClient",
     "RetryPolicy",

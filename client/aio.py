@@ -1,6 +1,6 @@
 """The asyncio attribution client: the same requests, batching and errors as AttributionClient.
 
-    async with AsyncAttributionClient("127.0.0.1:8001") as client:
+    async with AsyncAttributionClient("127.0.0.1:8001") as client:   # or several: "a:8001,b:8001" / a list
         result = await client.attribute("photo.jpg")
         future = await client.submit(image)          # micro-batched
         result = await future
@@ -20,6 +20,7 @@ from aigis import contract
 
 from .attribution import MANIFEST_WAIT_S, AttributionCodec, Prepared, resolve_manifest
 from .batcher import AsyncMicroBatcher, BatchStats
+from .endpoints import EndpointHealth, parse_urls
 from .errors import ClientClosedError, ClientError, InvalidInputError
 from .images import ImageLike
 from .manifest import Manifest, ServedModel
@@ -29,11 +30,12 @@ from .transport import AsyncTransport
 
 
 class AsyncAttributionClient:
-    """Asyncio twin of AttributionClient; call `await open()` (or use `async with`) before use."""
+    """Asyncio twin of AttributionClient (one endpoint or a fleet of replicas, as there); call `await open()` (or use
+    `async with`) before use."""
 
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
+        url: str | Sequence[str] = "127.0.0.1:8001",
         model: str = contract.ENSEMBLE_MODEL,
         version: int | str | None = None,
         max_batch_size: int = 32,
@@ -45,6 +47,7 @@ class AsyncAttributionClient:
         deadline_s: float = DEFAULT_DEADLINE_S,
     ) -> None:
         self.url = url
+        self.urls = parse_urls(url)
         self.model = model
         self.version = "" if version is None else str(version)
         self._settings = dict(max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, max_in_flight=max_in_flight)
@@ -60,7 +63,7 @@ class AsyncAttributionClient:
         """Connect and read the manifest (with retries while the server is unavailable)."""
         if self._codec is not None:
             return self
-        transport = AsyncTransport(self.url, self._timeout_s, self._retry)
+        transport = AsyncTransport(self.urls, self._timeout_s, self._retry)
         try:
             codec = AttributionCodec(*await self._read_served(transport), int(self._settings["max_batch_size"]))
         except BaseException:
@@ -89,10 +92,16 @@ class AsyncAttributionClient:
             raise ClientClosedError("call `await client.open()` (or use `async with`) first")
         return self._stats if self._stats is not None else BatchStats()
 
-    async def statistics(self, model: str | None = None) -> dict[str, Any]:
+    def health(self) -> list[EndpointHealth]:
+        """As AttributionClient.health: what the client knows of each endpoint."""
         self._ready()
         assert self._transport is not None
-        return await self._transport.statistics(self.model if model is None else model, "")
+        return self._transport.endpoints.health()
+
+    async def statistics(self, model: str | None = None, url: str | None = None) -> dict[str, Any]:
+        self._ready()
+        assert self._transport is not None
+        return await self._transport.statistics(self.model if model is None else model, "", url)
 
     async def attribute(self, images: Any) -> Attribution | list[Attribution]:
         """One image -> Attribution; a batch -> list in input order (chunks sent concurrently)."""
@@ -112,11 +121,11 @@ class AsyncAttributionClient:
         assert self._batcher is not None
         return await self._batcher.submit(prepared)
 
-    async def _read_served(self, transport: AsyncTransport) -> tuple[ServedModel, Manifest]:
-        served = await transport.served_model(self.model, self.version, AttributionCodec.expected_inputs())
+    async def _read_served(self, transport: AsyncTransport, prefer: str | None = None) -> tuple[ServedModel, Manifest]:
+        served = await transport.served_model(self.model, self.version, AttributionCodec.expected_inputs(), prefer)
         ensemble = None
         if served.manifest() is None and served.name != contract.ENSEMBLE_MODEL:
-            ensemble = await transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,))
+            ensemble = await transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,), served.source)
         return served, resolve_manifest(served, lambda: ensemble)
 
     async def _send(self, prepared: Sequence[Prepared]) -> list[Attribution]:
@@ -124,10 +133,11 @@ class AsyncAttributionClient:
         assert self._transport is not None and self._in_flight is not None
         async with self._in_flight:
             answer = await self._transport.infer(self.model, self.version, codec.request(prepared), codec.OUTPUTS)
-        # As AttributionClient: an answer from a version not seen yet (a rollout) -> re-read the served config.
+        # As AttributionClient: an answer from a version not seen yet (a rollout) -> re-read the served config, from
+        # the endpoint that answered.
         deadline = time.monotonic() + MANIFEST_WAIT_S
         while codec.manifest_for(answer.model_version) is None and time.monotonic() < deadline:
-            codec.learn(*await self._read_served(self._transport))
+            codec.learn(*await self._read_served(self._transport, answer.url))
             if codec.manifest_for(answer.model_version) is None:
                 await asyncio.sleep(0.05)
         return codec.read(answer, len(prepared))

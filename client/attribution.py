@@ -1,6 +1,6 @@
 """Synchronous attribution client: direct batches, micro-batched single submissions, thin-client bytes.
 
-    with AttributionClient("127.0.0.1:8001") as client:
+    with AttributionClient("127.0.0.1:8001") as client:     # or "a:8001,b:8001" / a list: a fleet of replicas
         client.attribute("photo.jpg")                 # -> Attribution
         client.attribute(batch_uint8_nhwc)            # -> list[Attribution]
         futures = [client.submit(p) for p in paths]   # grouped into batches behind the scenes
@@ -18,6 +18,7 @@ import numpy as np
 from aigis import contract
 
 from .batcher import BatchStats, MicroBatcher
+from .endpoints import EndpointHealth
 from .errors import InvalidInputError, ManifestError
 from .images import ImageLike, ImagePreparer, as_items, describe, is_single
 from .manifest import Manifest, ServedModel
@@ -131,12 +132,12 @@ MANIFEST_WAIT_S = 5.0
 
 
 def read_answer(codec: AttributionCodec, answer: Answer, count: int,
-                refresh: Callable[[str], None]) -> list[Attribution]:
-    """codec.read, first re-reading the served config (`refresh(version)`) while the answering version is
-    unknown."""
+                refresh: Callable[[Answer], None]) -> list[Attribution]:
+    """codec.read, first re-reading the served config (`refresh(answer)`, from the endpoint that answered) while
+    the answering version is unknown."""
     deadline = time.monotonic() + MANIFEST_WAIT_S
     while codec.manifest_for(answer.model_version) is None and time.monotonic() < deadline:
-        refresh(answer.model_version)
+        refresh(answer)
         if codec.manifest_for(answer.model_version) is None:
             time.sleep(0.05)
     return codec.read(answer, count)
@@ -157,6 +158,10 @@ def resolve_manifest(served: ServedModel, fetch_ensemble: Any) -> Manifest:
 class AttributionClient:
     """Attribution over gRPC with batching, a bound on requests in flight, deadlines and retries.
 
+    `url` is one Triton gRPC address, or several replicas of one server (a list, or "a:8001,b:8001"): requests
+    then go round robin over the healthy ones and fail over when one dies (client/endpoints.py); a name with
+    several addresses (a headless Service's) is spread over all of them by gRPC.
+
     timeout_s bounds each attempt; while the server is unreachable or the model not ready (a restart, a
     load), a request is re-sent after backoff_s * 2**k until deadline_s after its first attempt (and at
     most `retries` times, when given). Reads the manifest (classes, tasks, crop) from the served model on
@@ -165,7 +170,7 @@ class AttributionClient:
 
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
+        url: str | Sequence[str] = "127.0.0.1:8001",
         model: str = contract.ENSEMBLE_MODEL,
         version: int | str | None = None,
         max_batch_size: int = 32,
@@ -213,9 +218,19 @@ class AttributionClient:
         """Sizes of the batches the micro-batcher sent."""
         return self._batcher.stats
 
-    def statistics(self, model: str | None = None) -> dict[str, Any]:
-        """The server's inference statistics for `model` (default: the one this client calls)."""
-        return self._transport.statistics(self.model if model is None else model, "")
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The endpoints this client sends to (one, or the replicas of a fleet)."""
+        return self._transport.endpoints.urls
+
+    def health(self) -> list[EndpointHealth]:
+        """What the client knows of each endpoint: healthy or backing off, requests answered and failed over."""
+        return self._transport.endpoints.health()
+
+    def statistics(self, model: str | None = None, url: str | None = None) -> dict[str, Any]:
+        """The server's inference statistics for `model` (default: the one this client calls), from endpoint `url`
+        (default: the first endpoint that answers; each replica of a fleet counts its own requests)."""
+        return self._transport.statistics(self.model if model is None else model, "", url)
 
     # ---- inference -------------------------------------------------------------------------------
     def attribute(self, images: Any) -> Attribution | list[Attribution]:
@@ -243,18 +258,20 @@ class AttributionClient:
         """
         return self._batcher.submit(self._codec.prepare(image))
 
-    def _read_served(self) -> tuple[ServedModel, Manifest]:
-        served = self._transport.served_model(self.model, self.version, AttributionCodec.expected_inputs())
-        manifest = resolve_manifest(
-            served, lambda: self._transport.served_model(contract.ENSEMBLE_MODEL, "", (contract.IMAGES,)))
+    def _read_served(self, prefer: str | None = None) -> tuple[ServedModel, Manifest]:
+        served = self._transport.served_model(self.model, self.version, AttributionCodec.expected_inputs(), prefer)
+        # A model without a manifest (lorax_bytes) borrows the image ensemble's, from the same replica.
+        manifest = resolve_manifest(served, lambda: self._transport.served_model(
+            contract.ENSEMBLE_MODEL, "", (contract.IMAGES,), served.source))
         return served, manifest
 
-    def _refresh(self, version: str) -> None:
-        """Re-read the served config (a rollout switched the version) and learn its manifest; one thread reads
-        it while the others wait, then finds the version known."""
+    def _refresh(self, answer: Answer) -> None:
+        """Re-read the served config (a rollout switched the version) from the endpoint that answered (replicas of
+        a fleet may serve different versions) and learn its manifest; one thread reads it while the others wait,
+        then finds the version known."""
         with self._refresh_lock:
-            if self._codec.manifest_for(version) is None:
-                self._codec.learn(*self._read_served())
+            if self._codec.manifest_for(answer.model_version) is None:
+                self._codec.learn(*self._read_served(answer.url))
 
     def _send(self, prepared: Sequence[Prepared]) -> list[Attribution]:
         with self._in_flight:

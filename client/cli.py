@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    parser.add_argument("--url", default="127.0.0.1:8001", help="Triton gRPC address (default %(default)s)")
+    parser.add_argument("--url", default="127.0.0.1:8001",
+                        help="Triton gRPC address (default %(default)s), or several replicas of one server separated "
+                             "by commas (batches go round robin over the healthy ones and fail over when one dies); "
+                             "a name with several addresses (a headless Service's) is spread over all of them")
     parser.add_argument("--model", default=None, help=f"served model (default {contract.ENSEMBLE_MODEL}, "
                         f"or {contract.BYTES_ENSEMBLE_MODEL} with --bytes)")
     parser.add_argument("--version", default=None, help="model version (default: the latest)")

@@ -85,6 +85,7 @@ class ServedModel:
     output_names: tuple[str, ...]
     parameters: dict[str, str]
     versions: tuple[str, ...] | None = None   # the versions its config serves (None: whichever is latest)
+    source: str = field(default="", compare=False)   # the endpoint whose config this is
 
     @property
     def input_datatype(self) -> str:

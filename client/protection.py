@@ -9,6 +9,7 @@ import numpy as np
 
 from aigis import contract
 
+from .endpoints import EndpointHealth
 from .errors import InvalidInputError, ManifestError
 from .images import check_batch
 from .retry import DEFAULT_DEADLINE_S, RetryPolicy
@@ -25,13 +26,14 @@ class Protected:
 
 
 class ProtectionClient:
-    """Synchronous client for contract.PROTECT_MODEL, with the same deadline/retry/error policies."""
+    """Synchronous client for contract.PROTECT_MODEL, with the same deadline/retry/error policies, on one endpoint
+    or a fleet of replicas (a list or "a:8001,b:8001": each batch goes to the next healthy one, failing over)."""
 
     OUTPUTS = (contract.PROTECTED_IMAGES, contract.PROTECTED_CAPTIONS)
 
     def __init__(
         self,
-        url: str = "127.0.0.1:8001",
+        url: str | Sequence[str] = "127.0.0.1:8001",
         model: str = contract.PROTECT_MODEL,
         version: int | str | None = None,
         timeout_s: float = 60,
@@ -79,6 +81,15 @@ class ProtectionClient:
             out_captions += [_text(value) for value in answer.arrays[contract.PROTECTED_CAPTIONS].reshape(-1)]
             version = answer.model_version
         return Protected(np.concatenate(out_images).astype(np.uint8, copy=False), out_captions, version)
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """The endpoints this client sends to (one, or the replicas of a fleet)."""
+        return self._transport.endpoints.urls
+
+    def health(self) -> list[EndpointHealth]:
+        """What the client knows of each endpoint (as AttributionClient.health)."""
+        return self._transport.endpoints.health()
 
     def _captions_tensor(self, texts: list[str]) -> np.ndarray:
         return bytes_array(texts).reshape(self._captions.batch_shape(len(texts)))

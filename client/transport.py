@@ -1,19 +1,24 @@
-"""One gRPC connection to Triton with the policies every call shares: deadline, retries, typed errors.
+"""The gRPC connections to Triton (one server, or a fleet of replicas) with the policies every call shares:
+deadline, retries, failing over between endpoints, typed errors.
 
 The attribution and protection clients (sync and asyncio) differ only in what they send; how a call
-is made, retried and how its failure is reported lives here, once per flavour.
+is made, retried, sent to which endpoint and how its failure is reported lives here, once per flavour.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Sequence
+from dataclasses import replace
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import numpy as np
 
+from .endpoints import Endpoints, FleetAttempt, channel_options
 from .errors import ClientClosedError, ClientError, ModelNotFoundError, ModelNotReadyError, from_triton
 from .manifest import ServedModel
 from .retry import RetryPolicy
+
+T = TypeVar("T")
 
 _MAX_MESSAGE = 2**31 - 1
 
@@ -96,26 +101,44 @@ def ready_from_statistics(statistics: dict[str, Any] | None) -> dict[str, list[s
 
 
 class Answer:
-    """Named outputs of one response plus the version that produced them."""
+    """Named outputs of one response, the version that produced them and the endpoint that answered."""
 
-    def __init__(self, result: Any, outputs: Sequence[str]) -> None:
+    def __init__(self, result: Any, outputs: Sequence[str], url: str = "") -> None:
         self.arrays = {name: result.as_numpy(name) for name in outputs}
         self.model_version = str(result.get_response().model_version)
+        self.url = url
+
+
+def _what_served(name: str, version: str) -> Callable[[str], str]:
+    return lambda url: f"{name} (version {version or 'latest'}) at {url}"
+
+
+def _statistics_of(model: str) -> Callable[[str], str]:
+    return lambda url: f"statistics of {model or 'all models'} at {url}"
 
 
 class Transport:
-    """Synchronous calls to one Triton server (thread-safe: unary calls share one channel)."""
+    """Synchronous calls to one Triton server or to a fleet of replicas (client/endpoints.py); thread-safe: unary
+    calls share one channel per endpoint."""
 
-    def __init__(self, url: str, timeout_s: float, retry: RetryPolicy) -> None:
+    def __init__(self, url: str | Sequence[str], timeout_s: float, retry: RetryPolicy) -> None:
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
-        self.url = url
+        self.endpoints = Endpoints(url)
+        self.url = ",".join(self.endpoints.urls)
         self.timeout_s = timeout_s
         self.retry = retry
         self.abort = threading.Event()  # set to cut retry waits short when the client is closed hard
         self._closed = False
-        self._client = grpcclient.InferenceServerClient(url, channel_args=channel_args())
+        self._clients: list[Any] = []
+        try:
+            for endpoint in self.endpoints.urls:
+                self._clients.append(grpcclient.InferenceServerClient(
+                    endpoint, channel_args=channel_args() + channel_options(endpoint)))
+        except BaseException:
+            self.close()
+            raise
 
     def _failure(self, exc: Exception, what: str) -> ClientError:
         """The typed error for a failed call; after close() the closed channel's error means just that."""
@@ -123,96 +146,131 @@ class Transport:
             return ClientClosedError(f"{what}: the client is closed")
         return from_triton(exc, what)
 
-    def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
-        """Check the model is ready, then read its config (both with retries while the server is down)."""
+    def _call(self, what: Callable[[str], str], call: Callable[[Any, str, float], T],
+              prefer: str | None = None) -> T:
+        """call(tritonclient client, its url, timeout) on the fleet: each attempt tries the endpoints in turn
+        (client/endpoints.py), and attempts are retried while they fail in ways that pass, until the deadline."""
 
-        def attempt(left_s: float) -> ServedModel:
-            what = f"{name} (version {version or 'latest'}) at {self.url}"
-            timeout = min(self.timeout_s, left_s)
-            try:
-                ready = self._client.is_model_ready(name, version, client_timeout=timeout)
-                if not ready:
-                    raise explain_not_ready(name, version, self.url, *self._index())
-                config = self._client.get_model_config(name, version, as_json=True, client_timeout=timeout)
-            except ClientError:
-                raise
-            except Exception as exc:
-                raise self._failure(exc, what) from None
-            return ServedModel.from_config(config, expected_inputs)
+        def attempt(left_s: float) -> T:
+            tries = self.endpoints.attempt(left_s, self.timeout_s, prefer)
+            for index, timeout in tries:
+                url = self.endpoints.urls[index]
+                try:
+                    result = call(self._clients[index], url, timeout)
+                except ClientError as error:
+                    failure = error
+                except Exception as exc:
+                    failure = self._failure(exc, what(url))
+                else:
+                    tries.succeeded(index)
+                    return result
+                tries.failed(index, failure)
+            raise tries.error()
 
         return self.retry.call(attempt, self.abort)
 
+    def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...],
+                     prefer: str | None = None) -> ServedModel:
+        """Check the model is ready, then read its config (both with retries while the server is down); `prefer`:
+        the endpoint to ask first (the one whose answer named a version this client has not seen)."""
+
+        def call(client: Any, url: str, timeout: float) -> ServedModel:
+            if not client.is_model_ready(name, version, client_timeout=timeout):
+                raise explain_not_ready(name, version, url, *self._index(client))
+            config = client.get_model_config(name, version, as_json=True, client_timeout=timeout)
+            return replace(ServedModel.from_config(config, expected_inputs), source=url)
+
+        return self._call(_what_served(name, version), call, prefer)
+
     def infer(self, model: str, version: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]) -> Answer:
-        """One inference: each attempt within timeout_s, retried while the server or model is away, until the
-        request's deadline."""
+        """One inference: each attempt within timeout_s, failed over to another endpoint and retried while the
+        server or model is away, until the request's deadline."""
         tensors = [make_input(self._grpc, name, array) for name, array in inputs.items()]
         requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
 
-        def attempt(left_s: float) -> Answer:
-            try:
-                result = self._client.infer(
-                    model, tensors, model_version=version, outputs=requested,
-                    client_timeout=min(self.timeout_s, left_s),
-                )
-            except Exception as exc:
-                raise self._failure(exc, f"{model} at {self.url}") from None
-            return Answer(result, outputs)
+        def call(client: Any, url: str, timeout: float) -> Answer:
+            result = client.infer(model, tensors, model_version=version, outputs=requested, client_timeout=timeout)
+            return Answer(result, outputs, url)
 
-        return self.retry.call(attempt, self.abort)
+        return self._call(lambda url: f"{model} at {url}", call)
 
-    def _index(self) -> tuple[dict[str, Any] | None, dict[str, list[str]] | None]:
+    def _index(self, client: Any) -> tuple[dict[str, Any] | None, dict[str, list[str]] | None]:
         """(the repository index, or None where it needs the control key; what is ready, from statistics)."""
         try:
-            return self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), None
+            return client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), None
         except Exception:  # noqa: BLE001 - only used to word an error; the caller raises anyway
             pass
         try:
-            statistics = self._client.get_inference_statistics(as_json=True, client_timeout=self.timeout_s)
+            statistics = client.get_inference_statistics(as_json=True, client_timeout=self.timeout_s)
         except Exception:  # noqa: BLE001
             statistics = None
         return None, ready_from_statistics(statistics)
 
-    def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
-        """The server's per-model statistics (execution and batch counts), as JSON."""
-        try:
-            return self._client.get_inference_statistics(model, version, as_json=True, client_timeout=self.timeout_s)
-        except Exception as exc:
-            raise self._failure(exc, f"statistics of {model or 'all models'} at {self.url}") from None
+    def statistics(self, model: str = "", version: str = "", url: str | None = None) -> dict[str, Any]:
+        """The per-model statistics (execution and batch counts), as JSON, of endpoint `url`, or else of the first
+        endpoint that answers (no retries)."""
+        what = _statistics_of(model)
+        order = [self.endpoints.index(url)] if url is not None else self.endpoints.order(rotate=False)
+        tries = FleetAttempt(self.endpoints, self.timeout_s, self.timeout_s, order)
+        for index, timeout in tries:
+            try:
+                return self._clients[index].get_inference_statistics(model, version, as_json=True,
+                                                                     client_timeout=timeout)
+            except Exception as exc:
+                tries.failed(index, self._failure(exc, what(self.endpoints.urls[index])))
+        raise tries.error()
 
     def close(self) -> None:
         self._closed = True
-        self._client.close()
+        for client in self._clients:
+            client.close()
 
 
 class AsyncTransport:
     """The asyncio flavour of Transport, over tritonclient.grpc.aio (create and use inside one loop)."""
 
-    def __init__(self, url: str, timeout_s: float, retry: RetryPolicy) -> None:
+    def __init__(self, url: str | Sequence[str], timeout_s: float, retry: RetryPolicy) -> None:
         import tritonclient.grpc as grpcclient
         import tritonclient.grpc.aio as aioclient
 
         self._grpc = grpcclient
-        self.url = url
+        self.endpoints = Endpoints(url)
+        self.url = ",".join(self.endpoints.urls)
         self.timeout_s = timeout_s
         self.retry = retry
-        self._client = aioclient.InferenceServerClient(url, channel_args=channel_args())
+        self._clients = [aioclient.InferenceServerClient(endpoint,
+                                                         channel_args=channel_args() + channel_options(endpoint))
+                         for endpoint in self.endpoints.urls]
 
-    async def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...]) -> ServedModel:
-        async def attempt(left_s: float) -> ServedModel:
-            what = f"{name} (version {version or 'latest'}) at {self.url}"
-            timeout = min(self.timeout_s, left_s)
-            try:
-                ready = await self._client.is_model_ready(name, version, client_timeout=timeout)
-                if not ready:
-                    raise explain_not_ready(name, version, self.url, *await self._index())
-                config = await self._client.get_model_config(name, version, as_json=True, client_timeout=timeout)
-            except ClientError:
-                raise
-            except Exception as exc:
-                raise from_triton(exc, what) from None
-            return ServedModel.from_config(config, expected_inputs)
+    async def _call(self, what: Callable[[str], str], call: Callable[[Any, str, float], Awaitable[T]],
+                    prefer: str | None = None) -> T:
+        async def attempt(left_s: float) -> T:
+            tries = self.endpoints.attempt(left_s, self.timeout_s, prefer)
+            for index, timeout in tries:
+                url = self.endpoints.urls[index]
+                try:
+                    result = await call(self._clients[index], url, timeout)
+                except ClientError as error:
+                    failure = error
+                except Exception as exc:
+                    failure = from_triton(exc, what(url))
+                else:
+                    tries.succeeded(index)
+                    return result
+                tries.failed(index, failure)
+            raise tries.error()
 
         return await self.retry.acall(attempt)
+
+    async def served_model(self, name: str, version: str, expected_inputs: tuple[str, ...],
+                           prefer: str | None = None) -> ServedModel:
+        async def call(client: Any, url: str, timeout: float) -> ServedModel:
+            if not await client.is_model_ready(name, version, client_timeout=timeout):
+                raise explain_not_ready(name, version, url, *await self._index(client))
+            config = await client.get_model_config(name, version, as_json=True, client_timeout=timeout)
+            return replace(ServedModel.from_config(config, expected_inputs), source=url)
+
+        return await self._call(_what_served(name, version), call, prefer)
 
     async def infer(
         self, model: str, version: str, inputs: dict[str, np.ndarray], outputs: Sequence[str]
@@ -220,36 +278,36 @@ class AsyncTransport:
         tensors = [make_input(self._grpc, name, array) for name, array in inputs.items()]
         requested = [self._grpc.InferRequestedOutput(name) for name in outputs]
 
-        async def attempt(left_s: float) -> Answer:
-            try:
-                result = await self._client.infer(
-                    model, tensors, model_version=version, outputs=requested,
-                    client_timeout=min(self.timeout_s, left_s),
-                )
-            except Exception as exc:
-                raise from_triton(exc, f"{model} at {self.url}") from None
-            return Answer(result, outputs)
+        async def call(client: Any, url: str, timeout: float) -> Answer:
+            result = await client.infer(model, tensors, model_version=version, outputs=requested,
+                                        client_timeout=timeout)
+            return Answer(result, outputs, url)
 
-        return await self.retry.acall(attempt)
+        return await self._call(lambda url: f"{model} at {url}", call)
 
-    async def _index(self) -> tuple[dict[str, Any] | None, dict[str, list[str]] | None]:
+    async def _index(self, client: Any) -> tuple[dict[str, Any] | None, dict[str, list[str]] | None]:
         try:
-            return await self._client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), None
+            return await client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s), None
         except Exception:  # noqa: BLE001 - only used to word an error; the caller raises anyway
             pass
         try:
-            statistics = await self._client.get_inference_statistics(as_json=True, client_timeout=self.timeout_s)
+            statistics = await client.get_inference_statistics(as_json=True, client_timeout=self.timeout_s)
         except Exception:  # noqa: BLE001
             statistics = None
         return None, ready_from_statistics(statistics)
 
-    async def statistics(self, model: str = "", version: str = "") -> dict[str, Any]:
-        try:
-            return await self._client.get_inference_statistics(
-                model, version, as_json=True, client_timeout=self.timeout_s
-            )
-        except Exception as exc:
-            raise from_triton(exc, f"statistics of {model or 'all models'} at {self.url}") from None
+    async def statistics(self, model: str = "", version: str = "", url: str | None = None) -> dict[str, Any]:
+        what = _statistics_of(model)
+        order = [self.endpoints.index(url)] if url is not None else self.endpoints.order(rotate=False)
+        tries = FleetAttempt(self.endpoints, self.timeout_s, self.timeout_s, order)
+        for index, timeout in tries:
+            try:
+                return await self._clients[index].get_inference_statistics(model, version, as_json=True,
+                                                                           client_timeout=timeout)
+            except Exception as exc:
+                tries.failed(index, from_triton(exc, what(self.endpoints.urls[index])))
+        raise tries.error()
 
     async def close(self) -> None:
-        await self._client.close()
+        for client in self._clients:
+            await client.close()
