@@ -39,8 +39,10 @@ def manifests() -> dict[str, dict]:
     found = {}
     for name in kustomization()["resources"]:
         for document in yaml.safe_load_all((BASE / name).read_text()):
-            assert document["kind"] not in found, f"two {document['kind']} objects"
-            found[document["kind"]] = document
+            object_name = document["metadata"]["name"]
+            key = document["kind"] if object_name == "aigis-triton" else f"{document['kind']}/{object_name}"
+            assert key not in found, f"two {key} objects"
+            found[key] = document
     return found
 
 
@@ -63,9 +65,9 @@ def test_every_manifest_parses_and_the_kustomization_lists_each_one():
     on_disk = {path.name for path in BASE.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk
     for kind, document in manifests().items():
-        assert document["apiVersion"] and document["metadata"]["name"] == "aigis-triton", kind
-    assert set(manifests()) == {"ServiceAccount", "Deployment", "Service", "HorizontalPodAutoscaler",
-                                "PodDisruptionBudget"}
+        assert document["apiVersion"] and document["metadata"]["name"].startswith("aigis-triton"), kind
+    assert set(manifests()) == {"ServiceAccount", "Deployment", "Service", "Service/aigis-triton-pods",
+                                "HorizontalPodAutoscaler", "PodDisruptionBudget"}
 
 
 def test_the_deployment_runs_tritonserver_with_the_flags_aigis_serve_uses():
@@ -100,7 +102,10 @@ def test_ports_probes_and_the_service_agree_with_the_flags():
     assert service["type"] == "ClusterIP"
     template = manifests()["Deployment"]["spec"]["template"]
     assert template["metadata"]["annotations"]["prometheus.io/port"] == str(METRICS_PORT)
-    for selector in (service["selector"], manifests()["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    pods = manifests()["Service/aigis-triton-pods"]["spec"]   # headless: every pod's address, for fleet clients
+    assert pods["clusterIP"] == "None" and [(p["name"], p["port"]) for p in pods["ports"]] == [("grpc", GRPC_PORT)]
+    for selector in (service["selector"], pods["selector"],
+                     manifests()["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
                      manifests()["Deployment"]["spec"]["selector"]["matchLabels"]):
         assert selector.items() <= pod_labels().items()
 
