@@ -79,3 +79,12 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def two_version_source(tmp_path_factory) -> dict:
+    """The tiny run's repository with versions 2 and 3 (tiny_run.two_version_repo), built once per session; a test
+    module takes its own copy with two_version_copy, since rollouts move the pointers."""
+    from tiny_run import two_version_repo
+
+    return two_version_repo(tmp_path_factory.mktemp("two-versions"))

@@ -32,7 +32,7 @@ from aigis.client.loadcheck import Tally, async_client_load, client_load, png_by
 from aigis.export import load_version
 from aigis.serving.server import TritonServer, free_port
 from polling import poll
-from tiny_run import TASKS, two_version_repo
+from tiny_run import TASKS, two_version_copy
 
 KEY = "fleet-client-test-key"
 VERSIONS = (2, 2, 3)   # what each replica serves
@@ -93,8 +93,8 @@ def loopback_hosts(count: int) -> list[str] | None:
 
 # ---- fixtures --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> dict:
-    return two_version_repo(tmp_path_factory.mktemp("fleet_client"))
+def repo(tmp_path_factory, two_version_source) -> dict:
+    return two_version_copy(two_version_source, tmp_path_factory.mktemp("fleet_client"))
 
 
 @pytest.fixture(scope="module")

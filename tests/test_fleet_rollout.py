@@ -2,8 +2,8 @@
 
 `aigis models rollout --url A,B` moves both replicas, one after the other, and the repository's pointer with
 them; no request to either replica fails, is lost or is misread. When a replica dies during a fleet rollout,
-the replica already moved goes back, the pointer with it, and the dead replica, restarted, comes back on the
-fleet's version. `aigis models status` shows what each replica serves.
+the replica already moved goes back, and the pointer with it (the version a restarted replica comes back on, as
+tests/test_objectstore.py shows). `aigis models status` shows what each replica serves.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from aigis.export import load_version
 from aigis.export.fleet import FleetRolloutError, fleet_rollout, parse_urls
 from aigis.export.repository import pointed_version
 from aigis.serving.server import TritonServer
-from tiny_run import TASKS, two_version_repo
+from tiny_run import TASKS, two_version_copy
 
 LOADS = ("client, lorax", "tritonclient, lorax_bytes")  # the sync client and plain tritonclient calls, per replica
 
 
 @pytest.fixture(scope="module")
-def fleet_repo(tmp_path_factory) -> dict:
-    return two_version_repo(tmp_path_factory.mktemp("fleet"))
+def fleet_repo(tmp_path_factory, two_version_source) -> dict:
+    return two_version_copy(two_version_source, tmp_path_factory.mktemp("fleet"))
 
 
 def _check(tallies: dict, versions: set[str]) -> None:
@@ -106,12 +106,8 @@ def test_a_fleet_rolls_replica_by_replica_and_back_when_one_dies(fleet_repo, cap
         load_a = loads.pop(a.grpc_url)
         _stop(load_a)
         _check(load_a[1], {"2", "3"})  # A's load saw the move and the rollback without a loss
-        b.restart()  # a restarted replica serves what the repository points at: the fleet's version
-        with b.control() as control:
-            load_version(control, repo, pointed_version(repo, contract.ENSEMBLE_MODEL))
-            assert control.is_ready(contract.ENSEMBLE_MODEL, "2") and not control.is_ready(contract.ENSEMBLE_MODEL, "3")
         # A replica that does not answer before the start: nothing moves.
-        b.stop()
+        b.stop()  # (what is left of the killed one)
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", fleet, "--version", "3"]) == 2
         assert "nothing was moved" in capsys.readouterr().err
         assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 2

@@ -26,15 +26,15 @@ from aigis.client.loadcheck import start_loads
 from aigis.export import load_version
 from aigis.serving.server import TritonServer, free_port
 from polling import poll
-from tiny_run import TASKS, two_version_repo
+from tiny_run import TASKS, two_version_copy
 
-ROLLOUTS = 4
+ROLLOUTS = 2  # forth and back; benchmarks/fault_run.py runs 20
 
 
 @pytest.fixture(scope="module")
-def two_versions(tmp_path_factory) -> dict:
+def two_versions(tmp_path_factory, two_version_source) -> dict:
     """A repository with versions 2 and 3 of one run, the held-out images, and each version's predictions."""
-    return two_version_repo(tmp_path_factory.mktemp("rollout"))
+    return two_version_copy(two_version_source, tmp_path_factory.mktemp("rollout"))
 
 
 @pytest.mark.slow

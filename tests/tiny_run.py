@@ -53,3 +53,12 @@ def two_version_repo(base: Path) -> dict:
         names = contract.class_names(TASKS[:count])
         expected[str(count)] = [names[k] for k in predicted]
     return {"repo": repo, "images": images, "expected": expected}
+
+
+def two_version_copy(source: dict, base) -> dict:
+    """A module's own copy of the two-version repository (the images and expected classes are shared)."""
+    import shutil
+
+    repo = base / "repo"
+    shutil.copytree(source["repo"], repo, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    return {**source, "repo": repo}
