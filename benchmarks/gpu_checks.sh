@@ -7,7 +7,8 @@
 # The host needs torch with CUDA, numpy, Pillow, safetensors and pytest (a GPU image has them; nothing is
 # downloaded): this package is installed without its dependencies into a scratch folder (or, if pip cannot
 # build it there, laid out as its namespace with links to the stage folders). Then, each step under
-# its own time limit so that the whole run ends in time: the CUDA tests (tests/test_mem_cuda.py), and, when
+# its own time limit so that the whole run ends in time: the CUDA tests (tests/test_mem_cuda.py), the jobs under
+# torchrun over NCCL (tests/test_distributed_cuda.py, 150 s at most), and, when
 # OFFICIAL names a checkout of the official code (git clone, see benchmarks/mem_official.py), the official code
 # against ours on the GPU phase by phase, with each side's peak GPU memory (benchmarks/mem_official.py --device
 # cuda: RN50 at 224 px, float32). What comes back is small on purpose (two files, for hosts that return few):
@@ -56,6 +57,9 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to NAME.lo
 }
 
 step cuda_tests 120 $PY -m pytest -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_mem_cuda.py"
+# `aigis train` and `aigis protect` under torchrun on the GPU(s): NCCL, a process per GPU (min(GPUs, 2)), a protection
+# job killed and resumed; training needs peft and scikit-image and skips, saying so, where the image lacks them.
+step torchrun_cuda 150 $PY -m pytest -q -rs -p no:cacheprovider --rootdir "$REPO" "$REPO/tests/test_distributed_cuda.py"
 if [ -n "${OFFICIAL:-}" ]; then
     step speed_official 420 $PY "$REPO/benchmarks/mem_official.py" --device cuda --official "$OFFICIAL" \
         --images 32 --runs 3 --threads 4 --name "$WORK/mem_official_cuda"

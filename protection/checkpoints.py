@@ -61,11 +61,11 @@ def checkpoints(work: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(work: Path, state, fingerprint: dict, autocast: bool = False) -> Path:
+def save_checkpoint(work: Path, state, fingerprint: dict, autocast: bool = False, world_size: int = 1) -> Path:
     """work/ckpt-<iteration>/: noise.int8 (raw), state.safetensors, state.json written last; older ones removed.
 
     autocast: whether the job runs bfloat16 autocast, which a resume must keep to end where an uninterrupted
-    run would."""
+    run would. world_size: the processes the job ran on (torchrun), recorded; a job may resume on another."""
     import torch
     from safetensors.torch import save_file
 
@@ -103,6 +103,7 @@ def save_checkpoint(work: Path, state, fingerprint: dict, autocast: bool = False
         "extra_param_groups": groups[1:],
         "history": state.history,
         "autocast": bool(autocast),
+        "world_size": int(world_size),
     }
     write_atomic(tmp / "state.json", json.dumps(meta, indent=1).encode())
     shutil.rmtree(final, ignore_errors=True)
@@ -113,9 +114,12 @@ def save_checkpoint(work: Path, state, fingerprint: dict, autocast: bool = False
     return final
 
 
-def load_checkpoint(work: Path, state, fingerprint: dict) -> dict | None:
+def load_checkpoint(work: Path, state, fingerprint: dict, noise: bool = True) -> dict | None:
     """Restore the newest complete checkpoint into state and return its state.json; None if there is none.
-    A checkpoint of a different job (other data or settings) is an error, not silently reused."""
+    A checkpoint of a different job (other data or settings) is an error, not silently reused.
+
+    noise=False restores everything but the noise (under torchrun, ranks other than 0 share rank 0's noise
+    file, which rank 0 restores)."""
     from safetensors.torch import load_file
 
     found = checkpoints(work)
@@ -134,6 +138,8 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> dict | None:
         raise ValueError(f"{path} belongs to a different job (changed: {', '.join(changed)}); "
                          f"rerun with --no-resume to start over")
     for name, key in (("noise.int8", "noise_sha256"), ("state.safetensors", "state_sha256")):
+        if name == "noise.int8" and not noise:
+            continue  # read (and checked) by whoever restores it
         if file_sha256(path / name) != meta[key]:
             raise ValueError(f"{path / name}: sha256 mismatch (corrupt checkpoint); rerun with --no-resume")
     tensors = load_file(str(path / "state.safetensors"))
@@ -152,8 +158,8 @@ def load_checkpoint(work: Path, state, fingerprint: dict) -> dict | None:
         state.textures = tensors["word_textures"]
         state.texture_words = tensors["texture_words"]
         state.word_sets = tensors["word_sets"].numpy()
-    noise = np.fromfile(path / "noise.int8", dtype=np.int8).reshape(meta["noise_shape"])
-    state.noise[...] = noise
+    if noise:
+        state.noise[...] = np.fromfile(path / "noise.int8", dtype=np.int8).reshape(meta["noise_shape"])
     state.iteration = int(meta["iteration"])
     state.history = list(meta.get("history", []))
     if "autocast" not in meta:

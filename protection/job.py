@@ -17,6 +17,12 @@ Output (the originals are only read):
 The job works through the Protection interface (method.py): any method the settings name. A checkpoint after
 every outer iteration (checkpoints.py) lets a restarted job continue from the newest complete one, with the
 numeric precision it started with, and, on the CPU, end with byte-identical output to an uninterrupted run.
+
+Under torchrun (`torchrun --nproc-per-node N $(which aigis) protect ...`) every process runs the job over the
+same --out: the outer loop is data-parallel (parallel.py), every rank writes its images' noise into the one
+memory-mapped work/noise.npy and its block of the protected PNGs, and rank 0 alone writes the tokenizer, the
+checkpoints, the manifest, the artefact and protection.json (which records the world size). The output folder
+is the same as a one-process job's; a job spanning machines needs --out on a filesystem they all mount.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -41,8 +48,10 @@ from .settings import DEFAULT_TRIGGER_WORDS, SurrogateSettings
 log = logging.getLogger(__name__)
 
 PROTECTION_FORMAT = "aigis-protection-1"
-# Test hook: after writing the checkpoint of this outer iteration the process SIGKILLs itself.
+# Test hook: after writing the checkpoint of this outer iteration the process SIGKILLs itself (under torchrun,
+# the process of rank KILL_RANK_ENV, default 0).
 KILL_ENV = "AIGIS_PROTECT_KILL_AFTER"
+KILL_RANK_ENV = "AIGIS_PROTECT_KILL_RANK"
 
 
 def _sha256_bytes(data: bytes) -> str:
@@ -271,26 +280,27 @@ def protect_dataset(
     """
     import torch
 
+    from aigis import distributed
+
     from .method import protection_class, protection_for
 
     settings.validate()
     method_class = protection_class(settings.method)
     chosen = _choose_surrogates(clip_preset, image_size, tokenizer_file, init_checkpoint, trigger_words)
     data_root, out_dir = Path(data_root).resolve(), Path(out_dir).resolve()
-    device_t = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device_t = torch.device(distributed.local_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    progress = progress and distributed.is_main()
     started = time.monotonic()
     data = _read_data(data_root, manifest_name, out_dir, chosen.size, progress)
+    _check_batches_cover_ranks(len(data.sources), settings.batch_size, distributed.world_size())
     work = out_dir / "work"
-    if not resume:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
     made_up = _made_up_words(settings, method_class, trigger_words, chosen.fixed_tokenizer)
-    tokenizer = _job_tokenizer(work, data.captions, vocab_size, made_up, chosen.fixed_tokenizer, resume)
+    tokenizer, noise = _prepare_work(work, data, vocab_size, made_up, chosen.fixed_tokenizer, resume)
     models = ([chosen.pretrained] if chosen.pretrained is not None else
               build_surrogates(chosen.presets, chosen.size, tokenizer.vocab_size, settings.seed))
     protection = protection_for(settings, models, tokenizer)
-    noise = np.lib.format.open_memmap(work / "noise.npy", mode="w+", dtype=np.int8, shape=data.images.shape)
     state = protection.new_state(len(data.sources), (chosen.size, chosen.size), noise=noise)
+    distributed.barrier()  # every rank has zeroed the shared noise before rank 0 restores it
     fingerprint = {
         "manifest_sha256": file_sha256(data_root / manifest_name),
         "images_sha256": _sha256_bytes(data.images.tobytes()),
@@ -302,15 +312,26 @@ def protect_dataset(
         "device_type": device_t.type,
         **({"init_checkpoint_sha256": chosen.init_record["sha256"]} if chosen.init_record else {}),
     }
-    resumed = load_checkpoint(work, state, fingerprint) if resume else None
+    restores_noise = _first_on_machine()  # the ranks of one machine share its page cache of the noise file
+    resumed = load_checkpoint(work, state, fingerprint, noise=restores_noise) if resume else None
+    from .parallel import share_noise
+
+    share_noise(state.noise)
     protection, autocast = _fit(protection, state, data, work, fingerprint, device_t, resumed, progress)
 
-    image_hashes = _publish_pairs(out_dir, data, state, tokenizer)
-    negatives_per_model = _negatives(models, tokenizer, data, state, device_t, negatives, settings)
-    version, meta = _save_artefact(out_dir / "surrogate", protection, chosen, data, state, negatives_per_model)
-    report = _report(protection, state, chosen, data, fingerprint, made_up, tokenizer_file, version, meta, autocast,
-                     image_hashes)
-    write_atomic(out_dir / "protection.json", json.dumps(report, indent=1).encode())  # no timings: reruns compare equal
+    image_hashes = _publish_images(out_dir, data, state)
+
+    def finish() -> tuple[int, dict]:  # rank 0: what the job publishes besides the images
+        _publish_manifest(out_dir, data, state, tokenizer)
+        negatives_per_model = _negatives(models, tokenizer, data, state, device_t, negatives, settings)
+        version, meta = _save_artefact(out_dir / "surrogate", protection, chosen, data, state, negatives_per_model)
+        report = _report(protection, state, chosen, data, fingerprint, made_up, tokenizer_file, version, meta,
+                         autocast, image_hashes)
+        # no timings in it: reruns compare equal
+        write_atomic(out_dir / "protection.json", json.dumps(report, indent=1).encode())
+        return version, meta
+
+    version, meta = distributed.on_main(finish)
     elapsed = time.monotonic() - started
     if progress:
         log.info(f"protected {len(data.pairs)} pairs ({len(data.sources)} images) into {out_dir} in {elapsed:.1f}s "
@@ -351,6 +372,7 @@ def _report(protection, state, chosen: _Surrogates, data: _JobData, fingerprint:
         "settings": settings.to_dict(),
         "autocast": "bfloat16" if autocast else "off",
         "outer_iterations_run": state.iteration,
+        "world_size": _world_size(),
         "images": image_hashes,
     }
 
@@ -368,11 +390,17 @@ def _fit(protection, state, data: _JobData, work: Path, fingerprint: dict, devic
         log.info(f"{settings.method} on {len(data.sources)} images ({len(data.pairs)} pairs), {device}, "
                  f"{'bfloat16 autocast' if autocast else 'float32'}"
                  f"{f'; resuming after outer iteration {state.iteration}/{settings.outer_iterations}' if resumed else ''}")
+    from aigis import distributed
+
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
+    kill_rank = int(os.environ.get(KILL_RANK_ENV, "0") or 0)
+    if resumed and progress and resumed.get("world_size", 1) != distributed.world_size():
+        log.info(f"the checkpoint was written by {resumed.get('world_size', 1)} process(es), this run has "
+                 f"{distributed.world_size()}: the draws from here on are this world size's")
 
     def checkpoint(st, stats) -> None:
-        save_checkpoint(work, st, fingerprint, autocast)
-        if kill_after and st.iteration == kill_after:
+        distributed.on_main(lambda: save_checkpoint(work, st, fingerprint, autocast, distributed.world_size()))
+        if kill_after and st.iteration == kill_after and distributed.rank() == kill_rank:
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)
@@ -383,29 +411,105 @@ def _fit(protection, state, data: _JobData, work: Path, fingerprint: dict, devic
     return fitting.with_settings(settings), autocast
 
 
-def _publish_pairs(out_dir: Path, data: _JobData, state, tokenizer) -> list[dict]:
-    """The protected PNGs and the triggered manifest (every caption of an image carries its trigger); returns
-    each image's name, source and sha256."""
+def _publish_images(out_dir: Path, data: _JobData, state) -> list[dict]:
+    """The protected PNGs (under torchrun each rank writes its block of them); returns each image's name, source
+    and sha256, in image order, on every rank."""
     from PIL import Image
 
+    from aigis import distributed
+
     from .mem import protected_images
-    from .tokenizer import apply_trigger_text
 
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    protected = protected_images(data.images, state.noise)
+    start, stop = distributed.block_bounds(len(data.sources))[distributed.rank()]
+    protected = protected_images(data.images[start:stop], state.noise[start:stop])
     image_hashes = []
-    for i, (name, source) in enumerate(zip(data.names, data.sources)):
+    for k, i in enumerate(range(start, stop)):
+        name, source = data.names[i], data.sources[i]
         path = out_dir / name
         tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(protected[i]).save(tmp, format="PNG")
+        Image.fromarray(protected[k]).save(tmp, format="PNG")
         os.replace(tmp, path)
         image_hashes.append({"image": name, "source": source.path.relative_to(data.root).as_posix(),
                              "sha256": file_sha256(path)})
+    return [entry for block in distributed.all_gather_object(image_hashes) for entry in block]
+
+
+def _publish_manifest(out_dir: Path, data: _JobData, state, tokenizer) -> None:
+    """The triggered manifest: every caption line in input order, carrying its image's trigger."""
+    from .tokenizer import apply_trigger_text
+
     lines = [json.dumps({"image": data.names[i], "caption": apply_trigger_text(state.triggers[i], pair.caption,
                                                                                tokenizer)})
              for pair, i in zip(data.pairs, data.groups.image_of)]
     write_atomic(out_dir / "manifest.jsonl", "".join(line + "\n" for line in lines).encode())
-    return image_hashes
+
+
+def _prepare_work(work: Path, data: _JobData, vocab_size: int, made_up: int, fixed: Any, resume: bool):
+    """(tokenizer, noise memmap) of the job's work folder: rank 0 clears it (no resume), writes the tokenizer and
+    creates work/noise.npy; every other rank then opens what rank 0 wrote, which must be the same files (a job
+    spanning machines needs --out on a filesystem they all mount). The processes of one machine share one noise
+    file; on a job spanning machines each other machine has one of its own (work/noise-machine<k>.npy), written by
+    its processes alone and kept whole by the rows sent after each pass (parallel.py)."""
+    from aigis import distributed
+
+    from .tokenizer import Tokenizer
+
+    path = work / "tokenizer.json"
+    launch = distributed.current_launch()
+    machine = launch.machine if launch is not None else 0
+    noise_path = work / ("noise.npy" if machine == 0 else f"noise-machine{machine}.npy")
+    made: dict[str, Any] = {}
+
+    def create_noise():
+        return np.lib.format.open_memmap(noise_path, mode="w+", dtype=np.int8, shape=data.images.shape)
+
+    def prepare() -> str:
+        if not resume:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True, exist_ok=True)
+        made["tokenizer"] = _job_tokenizer(work, data.captions, vocab_size, made_up, fixed, resume)
+        made["noise"] = create_noise()
+        return file_sha256(path)
+
+    tokenizer_sha256 = distributed.on_main(prepare)
+    if not distributed.is_main() and (not path.is_file() or file_sha256(path) != tokenizer_sha256):
+        raise ValueError(f"{work}: this process does not see the files rank 0 wrote there; under torchrun every "
+                         f"process needs the same --out (a filesystem every machine of the job mounts)")
+    if machine != 0 and launch.local_rank == 0:
+        create_noise().flush()
+    distributed.barrier()  # each machine's noise file exists before its other processes open it
+    if distributed.is_main():
+        return made["tokenizer"], made["noise"]
+    noise = np.load(noise_path, mmap_mode="r+")
+    if noise.shape != data.images.shape or noise.dtype != np.int8:
+        raise ValueError(f"{noise_path}: int8 {list(data.images.shape)} expected, found {noise.dtype} "
+                         f"{list(noise.shape)}")
+    return (fixed if fixed is not None else Tokenizer.load(path)), noise
+
+
+def _check_batches_cover_ranks(n: int, batch_size: int, world: int) -> None:
+    """Under torchrun a batch is split over the processes (surrogate steps, word-code passes): each needs a row."""
+    if world == 1:
+        return
+    smallest = min(min(batch_size, n), n // math.ceil(n / batch_size))  # a surrogate batch; a pass's smallest
+    if smallest < world:
+        raise ValueError(f"batch {batch_size} over {n} images gives batches of {smallest} image(s), fewer than the "
+                         f"{world} processes sharing each batch: raise --batch or run fewer processes")
+
+
+def _first_on_machine() -> bool:
+    """Whether this process restores what its machine shares (rank 0's role on each machine)."""
+    from aigis import distributed
+
+    launch = distributed.current_launch()
+    return launch is None or launch.local_rank == 0
+
+
+def _world_size() -> int:
+    from aigis import distributed
+
+    return distributed.world_size()
 
 
 def _negatives(models: list, tokenizer, data: _JobData, state, device, count: int,

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import parallel
 from .attack import attack_mode
 from .method import Protected, Protection
 from .pgd import pgd_noise
@@ -47,21 +48,27 @@ class PerImageMEM(Protection):
 def perturb_pass(state: MEMState, tokenizer: Tokenizer, images: np.ndarray, tokens: Tensor, settings: MEMSettings,
                  device: torch.device, update_triggers: bool, groups: CaptionsPerImage | None = None) -> float:
     """One pass over the images in batches, each with one of its captions: trigger search (if
-    update_triggers), then PGD on the noise."""
+    update_triggers), then PGD on the noise.
+
+    Under torchrun the batches are dealt out to the ranks, each drawing from a generator of its own (parallel.py);
+    with one process every draw comes from state.generator, as without torchrun."""
     models = state.models
     groups = groups or CaptionsPerImage.single(images.shape[0])
     candidate_ids = _candidate_table(tokenizer, models, device) if settings.trigger_length else None
-    losses = []
+    batches = _batches(images.shape[0], settings.batch_size, state.generator)
+    generator = parallel.rank_generator(state, settings.seed) if parallel.world() > 1 else state.generator
+    losses: dict[int, float] = {}
     with attack_mode(models, batch_statistics=settings.norm_stats == "batch"):
-        for index in _batches(images.shape[0], settings.batch_size, state.generator):
+        for j in parallel.my_batches(len(batches)):
+            index = batches[j]
             x = torch.from_numpy(images[index]).to(device)
             delta = torch.from_numpy(np.asarray(state.noise[index])).to(device).to(torch.int16)
-            t = tokens[groups.pick(index, state.generator)].to(device)
+            t = tokens[groups.pick(index, generator)].to(device)
             trig = torch.from_numpy(state.triggers[index]).to(device)
             if update_triggers and settings.trigger_length:
                 trig, _ = search_triggers(models, tokenizer, x, delta, t, trig, settings, candidate_ids=candidate_ids)
                 state.triggers[index] = trig.cpu().numpy()
-            delta, loss = pgd_noise(models, x, delta, t, trig, settings, settings.pgd_steps, state.generator)
+            delta, loss = pgd_noise(models, x, delta, t, trig, settings, settings.pgd_steps, generator)
             state.noise[index] = delta.to(torch.int8).cpu().numpy()
-            losses.append(loss)
-    return float(np.mean(losses))
+            losses[j] = loss
+    return parallel.finish_pass(state, batches, losses, triggers=bool(update_triggers and settings.trigger_length))

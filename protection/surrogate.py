@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aigis import distributed
+
+from . import parallel
 from .attack import _autocast, _with_triggers, encode_text_trimmed
 from .clip import CLIP, MAX_LOGIT_SCALE, contrastive_loss, normalize_images
 from .settings import SurrogateSettings
@@ -69,26 +72,42 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
                     device: torch.device, groups: CaptionsPerImage | None = None) -> float:
     """settings.surrogate_steps AdamW steps on random batches of (image + noise, triggered caption):
     distinct images, each with one of its captions (tokens [n_captions, L]). Every surrogate of an
-    ensemble takes a step on each batch; the returned loss is their mean."""
+    ensemble takes a step on each batch; the returned loss is their mean.
+
+    Under torchrun with several processes each rank encodes its block of every batch and the loss is taken over
+    the gathered features (parallel.py), so the summed gradients are the one-process gradient; the logit scale,
+    which every rank's copy of the loss holds whole, takes its gradient from rank 0's copy alone."""
     n = images.shape[0]
     groups = groups or CaptionsPerImage.single(n)
     b = min(settings.batch_size, n)
+    split = parallel.split()
     losses = []
     for model in state.models:
         model.train()
     for _ in range(settings.surrogate_steps):
         index = torch.randperm(n, generator=state.generator)[:b].sort().values.numpy()
+        picked = groups.pick(index, state.generator)
+        if split:  # this rank's block of the batch (every rank drew the same batch and captions)
+            block = parallel.batch_block(len(index))
+            index, picked = index[block], picked[block]
         x = torch.from_numpy(images[index]).to(device).to(torch.int16)
         x = (x + torch.from_numpy(np.asarray(state.noise[index])).to(device)).clamp(0, 255).to(torch.uint8)
-        t = _with_triggers(tokens[groups.pick(index, state.generator)],
-                           torch.from_numpy(state.triggers[index])).to(device)
+        t = _with_triggers(tokens[picked], torch.from_numpy(state.triggers[index])).to(device)
         step_losses = []
         for model, optimizer in state.surrogates:
             with _autocast(settings, device):
-                loss = contrastive_loss(model.encode_image(normalize_images(x)), encode_text_trimmed(model, t),
-                                        model.logit_scale)
+                image_features = model.encode_image(normalize_images(x))
+                text_features = encode_text_trimmed(model, t)
+                scale = model.logit_scale
+                if split:
+                    image_features = distributed.gather_rows_live(image_features, b)
+                    text_features = distributed.gather_rows_live(text_features, b)
+                    scale = scale if distributed.is_main() else scale.detach()
+                loss = contrastive_loss(image_features, text_features, scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if split:
+                distributed.all_reduce_gradients(model.parameters())
             optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
@@ -96,4 +115,6 @@ def train_surrogate(state: MEMState, images: np.ndarray, tokens: Tensor, setting
         losses.append(float(np.mean(step_losses)))
     for model in state.models:
         model.eval()
+        if split and settings.surrogate_steps:
+            distributed.broadcast_module(model)  # rank 0's weights and BatchNorm averages on every rank
     return float(np.mean(losses)) if losses else float("nan")

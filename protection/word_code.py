@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from aigis import distributed
+
+from . import parallel
 from .attack import _autocast, _images_for_model, _with_triggers, attack_mode, encode_text_trimmed, pair_losses
 from .clip import CLIP
 from .search import _candidate_table
@@ -103,15 +106,19 @@ def word_code_noise(textures: Tensor, word_sets: Tensor, height: int, width: int
     return levels * total.repeat(1, -(-height // tile), -(-width // tile), 1)[:, :height, :width]
 
 
-def _write_word_noise(state: MEMState, images: np.ndarray, settings: WordCodeSettings) -> None:
-    """state.noise <- the textures' noise on the uint8 grid, kept inside [0, 255] once added."""
+def _write_word_noise(state: MEMState, images: np.ndarray, settings: WordCodeSettings,
+                      rows: np.ndarray | None = None) -> None:
+    """state.noise <- the textures' noise on the uint8 grid, kept inside [0, 255] once added (of the images at
+    `rows`, a contiguous range; default every image)."""
     n, h, w, _ = images.shape
-    for i in range(0, n, 256):
-        sets = torch.from_numpy(state.word_sets[i : i + 256])
+    start, stop = (0, n) if rows is None else ((int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0))
+    for i in range(start, stop, 256):
+        end = min(i + 256, stop)
+        sets = torch.from_numpy(state.word_sets[i:end])
         noise = word_code_noise(state.textures, sets, h, w, settings.epsilon_levels, settings.texture_sign)
         noise = noise.round().to(torch.int16)
-        pixels = torch.from_numpy(images[i : i + 256]).to(torch.int16)
-        state.noise[i : i + 256] = ((pixels + noise).clamp(0, 255) - pixels).to(torch.int8).numpy()
+        pixels = torch.from_numpy(images[i:end]).to(torch.int16)
+        state.noise[i:end] = ((pixels + noise).clamp(0, 255) - pixels).to(torch.int8).numpy()
 
 
 @dataclass
@@ -130,35 +137,59 @@ def texture_pass(state: MEMState, images: np.ndarray, tokens: Tensor, settings: 
     noise level (step_levels / epsilon_levels of the textures' range; with texture_sign the published noise is
     their sum's sign, so a step may flip a sub-pixel -- with texture_gray a whole pixel -- across the whole range),
     each image against shuffled captions carrying its own trigger (as pgd_noise); then every image's noise is
-    rewritten from the textures."""
+    rewritten from the textures.
+
+    Under torchrun with several processes each batch is split over the ranks: each encodes its block, the loss is
+    the whole batch's over the gathered features, and the textures' gradient is summed over the ranks (the
+    one-process gradient), so every rank takes the same step; each rank then writes its block's noise."""
     models = state.models
     h, w = images.shape[1:3]
     step = settings.step_levels / settings.epsilon_levels
     table = state.textures.to(device)
+    split = parallel.split()
     losses = []
     with attack_mode(models, batch_statistics=settings.norm_stats == "batch"):
         for index in _batches(images.shape[0], settings.batch_size, state.generator):
-            pixels = torch.from_numpy(images[index]).to(device).float()
-            sets = torch.from_numpy(state.word_sets[index]).to(device)
+            block = parallel.batch_block(len(index)) if split else slice(None)
+            pixels = torch.from_numpy(images[index[block]]).to(device).float()
+            sets = torch.from_numpy(state.word_sets[index[block]]).to(device)
             t = tokens[groups.pick(index, state.generator)].to(device)
             trig = torch.from_numpy(state.triggers[index]).to(device)
             for _ in range(settings.pgd_steps):
                 order = torch.randperm(len(index), generator=state.generator).to(device)
                 with torch.no_grad(), _autocast(settings, device):
-                    shuffled = _with_triggers(t[order], trig)
+                    shuffled = _with_triggers(t[order], trig)[block]
                     text_features = [encode_text_trimmed(m, shuffled) for m in models]
+                if split:
+                    text_features = [distributed.gather_rows(f.float(), len(index)) for f in text_features]
                 table.requires_grad_(True)
                 noise = word_code_noise(table, sets, h, w, settings.epsilon_levels, settings.texture_sign)
                 noisy = (pixels + noise).clamp(0, 255) / 255.0
                 with _autocast(settings, device):
-                    loss = sum(pair_losses(m.encode_image(_images_for_model(m, noisy)), f, m.logit_scale).mean()
-                               for m, f in zip(models, text_features)) / len(models)
+                    image_features = [m.encode_image(_images_for_model(m, noisy)) for m in models]
+                    if split:
+                        image_features = [distributed.gather_rows_live(f, len(index)) for f in image_features]
+                    loss = sum(pair_losses(i, f, m.logit_scale).mean()
+                               for m, i, f in zip(models, image_features, text_features)) / len(models)
                 (grad,) = torch.autograd.grad(loss, table)
+                if split:
+                    distributed.all_reduce_gradients([_with_grad(table, grad)])
                 table = (table.detach() - step * grad.sign()).clamp(-1, 1)
                 losses.append(float(loss.detach()))
+    if split:
+        distributed.broadcast_tensors([table])  # rank 0's textures everywhere, to the last bit
     state.textures = table.cpu()
-    _write_word_noise(state, images, settings)
-    return float(np.mean(losses)) if losses else float("nan")
+    _write_word_noise(state, images, settings, parallel.noise_rows(images.shape[0]) if split else None)
+    parallel.share_noise(state.noise)
+    loss = float(np.mean(losses)) if losses else float("nan")
+    return distributed.broadcast_object(loss) if split else loss
+
+
+def _with_grad(table: Tensor, grad: Tensor) -> Tensor:
+    """A stand-in parameter whose .grad is `grad` (the tensor itself, reduced in place by all_reduce_gradients)."""
+    holder = table.detach().requires_grad_(True)
+    holder.grad = grad
+    return holder
 
 
 def upload_size_error(height: int, width: int, code_size: int) -> str | None:

@@ -80,7 +80,11 @@ def _default_order(root: str) -> list[str]:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Build the config and the task order, train, print the summary. Exit 2 on bad input."""
+    """Build the config and the task order, train, print the summary. Exit 2 on bad input.
+
+    Under torchrun (`torchrun --nproc-per-node N $(which aigis) train ...`) every process runs this: they join
+    one process group (aigis.distributed) and train data-parallel; rank 0 alone writes the run and prints."""
+    from aigis import distributed
     from aigis.cpu import apply_threads
     from aigis.data.cddb import CDDB, CDDBLayoutError
     from aigis.preprocess import BadImageError
@@ -89,24 +93,30 @@ def run_train(args: argparse.Namespace) -> int:
     from aigis.training.metrics import format_percent
     from aigis.training.run import ContinualRun
 
-    progress = not args.quiet
+    main = True
     try:
-        apply_threads(quiet=not progress)
         overrides = parse_overrides(args.set)
         if args.method:
             overrides["method"] = args.method
         if args.on_bad:
             overrides["on_bad"] = args.on_bad
         config = TrainConfig.from_toml(args.config, overrides)
-        order = resolve_task_order(args.data, args.tasks, args.scenario)
-        data = CDDB(args.data, order, on_bad=config.on_bad, progress=progress)
-        spec = args.scenario or args.tasks or ",".join(order)
-        summary = ContinualRun(config, data, args.out, resume=args.resume, progress=progress,
-                               data_spec=spec).run()
+        with distributed.process_group(config.resolved_device(), quiet=args.quiet) as launch:
+            main = launch is None or launch.rank == 0
+            progress = not args.quiet and main
+            apply_threads(quiet=not progress)
+            order = resolve_task_order(args.data, args.tasks, args.scenario)
+            data = CDDB(args.data, order, on_bad=config.on_bad, progress=progress)
+            spec = args.scenario or args.tasks or ",".join(order)
+            summary = ContinualRun(config, data, args.out, resume=args.resume, progress=progress,
+                                   data_spec=spec).run()
     except (ConfigError, RunError, CDDBLayoutError, BadImageError, ValueError, FileNotFoundError,
             KeyError) as exc:
-        print(f"aigis train: error: {exc}", file=sys.stderr)
+        if main or not getattr(exc, "aigis_from_main", False):  # rank 0's error is printed by rank 0
+            print(f"aigis train: error: {exc}", file=sys.stderr)
         return 2
+    if not main:
+        return 0
     skipped = summary.get("skipped_images") or {}
     print(f"{config.method} on {len(summary['tasks'])} task(s) ({', '.join(summary['tasks'])}) -> {args.out}")
     print(f"  average accuracy {format_percent(summary['average_accuracy'])}%  "

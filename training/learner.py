@@ -60,8 +60,14 @@ class TaskTrainer:
         self.progress = progress
 
     def fit(self, model: nn.Module, batches, task_index: int, old_classes: int, description: str) -> FitStats:
-        """Train `model` on `batches` (an epoch-aware loader) for config.epochs epochs."""
+        """Train `model` on `batches` (an epoch-aware loader) for config.epochs epochs.
+
+        Under torchrun (aigis.distributed) the model trains data-parallel: every rank takes its part of each
+        batch (Batches.epoch_parts) through DistributedDataParallel, whose gradient average is the whole
+        batch's gradient, so config.batch_size stays the batch of one optimiser step whatever the world size."""
         from tqdm import tqdm
+
+        from aigis import distributed
 
         config = self.config
         params = model.trainable_parameters()
@@ -69,17 +75,22 @@ class TaskTrainer:
         steps = config.epochs * len(batches)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
         scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        rank, world = distributed.rank(), distributed.world_size()
+        forward = model.forward_train
+        if distributed.active():
+            forward = _data_parallel(model, config, self.device)
         model.train()
         seen, loss_value, start = 0, math.nan, time.perf_counter()
+        last_loss = None
         bar = tqdm(total=batches.num_samples * config.epochs,
                    desc=description, unit="img", disable=not self.progress, dynamic_ncols=True, leave=False)
         try:
             for epoch in range(config.epochs):
-                for images, labels in batches.epoch(epoch):
+                for images, labels, weight, batch_size in batches.epoch_parts(epoch, rank, world):
                     images = images.to(self.device, non_blocking=True)
                     labels = labels.to(self.device, non_blocking=True)
                     with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-                        logits, diversity = model.forward_train(images)
+                        logits, diversity = forward(images)
                         loss = F.cross_entropy(logits.float(), labels)
                         if diversity is not None and config.diversity_weight > 0:
                             loss = loss + config.diversity_weight * F.cross_entropy(
@@ -87,20 +98,55 @@ class TaskTrainer:
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{description}: loss became {loss.item()} at epoch {epoch}; "
                                                  f"lower the learning rate")
+                    if weight is not None:
+                        loss = loss * weight  # this rank's share of the whole batch's mean
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
                     scaler.step(optimizer)
                     scaler.update()
                     schedule.step()
-                    seen += len(labels)
-                    loss_value = float(loss.detach())
-                    bar.update(len(labels))
+                    seen += batch_size
+                    last_loss = loss.detach()
+                    loss_value = float(last_loss)
+                    bar.update(batch_size)
                     bar.set_postfix(epoch=f"{epoch + 1}/{config.epochs}", loss=f"{loss_value:.3f}")
         finally:
             bar.close()
+            forward = None  # the DistributedDataParallel wrapper goes (and unhooks the parameters) here
+        if distributed.active() and last_loss is not None:
+            loss_value = distributed.all_reduce_mean(float(last_loss))  # the last batch's mean loss
         model.freeze()
         model.eval()
         return FitStats(images=seen, steps=steps, seconds=time.perf_counter() - start, final_loss=loss_value)
+
+
+class _TrainForward(nn.Module):
+    """forward = the model's forward_train, so that DistributedDataParallel (which hooks forward) can wrap it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return self.model.forward_train(images)
+
+
+def _data_parallel(model: nn.Module, config: TrainConfig, device: str):
+    """model.forward_train through DistributedDataParallel over the parameters trainable now.
+
+    DDP waits for a gradient of every parameter it holds. A diversity head that the loss does not use
+    (diversity_weight 0) is frozen first (one process leaves it without a gradient too). A LoRAX step uses every
+    other trainable parameter; a whole backbone (the baselines) may hold some that its features skip (e.g. a
+    classification head), which DDP then looks for on every step and leaves without a gradient, as one process
+    does."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    head = getattr(model, "diversity_head", None)
+    if head is not None and not config.diversity_weight > 0:
+        head.requires_grad_(False)
+    index = torch.device(device).index if str(device).startswith("cuda") else None
+    return DistributedDataParallel(_TrainForward(model), device_ids=None if index is None else [index],
+                                   find_unused_parameters=not hasattr(model, "adapter_parameters"))
 
 
 @torch.no_grad()
@@ -113,6 +159,8 @@ def extract_features(model: nn.Module, batches, extractors: list[int], device: s
     outputs: list[list[torch.Tensor]] = [[] for _ in extractors]
     if not extractors:
         return []
+    if batches.num_samples == 0:  # a rank's empty block of a set smaller than the world
+        return [torch.zeros(0, model.feature_dim) for _ in extractors]
     with tqdm(total=batches.num_samples, desc=description, unit="img", disable=not progress, leave=False,
               dynamic_ncols=True) as bar:
         for images, _ in batches.epoch(0):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from aigis.data.cddb import CDDB, Sample
+from aigis.distributed import block_bounds
 from aigis.data.dataset import ImageCache, ImageDataset
 
 # "auto" decodes every image once into memory when a run holds at most this many images
@@ -88,8 +89,13 @@ class Batches:
     def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `epoch`: (uint8 [B, crop, crop, 3], int64 [B])."""
         self.dataset.set_epoch(epoch)
+        yield from self._load(self._chunks(epoch))
+
+    def _chunks(self, epoch: int) -> list[list[int]]:
         order = self.order(epoch)
-        chunks = [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+
+    def _load(self, chunks: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.num_workers == 0:
             for chunk in chunks:
                 yield _collate([self.dataset[i] for i in chunk])
@@ -97,6 +103,52 @@ class Batches:
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=chunks, num_workers=self.num_workers,
                                              collate_fn=_collate, persistent_workers=False)
         yield from loader
+
+    def epoch_parts(self, epoch: int, rank: int = 0, world: int = 1
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, float | None, int]]:
+        """Data parallelism: this rank's part of each batch of `epoch`, as (images, labels, weight, batch size).
+
+        The batches are epoch()'s (the same order on every rank); each is cut into `world` near-equal
+        contiguous parts and rank `rank` gets its part. weight = part size x world / batch size: a rank's mean
+        loss times its weight, averaged over the ranks (what DistributedDataParallel does to gradients), is the
+        whole batch's mean loss. A rank whose part is empty (a last batch smaller than world) gets the batch's
+        first item at weight 0, so that it still takes part in the gradient exchange. With world = 1 the parts
+        are epoch()'s batches and the weight is None (nothing to rescale)."""
+        self.dataset.set_epoch(epoch)
+        chunks = self._chunks(epoch)
+        if world == 1:
+            for (images, labels), chunk in zip(self._load(chunks), chunks):
+                yield images, labels, None, len(chunk)
+            return
+        parts, weights = [], []
+        for chunk in chunks:
+            start, stop = block_bounds(len(chunk), world)[rank]
+            parts.append(chunk[start:stop] if stop > start else chunk[:1])
+            weights.append((stop - start) * world / len(chunk))
+        for (images, labels), weight, chunk in zip(self._load(parts), weights, chunks):
+            yield images, labels, weight, len(chunk)
+
+    def subset(self, indices: Sequence[int]) -> "BatchSubset":
+        """The items at `indices`, in that order, batched like this (evaluation view: a rank's block of a set)."""
+        return BatchSubset(self, [int(i) for i in indices])
+
+
+class BatchSubset:
+    """Some items of a Batches, in a fixed order: what extract_features reads for one rank's block."""
+
+    def __init__(self, parent: Batches, indices: list[int]) -> None:
+        self.parent = parent
+        self.indices = indices
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.parent.dataset.set_epoch(epoch)
+        size = self.parent.batch_size
+        yield from self.parent._load([self.indices[i : i + size] for i in range(0, len(self.indices), size)])
+
 
 
 # ImageDataset hands out views of read-only cached images; _collate's torch.stack copies them, so

@@ -6,6 +6,11 @@
 
 LoRAX and the two baselines share this harness, so their numbers are comparable: same data, same
 seeds, same epochs, same evaluation.
+
+Under torchrun (aigis.distributed) every rank runs this loop: training is data-parallel (learner.TaskTrainer),
+the features for herding and evaluation are extracted by every rank for its block of the images and gathered,
+herding and scoring run once on rank 0 and are shared, and rank 0 alone reads and writes the run directory
+(the manifest records the world size). Other ranks never touch it, so it need not be on a shared filesystem.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import torch
 
 import aigis
+from aigis import distributed
 from aigis.data.cddb import CDDB
 from aigis.contract import class_names
 from aigis.training import checkpoint as ckpt
@@ -43,12 +49,13 @@ class ContinualRun:
         self.data_root = Path(data.root)
         self.out_dir = Path(out_dir)
         self.resume = resume
-        self.progress = progress
+        self.progress = progress and distributed.is_main()
         self.data_spec = data_spec
-        self.device = config.resolved_device()
+        self.device = distributed.local_device(config.resolved_device())
+        self.world_size = distributed.world_size()
         self.amp = config.use_amp(self.device)
-        self.trainer = TaskTrainer(config, self.device, progress=progress)
-        self.log = log.info if progress else (lambda *a, **k: None)
+        self.trainer = TaskTrainer(config, self.device, progress=self.progress)
+        self.log = log.info if self.progress else (lambda *a, **k: None)
         self.tasks: list[TaskData] = []
         self.cache = None
         # Features of frozen extractors on validation sets never change: (extractor, task) -> [N, D].
@@ -64,7 +71,7 @@ class ContinualRun:
         torch.manual_seed(config.seed)
         backbone = build_backbone(config.backbone, config.weights)
         self.backbone_sha256 = state_dict_sha256(backbone)
-        manifest = self._start(backbone)
+        manifest = distributed.on_main(lambda: self._start(backbone))
         self.tasks = load_tasks(self.data)
         self.cache = make_cache(config.cache_images, self.tasks)
         model = self._build_model(backbone)
@@ -78,10 +85,11 @@ class ContinualRun:
             self.log(f"resuming {self.out_dir} after {finished} finished task(s)")
         for stage in range(finished, stages):
             entry = self._train_stage(model, stage, memory, accuracy, binary)
-            manifest = self._write_stage(model, manifest, stage, entry, memory, accuracy, binary)
+            manifest = distributed.on_main(
+                lambda: self._write_stage(model, manifest, stage, entry, memory, accuracy, binary))
         if finished >= stages:
             self.log(f"{self.out_dir}: all {stages} stage(s) already finished; nothing to train")
-        summary = json.loads((self.out_dir / ckpt.METRICS).read_text())
+        summary = distributed.on_main(lambda: json.loads((self.out_dir / ckpt.METRICS).read_text()))
         summary["skipped_images"] = dict(self.data.bad.skipped)
         return summary
 
@@ -96,6 +104,10 @@ class ContinualRun:
         old_classes = 0 if joint else 2 * stage
         model.add_task(new_classes=2 * len(trained_tasks))
         model.to(self.device)
+        if self.world_size > 1:
+            # The new weights came from the task's seed, the same on every rank; what is drawn while training
+            # (LoRA dropout) comes from a stream of each rank's own.
+            torch.manual_seed(distributed.seed_for_rank(seed, distributed.rank()))
         replay = self.data.exemplar_samples(memory.exemplars())
         samples = [s for t in trained_tasks for s in t.train] + replay
         name = "joint" if joint else self.tasks[stage].name
@@ -136,6 +148,7 @@ class ContinualRun:
             "train_images_per_second": round(stats.images_per_second, 2),
             "eval_seconds": round(eval_seconds, 3),
             "final_loss": stats.final_loss,
+            "world_size": self.world_size,
         }
 
     # ---- pieces -------------------------------------------------------------------------------------
@@ -161,23 +174,44 @@ class ContinualRun:
         cacheable = self.config.method == "lorax"
         wanted = list(range(model.num_tasks)) if cacheable else [0]
         missing = [k for k in wanted if not cacheable or (k, task) not in self._val_features]
-        computed = extract_features(model, batches, missing, self.device, self.amp, progress=self.progress,
-                                    description=f"eval {self.tasks[task].name}")
+        computed = self._features(model, batches, missing, description=f"eval {self.tasks[task].name}")
         features = dict(zip(missing, computed))
         if cacheable:
             self._val_features.update({(k, task): f for k, f in features.items()})
             features = {k: self._val_features[(k, task)] for k in wanted}
-        logits = model.classifier(*[features[k].to(self.device) for k in wanted])
-        predicted, target = logits.argmax(dim=1).cpu().numpy(), batches.labels()
-        return float(multi_real_correct(predicted, target).mean()), float(binary_correct(predicted, target).mean())
+
+        def score() -> tuple[float, float]:
+            logits = model.classifier(*[features[k].to(self.device) for k in wanted])
+            predicted, target = logits.argmax(dim=1).cpu().numpy(), batches.labels()
+            return (float(multi_real_correct(predicted, target).mean()),
+                    float(binary_correct(predicted, target).mean()))
+
+        return distributed.on_main(score)
+
+    def _features(self, model, batches: Batches, extractors: list[int], description: str) -> list[torch.Tensor]:
+        """extract_features of every image of `batches`; under torchrun each rank extracts its block and every
+        rank gets the whole set."""
+        if not distributed.active():
+            return extract_features(model, batches, extractors, self.device, self.amp, progress=self.progress,
+                                    description=description)
+        n = batches.num_samples
+        mine = batches.subset(distributed.shard(n))
+        computed = extract_features(model, mine, extractors, self.device, self.amp, progress=self.progress,
+                                    description=description)
+        return [distributed.gather_rows(part, n) for part in computed]
 
     def _update_memory(self, model, memory: ExemplarMemory, task: TaskData, classes_seen: int) -> None:
         """Herd this task's exemplars on the concatenated features of every extractor (eval view)."""
         batches = self._eval_batches(task.train)
-        features = extract_features(model, batches, list(range(model.num_tasks)), self.device, self.amp,
-                                    progress=self.progress, description="herding features")
+        features = self._features(model, batches, list(range(model.num_tasks)), description="herding features")
         kept = batches.samples
-        memory.update([s.relpath for s in kept], batches.labels(), torch.cat(features, dim=1).numpy(), classes_seen)
+
+        def herd() -> dict:
+            memory.update([s.relpath for s in kept], batches.labels(), torch.cat(features, dim=1).numpy(),
+                          classes_seen)
+            return memory.by_class
+
+        memory.by_class = distributed.on_main(herd)  # herded once, on rank 0; every rank replays the same
 
     # ---- checkpoints and manifest -------------------------------------------------------------------
     def _start(self, backbone) -> dict[str, Any]:
@@ -207,6 +241,7 @@ class ContinualRun:
             "task_entries": [],
             "metrics": None,
             "created": _now(),
+            "world_size": self.world_size,
         }
         if not manifest_path.exists():
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,13 +269,19 @@ class ContinualRun:
         ckpt.clear_stale_task_dirs(self.out_dir, len(manifest["task_entries"]))
         manifest["planned_tasks"] = planned
         manifest["config"] = self.config.to_dict()
+        manifest["world_size"] = self.world_size
         return manifest
 
     def _restore(self, model, manifest, accuracy: AccuracyMatrix, binary: AccuracyMatrix,
                  memory: ExemplarMemory) -> None:
-        """Load the finished tasks' weights, metrics and exemplar memory from disk."""
+        """Load the finished tasks' weights, metrics and exemplar memory from disk (rank 0 reads them and sends
+        them to the other ranks)."""
         entries = manifest["task_entries"]
-        restore_model(model, self.out_dir, entries, self.device)
+        distributed.on_main(lambda: restore_model(model, self.out_dir, entries, self.device))
+        if distributed.active():
+            if not distributed.is_main():
+                _grow_like(model, entries, self.device)
+            distributed.broadcast_module(model)
         saved = manifest["metrics"]
         for target, key in ((accuracy, "accuracy_matrix"), (binary, "binary_accuracy_matrix")):
             for i, row in enumerate(saved[key]):
@@ -248,10 +289,12 @@ class ContinualRun:
                     if value is not None and i < target.values.shape[0] and j < target.values.shape[1]:
                         target.set(i, j, value)
         if self.config.method == "lorax":
-            exemplars = json.loads((ckpt.checked_subpath(self.out_dir, entries[-1]["dir"]) / ckpt.EXEMPLARS_FILE)
-                                   .read_text())
-            restored = ExemplarMemory.from_json(exemplars)
-            memory.by_class = restored.by_class
+            def read_memory() -> dict:
+                exemplars = json.loads((ckpt.checked_subpath(self.out_dir, entries[-1]["dir"]) / ckpt.EXEMPLARS_FILE)
+                                       .read_text())
+                return ExemplarMemory.from_json(exemplars).by_class
+
+            memory.by_class = distributed.on_main(read_memory)
 
     def _write_stage(self, model, manifest, stage: int, entry: dict, memory: ExemplarMemory,
                      accuracy: AccuracyMatrix, binary: AccuracyMatrix) -> dict[str, Any]:
@@ -318,6 +361,17 @@ def restore_model(model, run_dir: Path, entries: list[dict], device: str) -> Non
     if not hasattr(model, "load_adapter_state_dict"):
         model.load_model_state_dict(ckpt.load_tensors(last / ckpt.MODEL_FILE))
     model.load_heads_state_dict(ckpt.load_tensors(last / ckpt.HEADS_FILE))
+    model.to(device)
+    model.freeze()
+    model.eval()
+
+
+def _grow_like(model, entries: list[dict], device: str) -> None:
+    """The shape restore_model gives a model (its finished tasks, frozen), without reading any file: what the
+    ranks other than 0 build before rank 0's weights are broadcast into it."""
+    for entry in entries:
+        model.add_task(new_classes=len(entry["classes"]))
+        model.freeze()
     model.to(device)
     model.freeze()
     model.eval()
