@@ -201,6 +201,45 @@ def kill_run(servers: list, images: np.ndarray, tasks: list[str], before_s: floa
             "loads": {name: {**t.summary(), "misread": len(t.misread)} for name, t in tallies.items()}}
 
 
+def rollout_run(servers: list, repo: Path, images: np.ndarray, tasks: list[str], rollouts: int) -> dict:
+    """Fleet rollouts back and forth between the repository's last two ensemble versions, replica by replica,
+    while the fleet client's loads run; counts every request."""
+    from aigis import contract
+    from aigis.client.loadcheck import Tally, async_client_load, client_load
+    from aigis.export.fleet import fleet_rollout
+    from aigis.export.repository import versions
+
+    urls = [server.grpc_url for server in servers]
+    old, new = versions(repo, contract.ENSEMBLE_MODEL)[-2:]
+    loads = {"client (micro-batcher), 'a,b,c'": (client_load, ",".join(urls)),
+             "asyncio client on lorax_bytes, [a, b, c]": (async_client_load, urls)}
+    stop, tallies = threading.Event(), {name: Tally() for name in loads}
+    threads = [threading.Thread(target=load, args=(url, images, tasks, None, stop, tallies[name]), daemon=True)
+               for name, (load, url) in loads.items()]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    controls = [(server.grpc_url, server.control()) for server in servers]
+    seconds = []
+    try:
+        for k in range(rollouts):
+            target = old if k % 2 else new
+            started = time.monotonic()
+            fleet_rollout(controls, repo, target)
+            seconds.append(time.monotonic() - started)
+            say(f"fleet rollout {k + 1}/{rollouts} to version {target}: {seconds[-1]:.1f} s for {len(servers)} replicas")
+            time.sleep(0.5)
+    finally:
+        for _, control in controls:
+            control.close()
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    return {"rollouts": rollouts, "versions": [old, new], "seconds": spread(seconds),
+            "loads": {name: {**t.summary(), "misread": len(t.misread), "versions_seen": dict(t.versions)}
+                      for name, t in tallies.items()}}
+
+
 # ---- report --------------------------------------------------------------------------------------------
 def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
@@ -238,6 +277,16 @@ def write(results: dict) -> None:
     for name, load in k["loads"].items():
         lines.append(f"| {name} | {load['sent']} | {load['answered']} | {load['failed']} | {load['lost']} | "
                      f"{k['answered_between_kill_and_return'][name]} |")
+    r = results.get("rollouts")
+    if r:
+        lines += ["", f"Fleet rollouts: {r['rollouts']} rollouts back and forth between versions {r['versions'][0]} "
+                  f"and {r['versions'][1]} over all {len(results['throughput']['by_replicas'])} replicas, one after "
+                  f"another, {r['seconds']['median']:.1f} s each (median; {r['seconds']['min']:.1f} - "
+                  f"{r['seconds']['max']:.1f}), under two fleet-client loads:", "",
+                  "| load | sent | answered | failed | lost | versions seen |", "|---|---:|---:|---:|---:|---|"]
+        for name, load in r["loads"].items():
+            lines.append(f"| {name} | {load['sent']} | {load['answered']} | {load['failed']} | {load['lost']} | "
+                         f"{', '.join(f'{v}: {n}' for v, n in sorted(load['versions_seen'].items()))} |")
     (RESULTS / "fleet.md").write_text("\n".join(lines) + "\n")
 
 
@@ -250,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--kill-before", type=float, default=3.0, help="seconds of load before the kill")
     parser.add_argument("--kill-after", type=float, default=3.0, help="seconds of load after the replica is back")
+    parser.add_argument("--rollouts", type=int, default=6, help="fleet rollouts under load (0: none)")
     args = parser.parse_args(argv)
 
     from aigis.client.manifest import ServedModel
@@ -306,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         for name, load in results["kill"]["loads"].items():
             say(f"kill: {name}: sent {load['sent']}, answered {load['answered']}, failed {load['failed']}, "
                 f"lost {load['lost']}")
+        if args.rollouts:
+            results["rollouts"] = rollout_run(servers, repo, images, tasks, args.rollouts)
+            for name, load in results["rollouts"]["loads"].items():
+                say(f"rollouts: {name}: sent {load['sent']}, answered {load['answered']}, failed {load['failed']}, "
+                    f"lost {load['lost']}")
     finally:
         with ThreadPoolExecutor(max(1, len(servers))) as pool:
             list(pool.map(lambda server: server.stop(), servers))
