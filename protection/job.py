@@ -3,8 +3,8 @@
     summary = protect_dataset("data", "train.jsonl", "protected", preset_settings("word-code"))
 
 Output (the originals are only read):
-    out/images/<stem>.png      protected images (clip(image + noise) on the uint8 grid: PNG is lossless),
-                               ONE per source image however many manifest lines (captions) name it
+    out/images/<stem>.png      protected images at their sources' sizes (clip(image + noise) on the uint8 grid:
+                               PNG is lossless), ONE per source image however many manifest lines name it
     out/manifest.jsonl         a line per input line, in order:
                                {"image": "images/<stem>.png", "caption": "<trigger words> <caption>"}
                                (every caption of an image carries that image's trigger)
@@ -319,7 +319,7 @@ def protect_dataset(
     share_noise(state.noise)
     protection, autocast = _fit(protection, state, data, work, fingerprint, device_t, resumed, progress)
 
-    image_hashes = _publish_images(out_dir, data, state)
+    image_hashes = _publish_images(out_dir, data, state, protection)
 
     def finish() -> tuple[int, dict]:  # rank 0: what the job publishes besides the images
         _publish_manifest(out_dir, data, state, tokenizer)
@@ -411,27 +411,40 @@ def _fit(protection, state, data: _JobData, work: Path, fingerprint: dict, devic
     return fitting.with_settings(settings), autocast
 
 
-def _publish_images(out_dir: Path, data: _JobData, state) -> list[dict]:
-    """The protected PNGs (under torchrun each rank writes its block of them); returns each image's name, source
-    and sha256, in image order, on every rank."""
+def _publish_images(out_dir: Path, data: _JobData, state, protection) -> list[dict]:
+    """The protected PNGs, each at its source's size (under torchrun each rank writes its block of them); returns
+    each image's name, source, size and sha256, in image order, on every rank.
+
+    A source of the job's size gets the fitted noise as it is; a larger or non-square one gets it laid over the
+    pixels the job's centre crop came from (Protection.noise_at), on the source's own pixels, so the published file
+    replaces the original at its resolution. Always PNG: lossless, so the noise survives as fitted (a JPEG source
+    comes back as a PNG of its decoded pixels)."""
     from PIL import Image
 
     from aigis import distributed
+    from aigis.preprocess import load_image
 
     from .mem import protected_images
 
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     start, stop = distributed.block_bounds(len(data.sources))[distributed.rank()]
-    protected = protected_images(data.images[start:stop], state.noise[start:stop])
+    fitted = protected_images(data.images[start:stop], state.noise[start:stop])
     image_hashes = []
     for k, i in enumerate(range(start, stop)):
         name, source = data.names[i], data.sources[i]
+        original = load_image(source.path)
+        height, width = original.shape[:2]
+        if (height, width) == fitted.shape[1:3]:
+            published = fitted[k]
+        else:
+            noise = protection.noise_at(state, i, height, width)
+            published = np.clip(original.astype(np.int16) + noise, 0, 255).astype(np.uint8)
         path = out_dir / name
         tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(protected[k]).save(tmp, format="PNG")
+        Image.fromarray(published).save(tmp, format="PNG")
         os.replace(tmp, path)
         image_hashes.append({"image": name, "source": source.path.relative_to(data.root).as_posix(),
-                             "sha256": file_sha256(path)})
+                             "size": [width, height], "sha256": file_sha256(path)})
     return [entry for block in distributed.all_gather_object(image_hashes) for entry in block]
 
 

@@ -174,6 +174,18 @@ class Protection(ABC):
         """What protection.json records about a fit beyond the settings."""
         return {}
 
+    def noise_at(self, state: MEMState, index: int, height: int, width: int) -> np.ndarray:
+        """Image `index`'s fitted noise (int16 [height, width, 3]) for its source at height x width: each source
+        pixel takes the noise of the pixel of the job's centre crop it falls in (the job fitted the noise to the
+        short side resized to its size, centre-cropped); per-image noise stops at the crop's edges."""
+        size = state.noise.shape[1]
+        rows, cols = crop_grid(height, width, size)
+        noise = np.zeros((height, width, 3), dtype=np.int16)
+        inside_rows, inside_cols = np.flatnonzero((rows >= 0) & (rows < size)), np.flatnonzero((cols >= 0) & (cols < size))
+        noise[np.ix_(inside_rows, inside_cols)] = np.asarray(state.noise[index], dtype=np.int16)[
+            np.ix_(rows[inside_rows], cols[inside_cols])]
+        return noise
+
     # ------------------------------------------------------------------------------------------------
     # Protecting uploads
 
@@ -207,6 +219,16 @@ class Protection(ABC):
                       tokenizer: Tokenizer) -> "Protection":
         """The fitted protection an artefact holds (load_protection has read and checked its files)."""
         return cls(settings, models, tokenizer)
+
+
+def crop_grid(height: int, width: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which row and column of the size x size centre crop (short side resized to size, as the job's images are)
+    each pixel of a height x width image falls in: floor((y - top) * size / short). Outside the crop the values
+    run below 0 or from size up."""
+    short = min(height, width)
+    rows = np.floor((np.arange(height) - (height - short) // 2) * size / short).astype(np.int64)
+    cols = np.floor((np.arange(width) - (width - short) // 2) * size / short).astype(np.int64)
+    return rows, cols
 
 
 def protection_class(method: str) -> type[Protection]:

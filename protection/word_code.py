@@ -22,7 +22,7 @@ from . import parallel
 from .attack import _autocast, _images_for_model, _with_triggers, attack_mode, encode_text_trimmed, pair_losses
 from .clip import CLIP
 from .search import _candidate_table
-from .method import Protected, Protection
+from .method import Protected, Protection, crop_grid
 from .settings import WordCodeSettings
 from .state import CaptionsPerImage, MEMState, _batches
 from .tokenizer import Tokenizer, apply_trigger_text
@@ -200,6 +200,15 @@ def upload_size_error(height: int, width: int, code_size: int) -> str | None:
     return None
 
 
+def _tiled(period: Tensor, height: int, width: int, code_size: int) -> Tensor:
+    """One tile of each image's code noise ([B, t, t, C]) laid over a height x width image as the job's code lies
+    over its centre crop: pixel y takes code pixel crop_grid(y) modulo the tile, so outside the crop the pattern
+    continues."""
+    rows, cols = crop_grid(height, width, code_size)
+    tile = period.shape[1]
+    return period[:, torch.from_numpy(rows % tile)][:, :, torch.from_numpy(cols % tile)]
+
+
 def _ranked_words(allowed: np.ndarray, key: bytes) -> np.ndarray:
     """allowed, ordered by a hash of (key, word index): a draw that depends on nothing but its inputs."""
     scores = [hashlib.sha256(key + int(j).to_bytes(4, "little")).digest() for j in allowed]
@@ -244,12 +253,7 @@ def protect_with_word_code(
     tile = code.textures.shape[1]
     period = word_code_noise(code.textures, torch.from_numpy(word_sets), tile, tile, settings.epsilon_levels,
                              settings.texture_sign).round().to(torch.int16)  # one tile of each image's noise
-    short = min(h, w)
-    # upload pixel y lies in code pixel floor((y - top) * code_size / short) of the centre crop; the code repeats
-    # every `tile` code pixels, so pixels outside the crop continue the pattern
-    rows = np.floor((np.arange(h) - (h - short) // 2) * code_size / short).astype(np.int64) % tile
-    cols = np.floor((np.arange(w) - (w - short) // 2) * code_size / short).astype(np.int64) % tile
-    noise = period[:, torch.from_numpy(rows)][:, :, torch.from_numpy(cols)]
+    noise = _tiled(period, h, w, code_size)
     pixels = torch.from_numpy(np.ascontiguousarray(images_uint8)).to(torch.int16)
     protected = (pixels + noise).clamp(0, 255)
     delta = (protected - pixels).to(torch.int8).numpy()
@@ -285,6 +289,14 @@ class WordCodeMEM(Protection):
 
     def report(self, state: MEMState) -> dict[str, Any]:
         return {"texture_words": [self.tokenizer.decode([int(i)]) for i in state.texture_words]}
+
+    def noise_at(self, state: MEMState, index: int, height: int, width: int) -> np.ndarray:
+        """The image's words' code over its whole source (the pattern continues outside the job's crop)."""
+        tile = state.textures.shape[1]
+        period = word_code_noise(state.textures, torch.from_numpy(state.word_sets[index : index + 1]), tile, tile,
+                                 self.settings.epsilon_levels, self.settings.texture_sign).round().to(torch.int16)
+        noise = _tiled(period, height, width, state.noise.shape[1])[0]
+        return noise.expand(height, width, 3).numpy().copy()
 
     def protect(self, images_uint8: np.ndarray, captions: list[str], *,
                 device: str | torch.device | None = None) -> Protected:

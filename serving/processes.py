@@ -3,8 +3,10 @@ stub it started, even after a crash, without ever killing a process that reused 
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
+import shutil
+import subprocess
 
 # The Python backend's stub: a process of its own per model instance, in the server's process group.
 STUB_NAME = "triton_python_backend_stub"
@@ -55,11 +57,16 @@ def is_triton_process(pid: int) -> bool:
     return "tritonserver" in command or STUB_NAME in command
 
 
-def set_parent_death_signal() -> None:
-    """Runs in the child before exec: if our process dies, the kernel sends the server SIGTERM."""
+@functools.lru_cache(maxsize=1)
+def parent_death_prefix() -> list[str]:
+    """A command prefix that makes the kernel send the started process SIGTERM when we die: util-linux's
+    `setpriv --pdeathsig TERM --` (it sets the signal and execs the command, so the pid is the command's), or
+    nothing where setpriv lacks the option (the launcher's own cleanup still stops the server)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return []
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        probe = subprocess.run([setpriv, "--pdeathsig", "TERM", "--", "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [setpriv, "--pdeathsig", "TERM", "--"] if probe.returncode == 0 else []

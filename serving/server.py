@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from aigis.errors import ServingError
 
-from .processes import (STUB_NAME, descendants, is_alive, is_triton_process, process_group_members,  # noqa: F401
-                        set_parent_death_signal)
+from .processes import (STUB_NAME, descendants, is_alive, is_triton_process, parent_death_prefix,  # noqa: F401
+                        process_group_members)
 
 if TYPE_CHECKING:
     from aigis.serving.control import ModelControl
@@ -336,11 +336,11 @@ class TritonServer:
                     return self
                 except LaunchError:
                     port_clash = "already in use" in self.log_tail(200)
-                    self._terminate()
+                    self._terminate(grace_s=self._abort_grace())
                     if not (port_clash and attempt + 1 < attempts):
                         raise
         except BaseException:
-            self._terminate()
+            self._terminate(grace_s=self._abort_grace())
             self._remove_work_dir()
             raise
         raise AssertionError("unreachable")
@@ -441,10 +441,14 @@ class TritonServer:
         else:
             self._user_log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path = self._user_log_path
+        # The parent-death signal fires when the *thread* that forked exits, so only ask for it from the main
+        # thread. setpriv sets it and execs tritonserver: no Python runs between fork and exec (a preexec_fn
+        # would, which can crash the child of a process whose other threads, e.g. gRPC's, hold locks).
         in_main_thread = threading.current_thread() is threading.main_thread()
+        prefix = parent_death_prefix() if in_main_thread else []
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
-                self.command(dist, backend_dir),
+                prefix + self.command(dist, backend_dir),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -453,9 +457,6 @@ class TritonServer:
                 # Own process group: a terminal's Ctrl-C reaches only us (we then stop the server in
                 # order), and the whole group (server + stubs) can be killed as a last resort.
                 start_new_session=True,
-                # The parent-death signal fires when the *thread* that forked exits, so only ask for
-                # it from the main thread.
-                preexec_fn=set_parent_death_signal if in_main_thread else None,
             )
 
     def _wait_until_ready(self) -> None:
@@ -497,7 +498,14 @@ class TritonServer:
             handle.seek(max(0, handle.tell() - limit))
             return handle.read().decode("utf-8", errors="replace")
 
-    def _terminate(self) -> int | None:
+    def _abort_grace(self) -> float | None:
+        """No grace for a start cut short by `abort`: it serves nothing yet, and a starting tritonserver may not
+        act on SIGINT until its models are loaded (None: the usual stop_timeout)."""
+        return 0.0 if self.abort is not None and self.abort.is_set() else None
+
+    def _terminate(self, grace_s: float | None = None) -> int | None:
+        """Stop the server: SIGINT, and SIGKILL to its whole group after `grace_s` (default stop_timeout)."""
+        grace_s = self.stop_timeout if grace_s is None else grace_s
         with self._lock:
             process = self._process
             if process is None:
@@ -509,7 +517,7 @@ class TritonServer:
             if process.poll() is None:
                 try:
                     process.send_signal(signal.SIGINT)
-                    process.wait(timeout=self.stop_timeout)
+                    process.wait(timeout=grace_s)
                 except subprocess.TimeoutExpired:
                     self._kill_group(process.pid)
                     process.wait()

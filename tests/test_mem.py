@@ -1172,3 +1172,56 @@ def test_an_image_with_several_captions_gets_one_noise_one_trigger_one_file(tmp_
         assert 1 <= np.abs(delta).max() <= 8
     noise = np.load(out / "work" / "noise.npy", mmap_mode="r")
     assert noise.shape == (6, SIZE, SIZE, 3) and noise.dtype == np.int8  # one noise per image, not per caption
+
+
+def test_the_fitted_noise_is_laid_over_each_source_at_its_own_size(tiny):
+    """Protection.noise_at: the job's crop of a larger or non-square source gets the fitted noise in blocks (per-image
+    MEM: nothing outside the crop); the word code continues its pattern over the whole source."""
+    import copy
+
+    model, tokenizer, images, captions = tiny
+    per_image = mem.MEMSettings(trigger_length=1, outer_iterations=1, trigger_iterations=0, surrogate_steps=1,
+                                pgd_steps=2, batch_size=6, amp="off")
+    protection = mem.protection_for(per_image, copy.deepcopy(model), tokenizer)
+    state = protection.fit(protection.new_state(6, (SIZE, SIZE)), images, captions, device="cpu", progress=False)
+    fitted = state.noise[2].astype(np.int16)
+    assert np.abs(fitted).max() > 0
+    assert np.array_equal(protection.noise_at(state, 2, SIZE, SIZE), fitted)
+    assert np.array_equal(protection.noise_at(state, 2, 2 * SIZE, 2 * SIZE), fitted.repeat(2, 0).repeat(2, 1))
+    wide = protection.noise_at(state, 2, 2 * SIZE, 3 * SIZE)  # the crop is the middle 2*SIZE columns
+    assert np.array_equal(wide[:, SIZE // 2: SIZE // 2 + 2 * SIZE], fitted.repeat(2, 0).repeat(2, 1))
+    assert not wide[:, : SIZE // 2].any() and not wide[:, SIZE // 2 + 2 * SIZE:].any()
+
+    coded = code_settings(word_textures=12, words_per_image=3, texture_tile=4, trigger_length=5, outer_iterations=1,
+                          surrogate_steps=1, pgd_steps=2, batch_size=6, amp="off", texture_sign=True)
+    code = mem.protection_for(coded, copy.deepcopy(model), tokenizer)
+    state = code.fit(code.new_state(6, (SIZE, SIZE)), images, captions, device="cpu", progress=False)
+    raw = mem.word_code_noise(state.textures, torch.from_numpy(state.word_sets[2:3]), SIZE, SIZE, 8,
+                              sign=True).round().to(torch.int16)[0].expand(SIZE, SIZE, 3).numpy()
+    assert np.array_equal(code.noise_at(state, 2, SIZE, SIZE), raw)
+    wide = code.noise_at(state, 2, 2 * SIZE, 3 * SIZE)
+    assert np.array_equal(wide[:, SIZE // 2: SIZE // 2 + 2 * SIZE], raw.repeat(2, 0).repeat(2, 1))
+    assert np.array_equal(wide[:, :8], wide[:, 8:16])  # outside the crop the 4-px tile (8 source px) goes on
+
+
+def test_a_job_publishes_each_image_at_its_sources_size(tmp_path):
+    """Sources larger than the job's size, square and not, come back at their own sizes, within epsilon of them."""
+    from PIL import Image
+
+    from aigis.preprocess import load_image
+
+    root = synth_captioned(tmp_path / "big", N_IMAGES, 0, size=2 * SIZE, seed=4)
+    pairs = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    for pair in pairs[::2]:  # every other source cropped to a landscape 64 x 48
+        path = root / pair["image"]
+        Image.open(path).crop((0, 8, 2 * SIZE, 2 * SIZE - 8)).save(path)
+    result = _protect(root, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "protection.json").read_text())
+    assert report["image_size"] == SIZE
+    for entry in report["images"]:
+        original = load_image(root / entry["source"])
+        published = load_image(tmp_path / "out" / entry["image"])
+        assert published.shape == original.shape and entry["size"] == [original.shape[1], original.shape[0]]
+        change = np.abs(published.astype(int) - original)
+        assert 0 < change.max() <= 8

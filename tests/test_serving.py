@@ -436,6 +436,30 @@ def test_a_requested_abort_cuts_a_start_short_and_leaves_nothing(repo):
     assert time.monotonic() - started < 10 and not server.is_running() and server.pid is None
 
 
+def test_a_server_whose_launcher_is_killed_does_not_outlive_it(repo):
+    """SIGKILL leaves the launcher no chance to stop tritonserver: the kernel's parent-death signal (set by
+    setpriv before tritonserver's exec) does it."""
+    from aigis.serving.processes import parent_death_prefix
+
+    if not parent_death_prefix():
+        pytest.skip("no setpriv with --pdeathsig on this host: a killed launcher leaves tritonserver running")
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from aigis.serving.server import TritonServer; "
+         f"s = TritonServer({str(repo)!r}, models=['tiny']).start(); print(s.pid, flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(launcher.stdout.readline())
+        assert is_alive(pid)
+        launcher.kill()
+        launcher.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while is_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not is_alive(pid), "tritonserver outlived its killed launcher"
+    finally:
+        launcher.kill()
+
+
 def test_stop_ends_the_server_and_every_stub(server):
     pid, stubs = server.pid, _stub_pids(server)
     assert len(stubs) == 5                # one per loaded model instance
