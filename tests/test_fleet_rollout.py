@@ -1,7 +1,8 @@
 """A fleet rollout over two real tritonserver replicas reading one repository, each under a steady load.
 
 `aigis models rollout --url A,B` moves both replicas, one after the other, and the repository's pointer with
-them; no request to either replica fails, is lost or is misread. When a replica dies during a fleet rollout,
+them; no request to either replica fails, is lost or is misread (A carries every kind of load: the sync client,
+the asyncio client on lorax_bytes, plain tritonclient calls to both ensembles). When a replica dies during a fleet rollout,
 the replica already moved goes back, and the pointer with it (the version a restarted replica comes back on, as
 tests/test_objectstore.py shows). `aigis models status` shows what each replica serves.
 """
@@ -17,6 +18,7 @@ import pytest
 
 from aigis import contract
 from aigis.cli import main as aigis_main
+from aigis.client.loadcheck import LOADS as ALL_LOADS
 from aigis.client.loadcheck import start_loads
 from aigis.export import load_version
 from aigis.export.fleet import FleetRolloutError, fleet_rollout, parse_urls
@@ -24,7 +26,9 @@ from aigis.export.repository import pointed_version
 from aigis.serving.server import TritonServer
 from tiny_run import TASKS, two_version_copy
 
-LOADS = ("client, lorax", "tritonclient, lorax_bytes")  # the sync client and plain tritonclient calls, per replica
+# Replica A carries every kind of load (the sync client's micro-batcher, the asyncio client on lorax_bytes, plain
+# tritonclient calls to both ensembles), B the sync client's.
+A_LOADS, B_LOADS = tuple(ALL_LOADS), ("client, lorax",)
 
 
 @pytest.fixture(scope="module")
@@ -64,25 +68,24 @@ def test_a_fleet_rolls_replica_by_replica_and_back_when_one_dies(fleet_repo, cap
             with server.control() as control:
                 load_version(control, repo, 2)
         fleet = f"{a.grpc_url},{b.grpc_url}"
-        loads = {server.grpc_url: start_loads(server.grpc_url, images, TASKS, expected, LOADS) for server in (a, b)}
+        loads = {a.grpc_url: start_loads(a.grpc_url, images, TASKS, expected, A_LOADS),
+                 b.grpc_url: start_loads(b.grpc_url, images, TASKS, expected, B_LOADS)}
         time.sleep(1.0)
 
-        # Forward, then back: both replicas move, one after the other, and the pointer with them.
-        for version in (3, 2):
-            assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", fleet, "--version", str(version)]) == 0
-            out = capsys.readouterr().out
-            assert f"{a.grpc_url}: ensemble version {5 - version} -> {version}" in out, out
-            assert f"{b.grpc_url}: ensemble version {5 - version} -> {version}" in out, out
-            assert pointed_version(repo, contract.ENSEMBLE_MODEL) == version
-            time.sleep(0.5)
+        # Forward: both replicas move, one after the other, and the pointer with them.
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", fleet, "--version", "3"]) == 0
+        out = capsys.readouterr().out
+        assert f"{a.grpc_url}: ensemble version 2 -> 3" in out and f"{b.grpc_url}: ensemble version 2 -> 3" in out, out
+        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 3
+        time.sleep(0.5)
         assert aigis_main(["models", "status", "--url", fleet, "--repo", str(repo), "--json"]) == 0
         status = json.loads(capsys.readouterr().out)
         for url in (a.grpc_url, b.grpc_url):
-            assert status["replicas"][url][contract.ENSEMBLE_MODEL] == ["2"], status
-        assert status["repository"][contract.ENSEMBLE_MODEL] == 2
+            assert status["replicas"][url][contract.ENSEMBLE_MODEL] == ["3"], status
+        assert status["repository"][contract.ENSEMBLE_MODEL] == 3
 
-        # B's load saw both versions and lost nothing; then B dies once A has moved to 3: A goes back to 2, and
-        # the pointer with it.
+        # B's load saw both versions and lost nothing; then B dies once A has moved back to 2: A goes forward to 3
+        # again, and the pointer with it.
         load_b = loads.pop(b.grpc_url)
         _stop(load_b)
         _check(load_b[1], {"2", "3"})
@@ -95,21 +98,22 @@ def test_a_fleet_rolls_replica_by_replica_and_back_when_one_dies(fleet_repo, cap
 
         with a.control() as control_a, b.control() as control_b:
             with pytest.raises(FleetRolloutError, match="rolled back") as failed:
-                fleet_rollout([(a.grpc_url, control_a), (b.grpc_url, control_b)], repo, 3, after_each=kill_b)
+                fleet_rollout([(a.grpc_url, control_a), (b.grpc_url, control_b)], repo, 2, after_each=kill_b)
         moved, dead = failed.value.results
-        assert moved.rolled_back and (moved.before, moved.after) == (2, 2) and dead.error
-        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 2
+        assert moved.rolled_back and (moved.before, moved.after) == (3, 3) and dead.error
+        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 3
         assert aigis_main(["models", "status", "--url", fleet]) == 1
         out = capsys.readouterr().out
-        assert f"{b.grpc_url}: unreachable" in out and f"{a.grpc_url}: {contract.ENSEMBLE_MODEL} 2" in out, out
+        assert f"{b.grpc_url}: unreachable" in out and f"{a.grpc_url}: {contract.ENSEMBLE_MODEL} 3" in out, out
 
         load_a = loads.pop(a.grpc_url)
         _stop(load_a)
-        _check(load_a[1], {"2", "3"})  # A's load saw the move and the rollback without a loss
+        _check(load_a[1], {"2", "3"})  # every load on A saw the move, the move back and the rollback, losing nothing
+        assert all(set(t.versions) == {"2", "3"} for t in load_a[1].values())
         # A replica that does not answer before the start: nothing moves.
         b.stop()  # (what is left of the killed one)
-        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", fleet, "--version", "3"]) == 2
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", fleet, "--version", "2"]) == 2
         assert "nothing was moved" in capsys.readouterr().err
-        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 2
+        assert pointed_version(repo, contract.ENSEMBLE_MODEL) == 3
         with a.control() as control:
-            assert control.is_ready(contract.ENSEMBLE_MODEL, "2")
+            assert control.is_ready(contract.ENSEMBLE_MODEL, "3")
