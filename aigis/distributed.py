@@ -184,12 +184,18 @@ def process_group(device: str, environ: Mapping[str, str] | None = None, quiet: 
         logger.setLevel(logging.WARNING)
     (log.debug if quiet else log.info)(f"process group: {launch.world_size} process(es) over {backend} "
              f"({launch.local_world_size} on this machine), rendezvous {launch.master}")
+    finished = False
     try:
         yield launch
+        finished = True
     finally:
         logger.setLevel(level)
         _launch = None
         try:
+            if finished:
+                # Leave together: a rank tearing its connections down while another is still in its last
+                # collective can make gloo's transport thread abort the other process (SIGABRT at exit).
+                dist.barrier()
             dist.destroy_process_group()
         except Exception as exc:  # noqa: BLE001 - leaving a broken group must not hide the job's own error
             log.warning(f"leaving the process group: {exc}")
