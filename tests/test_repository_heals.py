@@ -75,9 +75,8 @@ def test_an_export_killed_at_any_point_leaves_a_valid_repository_and_the_next_on
     duration = time.monotonic() - started
     assert versions(tmp_path / "timing", contract.ENSEMBLE_MODEL) == [2, 3]
 
-    # 3 kills spread over the run (loading, exporting, checking), 4 inside the publish window.
-    points = [("after", duration * f) for f in (0.2, 0.5, 0.8)] + \
-             [("publishing", d) for d in (0.0, 0.005, 0.02, 0.05)]
+    # 2 kills spread over the run (exporting, checking), 3 inside the publish window.
+    points = [("after", duration * f) for f in (0.4, 0.8)] + [("publishing", d) for d in (0.0, 0.005, 0.03)]
     interrupted = 0
     for k, (kind, at) in enumerate(points):
         repo = tmp_path / f"repo{k}"
@@ -100,7 +99,7 @@ def test_an_export_killed_at_any_point_leaves_a_valid_repository_and_the_next_on
         assert versions(repo, contract.ENSEMBLE_MODEL) == [2, 3]
         assert versions(repo, contract.classifier_model(3)) == [1] and versions(repo, contract.decode_model(3)) == [1]
         assert leftovers(repo) == []
-    assert interrupted >= 5, f"only {interrupted} of {len(points)} kills landed before the export finished"
+    assert interrupted >= 4, f"only {interrupted} of {len(points)} kills landed before the export finished"
 
 
 def test_stale_leftovers_go_under_the_lock_and_a_live_writer_is_waited_for(base, tmp_path):

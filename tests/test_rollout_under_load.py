@@ -32,7 +32,7 @@ def two_versions(tmp_path_factory, two_version_source) -> dict:
 
 
 # ---- a supervised server: tritonserver killed under load ----------------------------------------------
-KILLS = 2
+KILLS = 1  # benchmarks/fault_run.py kills 3 times
 
 
 def start_aigis_serve(repo: Path, tmp_path: Path, key: str) -> tuple[subprocess.Popen, queue.Queue, dict]:
@@ -93,7 +93,7 @@ def test_a_killed_tritonserver_is_restarted_and_no_request_is_lost(two_versions,
             thread.join(timeout=120)
         process.send_signal(signal.SIGTERM)
         rest = wait_for_line(lines, "stopped (tritonserver exit status", 60)
-        assert process.wait(timeout=60) == 0 and f"{KILLS} restarts)" in rest, rest
+        assert process.wait(timeout=60) == 0 and f"{KILLS} restart{'s' if KILLS != 1 else ''})" in rest, rest
     finally:
         stop.set()
         if process.poll() is None:
