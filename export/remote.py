@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from aigis import contract
-from aigis.objectstore import CONFIG_FILE, ObjectStoreError, S3Url, is_hidden, is_s3_url
+from aigis.objectstore import CONFIG_FILE, LocalRepository, ObjectStoreError, S3Url, is_hidden, is_s3_url
 
 log = logging.getLogger(__name__)
 
@@ -289,15 +289,6 @@ class S3Mirror:
             if write:
                 self._release()
 
-    def _local_files(self) -> list[str]:
-        assert self.root is not None
-        found = []
-        for folder, subfolders, names in os.walk(self.root):
-            subfolders[:] = [n for n in subfolders if not n.startswith(".") and n != "__pycache__"]
-            base = Path(folder).relative_to(self.root)
-            found += [(base / n).as_posix() for n in names if not n.startswith(".")]
-        return sorted(found)
-
     def put_pointer(self, model: str) -> None:
         """Write `<model>/config.pbtxt` through (a pointer moved in the mirror)."""
         if not self.writing:
@@ -310,8 +301,9 @@ class S3Mirror:
     def push(self) -> list[str]:
         """Upload what the mirror gained, in the order that keeps every reader's view whole; returns the keys."""
         assert self.root is not None
-        new = [f for f in self._local_files() if f not in self._remote]
-        changed = [f for f in self._local_files() if f in self._remote and _md5(self.root / f) != self._remote[f]]
+        local = LocalRepository(self.root).files()  # hidden entries (the local lock) and bytecode caches stay behind
+        new = [f for f in local if f not in self._remote]
+        changed = [f for f in local if f in self._remote and _md5(self.root / f) != self._remote[f]]
         rewritten = [f for f in changed if not (f.count("/") == 1 and f.endswith(f"/{CONFIG_FILE}"))]
         if rewritten:
             raise ObjectStoreError(f"{self.url}: {rewritten[0]} changed in the mirror; published objects are never "
