@@ -46,6 +46,11 @@ def extractor_model(task_name: str) -> str:
     return f"lorax_extractor_{task_name}"
 
 
+# With a shared trunk (lora.last_blocks set) the frozen early blocks are one model that every version's
+# ensemble runs once per image; each task's extractor is then the tail after it, taking TRUNK.
+TRUNK_MODEL = "lorax_trunk"
+
+
 # The steps that change with each ensemble version are models of their own, named by that version (each
 # holds only version 1). A rollout then loads the new version's steps beside the served ones and switches
 # the ensembles last: Triton never reloads a model that a served ensemble version depends on, which would
@@ -63,6 +68,7 @@ def decode_model(version: int | str) -> str:
 IMAGES = "IMAGES"              # uint8 [N, H, W, 3], already decoded and centre-cropped
 IMAGE_BYTES = "IMAGE_BYTES"    # BYTES [N], encoded image files
 FEATURES = "FEATURES"          # float32 [N, D], one extractor's output
+TRUNK = "TRUNK"                # float32 [N, ...], the shared trunk's activations (the tails' input)
 
 
 def features_input(task_index: int) -> str:

@@ -1,5 +1,6 @@
 """Export a training run's attribution models into the versioned repository (repository.py's layout): one
-extractor per task, then per version its classifier, decode step and ensembles, each version published whole."""
+extractor per task (with a shared trunk: the trunk once, then one tail per task), then per version its classifier,
+decode step and ensembles, each version published whole."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Callable
 from aigis import contract
 
 from .configs import (CONFIG_FILE, LABELS_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
-                      extractor_config, manifest_of, read_config)
+                      extractor_config, manifest_of, read_config, trunk_config)
 from .repository import (MANIFEST_FORMAT, SOURCE_FILE, RepositoryError, _sha256_files, publish_version, version_models,
                          versions)
 
@@ -190,8 +191,9 @@ def _check_images(run_dir: Path, manifest: dict, data_root: str | Path | None,
 
 def _extractors(model: Any, run_dir: Path, repo: Path, check: _Check, need_classifier: bool, options: TargetOptions,
                 say: Callable[..., None]) -> tuple[list, dict[str, list]]:
-    """One extractor per task, written once (an existing one must hold the same adapter): the checked graphs to
-    publish, and every extractor's features of the check images when the classifier must be checked too."""
+    """One extractor per task (with a shared trunk: the trunk once, then one tail per task), each written once (an
+    existing one must hold the same adapter): the checked graphs to publish, and every extractor's features of
+    the check images when the classifier must be checked too."""
     import torch
 
     from . import onnx_export
@@ -200,6 +202,12 @@ def _extractors(model: Any, run_dir: Path, repo: Path, check: _Check, need_class
     crop = int(manifest["crop"])
     features: dict[str, list] = {name: [] for name, _ in check.image_sets}
     pending: list[tuple[str, int, bytes, dict, dict]] = []
+    # What every extractor takes, per check set: the images, or the trunk's activations of them.
+    extractor_inputs = dict(check.image_sets)
+    tensor_names, trunk_dims = (contract.IMAGES, contract.FEATURES), None
+    if model.shared_trunk:
+        trunk_dims, extractor_inputs = _trunk(model, run_dir, repo, check, options, pending, say)
+        tensor_names = (contract.TRUNK, contract.FEATURES)
     for k, task in enumerate(manifest["tasks"]):
         name = contract.extractor_model(task)
         adapter_sha = _sha256_files([run_dir / manifest["task_entries"][k]["files"]["adapter.safetensors"]])
@@ -210,23 +218,67 @@ def _extractors(model: Any, run_dir: Path, repo: Path, check: _Check, need_class
             if not need_classifier:
                 continue
         extractor = model.merged_extractor(k)
-        for set_name, images in check.image_sets:
+        for set_name, batch in extractor_inputs.items():
             with torch.no_grad():
-                features[set_name].append(extractor(torch.from_numpy(images)).numpy())
+                features[set_name].append(extractor(torch.from_numpy(batch)).numpy())
         if exists:
             continue
         say(f"  exporting {name} ...")
         # Export a copy (export may fix input-size-dependent constants); check against the untouched one.
-        graph = onnx_export.extractor_onnx(model.merged_extractor(k), crop)
-        checks = [onnx_export.check_extractor(name, graph, extractor, images, set_name, check.rtol, runtime)
-                  for set_name, images in check.image_sets for runtime in check.runtimes]
+        if model.shared_trunk:
+            graph = onnx_export.tail_onnx(model.merged_extractor(k), torch.from_numpy(next(iter(extractor_inputs.values()))))
+        else:
+            graph = onnx_export.extractor_onnx(model.merged_extractor(k), crop)
+        checks = [onnx_export.check_one_to_one(name, graph, extractor, tensor_names, batch, set_name, check.rtol, runtime)
+                  for set_name, batch in extractor_inputs.items() for runtime in check.runtimes]
         onnx_export.require(checks)
         check.report.checks += checks
         source_info = {"task": task, "task_index": k, "adapter_sha256": adapter_sha,
                        "backbone": manifest["backbone"]["name"], "backbone_sha256": manifest["backbone"]["sha256"],
                        "run": str(run_dir.resolve())}
-        pending.append((name, 1, graph, extractor_config(task, crop, model.feature_dim, options), source_info))
+        if model.shared_trunk:
+            source_info["trunk_split"] = model.trunk_split
+        pending.append((name, 1, graph, extractor_config(task, crop, model.feature_dim, options, trunk_dims),
+                        source_info))
     return pending, features
+
+
+def _trunk(model: Any, run_dir: Path, repo: Path, check: _Check, options: TargetOptions, pending: list,
+           say: Callable[..., None]) -> tuple[list[int], dict[str, Any]]:
+    """The shared trunk, written once for every version (an existing one must be this run's): its activations'
+    dims, and its activations of each check set, which the tails take."""
+    import torch
+
+    from . import onnx_export
+
+    manifest = model.manifest
+    crop = int(manifest["crop"])
+    trunk = model.trunk_module()
+    with torch.no_grad():
+        activations = {set_name: trunk(torch.from_numpy(images)).numpy() for set_name, images in check.image_sets}
+    dims = list(next(iter(activations.values())).shape[1:])
+    identity = {"backbone": manifest["backbone"]["name"], "backbone_sha256": manifest["backbone"]["sha256"],
+                "crop": crop, "trunk_split": model.trunk_split}
+    if 1 in versions(repo, contract.TRUNK_MODEL):
+        source = repo / contract.TRUNK_MODEL / "1" / SOURCE_FILE
+        recorded = json.loads(source.read_text()) if source.is_file() else {}
+        if {key: recorded.get(key) for key in identity} != identity:
+            raise RepositoryError(f"{repo / contract.TRUNK_MODEL} holds another trunk ({recorded.get('backbone')}, crop "
+                                  f"{recorded.get('crop')}, split at block {recorded.get('trunk_split')}; this run: "
+                                  f"{identity['backbone']}, crop {crop}, split at block {model.trunk_split}); "
+                                  f"export into a new repository")
+        check.report.reused.append(contract.TRUNK_MODEL)
+        return dims, activations
+    say(f"  exporting {contract.TRUNK_MODEL} (blocks before {model.trunk_split}, shared by every task) ...")
+    graph = onnx_export.trunk_onnx(model.trunk_module(), crop)
+    checks = [onnx_export.check_one_to_one(contract.TRUNK_MODEL, graph, trunk, (contract.IMAGES, contract.TRUNK), images,
+                                           set_name, check.rtol, runtime)
+              for set_name, images in check.image_sets for runtime in check.runtimes]
+    onnx_export.require(checks)
+    check.report.checks += checks
+    pending.append((contract.TRUNK_MODEL, 1, graph, trunk_config(crop, dims, options),
+                    {**identity, "run": str(run_dir.resolve())}))
+    return dims, activations
 
 
 def _require_same_adapter(repo: Path, name: str, task: str, adapter_sha: str, manifest: dict, run_dir: Path) -> None:
@@ -264,8 +316,10 @@ def _publish_version_models(repo: Path, model: Any, version: int, source: str, r
         contract.classifier_model(version): (classifier_config(version, len(tasks), model.feature_dim, options),
                                              {"model.onnx": classifier_graph}),
         contract.decode_model(version): (decode_config(version, crop, options), decode_files()),
-        contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options), {}),
-        contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True), {}),
+        contract.ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options,
+                                                  shared_trunk=model.shared_trunk), {}),
+        contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True,
+                                                        shared_trunk=model.shared_trunk), {}),
     }
     labels = {LABELS_FILE: "".join(f"{name}\n" for name in manifest["class_names"]).encode()}
     for name, model_version in version_models(version):

@@ -228,4 +228,5 @@ def run_status(args: argparse.Namespace) -> int:
 
 def _is_step(name: str) -> bool:
     """A per-task or per-version step of the ensembles (listed by count, not by name)."""
-    return name.startswith((contract.extractor_model(""), contract.classifier_model(""), contract.decode_model("")))
+    return name.startswith((contract.extractor_model(""), contract.classifier_model(""), contract.decode_model(""),
+                            contract.TRUNK_MODEL))

@@ -94,11 +94,23 @@ def warmup(inputs: list[dict]) -> list[dict]:
              "inputs": {i["name"]: {"data_type": i["data_type"], "dims": i["dims"], "zero_data": True} for i in inputs}}]
 
 
-def extractor_config(task: str, crop: int, feature_dim: int, options: TargetOptions) -> dict:
-    """lorax_extractor_<task>: uint8 IMAGES [crop, crop, 3] -> FEATURES [D]; only ever version 1."""
-    inputs = [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])]
+def extractor_config(task: str, crop: int, feature_dim: int, options: TargetOptions,
+                     trunk_dims: list[int] | None = None) -> dict:
+    """lorax_extractor_<task>: uint8 IMAGES [crop, crop, 3] -> FEATURES [D], or with a shared trunk (its
+    activations' `trunk_dims`) the tail TRUNK -> FEATURES [D]; only ever version 1."""
+    inputs = ([tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])] if trunk_dims is None
+              else [tensor(contract.TRUNK, "TYPE_FP32", trunk_dims)])
     config = _onnx_model(contract.extractor_model(task), 1, inputs,
                          [tensor(contract.FEATURES, "TYPE_FP32", [feature_dim])], options)
+    config["model_warmup"] = warmup(inputs)
+    return config
+
+
+def trunk_config(crop: int, trunk_dims: list[int], options: TargetOptions) -> dict:
+    """lorax_trunk: uint8 IMAGES [crop, crop, 3] -> TRUNK activations; only ever version 1, shared by every
+    ensemble version."""
+    inputs = [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])]
+    config = _onnx_model(contract.TRUNK_MODEL, 1, inputs, [tensor(contract.TRUNK, "TYPE_FP32", trunk_dims)], options)
     config["model_warmup"] = warmup(inputs)
     return config
 
@@ -139,8 +151,9 @@ def _step(model: str, version: int, inputs: dict[str, str], outputs: dict[str, s
 
 
 def ensemble_config(version: int, tasks: list[str], crop: int, manifest: dict, options: TargetOptions,
-                    from_bytes: bool = False) -> dict:
-    """lorax (uint8 images) or lorax_bytes (encoded files): every extractor in parallel, then the classifier.
+                    from_bytes: bool = False, shared_trunk: bool = False) -> dict:
+    """lorax (uint8 images) or lorax_bytes (encoded files): every extractor in parallel, then the classifier;
+    with a shared trunk, the trunk once first and every extractor (a tail) on its activations.
 
     Steps pin exact versions, so ensemble version v always means the model after task v. The manifest
     the client reads travels as a config parameter.
@@ -152,8 +165,12 @@ def ensemble_config(version: int, tasks: list[str], crop: int, manifest: dict, o
         source = "decoded_images"
         steps.append(_step(contract.decode_model(version), 1, {contract.IMAGE_BYTES: contract.IMAGE_BYTES},
                            {contract.IMAGES: source}))
+    extractor_input = contract.IMAGES
+    if shared_trunk:
+        steps.append(_step(contract.TRUNK_MODEL, 1, {contract.IMAGES: source}, {contract.TRUNK: "trunk"}))
+        source, extractor_input = "trunk", contract.TRUNK
     for t, task in enumerate(tasks):
-        steps.append(_step(contract.extractor_model(task), 1, {contract.IMAGES: source},
+        steps.append(_step(contract.extractor_model(task), 1, {extractor_input: source},
                            {contract.FEATURES: f"features_{t}"}))
     steps.append(_step(contract.classifier_model(version), 1,
                        {contract.features_input(t): f"features_{t}" for t in range(len(tasks))},

@@ -1,7 +1,8 @@
 """PyTorch -> ONNX for the served pieces, and the check that the ONNX model computes what PyTorch does.
 
 An extractor is the backbone with one adapter merged in, preceded by the uint8 -> normalised-float
-input step, so the graph takes the client's uint8 NHWC images directly. The classifier takes the T
+input step, so the graph takes the client's uint8 NHWC images directly. With a shared trunk, the trunk
+takes the images and each task's extractor is only its tail, taking the trunk's activations. The classifier takes the T
 feature tensors and returns logits and their softmax.
 """
 
@@ -81,11 +82,25 @@ def _to_onnx_bytes(module: nn.Module, example: tuple[Tensor, ...], input_names: 
 
 def extractor_onnx(extractor: nn.Module, crop: int) -> bytes:
     """uint8 IMAGES [N, crop, crop, 3] -> float32 FEATURES [N, D] (`extractor` is a merged copy; may be adapted)."""
-    backbone = getattr(extractor, "backbone", None)
+    return _image_model_onnx(extractor, crop, contract.FEATURES)
+
+
+def trunk_onnx(trunk: nn.Module, crop: int) -> bytes:
+    """uint8 IMAGES [N, crop, crop, 3] -> float32 TRUNK activations (`trunk` is a copy; may be adapted)."""
+    return _image_model_onnx(trunk, crop, contract.TRUNK)
+
+
+def tail_onnx(tail: nn.Module, trunk_example: Tensor) -> bytes:
+    """float32 TRUNK activations -> float32 FEATURES [N, D]: one task's tail, its adapter merged in."""
+    return _to_onnx_bytes(tail, (trunk_example[:2].contiguous(),), [contract.TRUNK], [contract.FEATURES])
+
+
+def _image_model_onnx(module: nn.Module, crop: int, output: str) -> bytes:
+    backbone = getattr(module, "backbone", None)
     if hasattr(backbone, "fix_input_size"):
         backbone.fix_input_size(crop)      # position embeddings for this crop, computed once, as constants
     example = torch.randint(0, 256, (2, crop, crop, 3), dtype=torch.uint8)
-    return _to_onnx_bytes(extractor, (example,), [contract.IMAGES], [contract.FEATURES])
+    return _to_onnx_bytes(module, (example,), [contract.IMAGES], [output])
 
 
 def classifier_onnx(classifier: nn.Module, num_tasks: int, feature_dim: int) -> bytes:
@@ -122,10 +137,18 @@ def run_onnx(model: bytes, names: list[str], feeds: dict[str, np.ndarray], runti
 def check_extractor(name: str, onnx_model: bytes, extractor: nn.Module, images: np.ndarray, inputs: str,
                     rtol: float = RTOL, runtime: str = "onnxruntime") -> Check:
     """Compare FEATURES of the ONNX extractor and the PyTorch one on uint8 NHWC `images`."""
+    return check_one_to_one(name, onnx_model, extractor, (contract.IMAGES, contract.FEATURES), images, inputs, rtol,
+                            runtime)
+
+
+def check_one_to_one(name: str, onnx_model: bytes, module: nn.Module, names: tuple[str, str], batch: np.ndarray,
+                     inputs: str, rtol: float = RTOL, runtime: str = "onnxruntime") -> Check:
+    """Compare the one output of an ONNX model and of the PyTorch module on `batch` (names: (input, output))."""
+    batch = np.ascontiguousarray(batch)
     with torch.no_grad():
-        expected = extractor(torch.from_numpy(np.ascontiguousarray(images))).numpy()
-    got = run_onnx(onnx_model, [contract.FEATURES], {contract.IMAGES: images}, runtime)[0]
-    return Check(name, inputs, len(images), float(np.abs(got - expected).max()), float(np.abs(expected).max()), rtol,
+        expected = module(torch.from_numpy(batch)).numpy()
+    got = run_onnx(onnx_model, [names[1]], {names[0]: batch}, runtime)[0]
+    return Check(name, inputs, len(batch), float(np.abs(got - expected).max()), float(np.abs(expected).max()), rtol,
                  runtime)
 
 

@@ -2,6 +2,8 @@
 
     <repo>/lorax_extractor_<task>/1/model.onnx       written once per task, never rewritten
     <repo>/lorax_extractor_<task>/1/source.json      which adapter it holds (its sha256)
+    <repo>/lorax_trunk/1/model.onnx                  with a shared trunk: the frozen early blocks, written once;
+                                                     each extractor is then only its task's tail
     <repo>/lorax_classifier_v<v>/1/model.onnx        classifier over the extractors of tasks 1..v
     <repo>/lorax_decode_v<v>/1/model.py              bytes -> images, the first step of lorax_bytes version v
     <repo>/lorax/<v>/, <repo>/lorax_bytes/<v>/        ensemble version v = the model after task v

@@ -86,7 +86,7 @@ def retire_steps(control: Any, repo: str | Path, prune: bool = False) -> list[st
               for model, _ in ensemble_dependencies(version_config(repo, ensemble, int(v)))}
     prefixes = (contract.classifier_model(""), contract.decode_model(""))
     if prune:
-        prefixes += (contract.extractor_model(""),)
+        prefixes += (contract.extractor_model(""), contract.TRUNK_MODEL)
     retired = []
     for model in sorted(loaded):
         if model.startswith(prefixes) and model not in needed:

@@ -1,4 +1,4 @@
-"""TensorRT engines (`tensorrt_plan`) for the extractors, built from their ONNX files on a GPU host.
+"""TensorRT engines (`tensorrt_plan`) for the extractors (and a shared trunk), built from their ONNX files on a GPU host.
 
 Engines are specific to the GPU and TensorRT version that build them, so they are built where they are
 served: `aigis export --tensorrt-plan` on the GPU machine. Each goes beside the ONNX extractor as a model
@@ -12,7 +12,7 @@ from pathlib import Path
 from aigis import contract
 
 from .configs import tensor
-from .repository import publish_version, versions
+from .repository import publish_version, version_config, versions
 
 PLAN_SUFFIX = "_trt"
 
@@ -40,8 +40,10 @@ def build_plans(repo: str | Path, tasks: list[str], max_batch_size: int = 64, fp
     repo = Path(repo)
     lines = []
     logger = trt.Logger(trt.Logger.WARNING)
-    for task in tasks:
-        source = contract.extractor_model(task)
+    sources = [contract.extractor_model(task) for task in tasks]
+    if 1 in versions(repo, contract.TRUNK_MODEL):
+        sources.insert(0, contract.TRUNK_MODEL)     # a shared trunk's tails take its activations, not images
+    for source in sources:
         name = source + PLAN_SUFFIX
         if 1 in versions(repo, name):
             lines.append(f"{name}: engine already built")
@@ -53,11 +55,12 @@ def build_plans(repo: str | Path, tasks: list[str], max_batch_size: int = 64, fp
         if not parser.parse(onnx_path.read_bytes()):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise RuntimeError(f"{onnx_path}: TensorRT cannot parse it: {errors}")
-        image = network.get_input(0)
-        crop = image.shape[1]
+        source_config = version_config(repo, source, 1)
+        (model_input,), (model_output,) = source_config["input"], source_config["output"]
+        dims = tuple(int(d) for d in model_input["dims"])
         profile = builder.create_optimization_profile()
-        profile.set_shape(image.name, (1, crop, crop, 3), (max(1, max_batch_size // 2), crop, crop, 3),
-                          (max_batch_size, crop, crop, 3))
+        profile.set_shape(network.get_input(0).name, (1, *dims), (max(1, max_batch_size // 2), *dims),
+                          (max_batch_size, *dims))
         config = builder.create_builder_config()
         config.add_optimization_profile(profile)
         if fp16:
@@ -65,12 +68,11 @@ def build_plans(repo: str | Path, tasks: list[str], max_batch_size: int = 64, fp
         engine = builder.build_serialized_network(network, config)
         if engine is None:
             raise RuntimeError(f"{onnx_path}: TensorRT failed to build an engine")
-        feature_dim = network.get_output(0).shape[1]
         plan_config = {
             "name": name, "platform": "tensorrt_plan", "version_policy": {"specific": {"versions": [1]}},
             "max_batch_size": max_batch_size,
-            "input": [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])],
-            "output": [tensor(contract.FEATURES, "TYPE_FP32", [feature_dim])],
+            "input": [tensor(model_input["name"], model_input["data_type"], list(dims))],
+            "output": [tensor(model_output["name"], model_output["data_type"], model_output["dims"])],
             "dynamic_batching": {}, "instance_group": [{"kind": "KIND_GPU", "count": 1}],
         }
         publish_version(repo, name, 1, plan_config, lambda folder, data=bytes(engine): (folder / "model.plan").write_bytes(data))

@@ -82,7 +82,8 @@ def test_onnx_models_compute_what_pytorch_computes(workspace):
         session = ort.InferenceSession(str(workspace["repo"] / contract.extractor_model(task) / "1" / "model.onnx"))
         got = session.run(None, {contract.IMAGES: images})[0]
         with torch.no_grad():
-            unmerged = model.task_features(model.image_input(torch.from_numpy(images)), k).numpy()
+            trunk = model.trunk_features(model.image_input(torch.from_numpy(images)))
+            unmerged = model.task_features(trunk, k).numpy()
         assert np.abs(got - unmerged).max() < 1e-4 * max(1.0, np.abs(unmerged).max())
         features.append(got)
     classifier = ort.InferenceSession(str(workspace["repo"] / contract.classifier_model(2) / "1" / "model.onnx"))
@@ -90,6 +91,47 @@ def test_onnx_models_compute_what_pytorch_computes(workspace):
     with torch.no_grad():
         expected = torch.softmax(model(torch.from_numpy(images)), 1).numpy()
     assert np.abs(probs - expected).max() < 1e-4
+
+
+def test_a_shared_trunk_is_exported_once_and_its_ensemble_computes_the_model(two_version_source, tmp_path):
+    """lora.last_blocks: one trunk model for every version, one tail per task taking its activations, wired
+    trunk -> tails -> classifier; the pieces together answer what the in-process model answers."""
+    import onnxruntime as ort
+
+    repo = two_version_source["repo"]
+    assert versions(repo, contract.TRUNK_MODEL) == [1] and versions(repo, contract.ENSEMBLE_MODEL) == [2, 3]
+    for task in TASKS:
+        config = read_config(repo / contract.extractor_model(task) / "1" / "config.pbtxt")
+        assert [i["name"] for i in config["input"]] == [contract.TRUNK]
+    for version in (2, 3):
+        steps = read_config(repo / "lorax" / str(version) / "config.pbtxt")["ensemble_scheduling"]["step"]
+        assert [s["model_name"] for s in steps] == [contract.TRUNK_MODEL] + [
+            contract.extractor_model(t) for t in TASKS[:version]] + [contract.classifier_model(version)]
+    # Version 3 added one tail and its own steps; the trunk and the old tails are the files version 2 wrote.
+    written = {name: (repo / name / "1" / "model.onnx").stat().st_mtime_ns
+               for name in [contract.TRUNK_MODEL, contract.classifier_model(2), contract.extractor_model("bilinear")]}
+    assert written[contract.TRUNK_MODEL] <= written[contract.classifier_model(2)] < \
+        written[contract.extractor_model("bilinear")]
+    assert validate(repo) == []
+
+    def run(name: str, feeds: dict) -> list:
+        return ort.InferenceSession(str(repo / name / "1" / "model.onnx")).run(None, feeds)
+
+    trunk = run(contract.TRUNK_MODEL, {contract.IMAGES: two_version_source["images"]})[0]
+    for version in (2, 3):
+        features = [run(contract.extractor_model(t), {contract.TRUNK: trunk})[0] for t in TASKS[:version]]
+        probs = run(contract.classifier_model(version), {contract.features_input(k): f for k, f in enumerate(features)})[1]
+        names = contract.class_names(TASKS[:version])
+        assert [names[k] for k in probs.argmax(1)] == two_version_source["expected"][str(version)]
+
+    # A trunk cut elsewhere (or from other weights) is never mixed in: the export is refused, naming the trunk.
+    other = tmp_path / "repo"
+    shutil.copytree(repo, other, ignore=shutil.ignore_patterns("lorax", "lorax_bytes", "lorax_classifier_v*",
+                                                               "lorax_decode_v*"))
+    source = other / contract.TRUNK_MODEL / "1" / "source.json"
+    source.write_text(json.dumps({**json.loads(source.read_text()), "trunk_split": 0}))
+    with pytest.raises(RepositoryError, match="lorax_trunk holds another trunk"):
+        export_run(two_version_source["run"], other, num_tasks=1, progress=False)
 
 
 def test_versions_are_never_rewritten(workspace, tmp_path):

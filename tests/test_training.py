@@ -72,8 +72,8 @@ def test_merged_extractor_matches_unmerged_adapter(backbone):
     model.eval()
     batch = images()
     with torch.no_grad():
-        pixels = model.image_input(batch)
-        unmerged = [model.task_features(pixels, k) for k in range(2)]
+        trunk = model.trunk_features(model.image_input(batch))
+        unmerged = [model.task_features(trunk, k) for k in range(2)]
         merged = [model.merged_extractor(k)(batch) for k in range(2)]
         logits = model(batch)
         logits_from_parts = model.classifier_module()(*merged)
@@ -85,6 +85,45 @@ def test_merged_extractor_matches_unmerged_adapter(backbone):
     assert (logits - logits_from_parts).abs().max().item() < 1e-4 * max(1.0, logits.abs().max().item())
     # Merging works on a copy: the model still holds both adapters, unmerged.
     assert len(model.adapter_parameters(0)) > 0 and len(model.adapter_parameters(1)) > 0
+
+
+@pytest.mark.parametrize("backbone,last_blocks", [("vit_micro", 1), ("convit_micro", 1), ("convit_micro", 3),
+                                                  ("efficientnet_lite0", 3)])
+def test_shared_trunk_runs_once_and_its_parts_compute_the_model(backbone, last_blocks):
+    """LoRA on the last blocks only: no adapter in the trunk, the trunk + merged tails + classifier compute the
+    unmerged model, and the tails differ per task."""
+    model = LoRAXModel(build_backbone(backbone), LoraSettings(r=4, alpha=8, dropout=0.0, last_blocks=last_blocks))
+    bb = model.backbone_module()
+    split = bb.num_blocks - last_blocks
+    assert model.trunk_split == split and model.shared_trunk
+    scale = 0.05 if backbone.startswith("efficientnet") else 0.2
+    for task in range(2):
+        model.add_task()
+        randomise_adapter(model, task, scale)
+        adapted = {key.rsplit(".lora_", 1)[0] for key in model.adapter_parameters(task)}
+        assert adapted and all(bb.in_tail(name, split) for name in adapted), sorted(adapted)
+        assert any(f"{bb.blocks_attribute}.{split}." in name for name in adapted)   # the first tail block is adapted
+    model.freeze()
+    model.eval()
+    batch = images(size=64 if backbone.startswith("efficientnet") else 32)
+    with torch.no_grad():
+        logits = model(batch)
+        trunk = model.trunk_module()(batch)
+        tails = [model.merged_extractor(k)(trunk) for k in range(2)]
+        from_parts = model.classifier_module()(*tails)
+    assert trunk.shape[0] == len(batch) and tails[0].shape == (len(batch), model.feature_dim)
+    feature_scale = tails[0].abs().max().item()
+    assert (tails[0] - tails[1]).abs().max().item() > 0.05 * feature_scale   # each task has its own tail
+    assert (logits - from_parts).abs().max().item() < 1e-4 * max(1.0, logits.abs().max().item())
+
+
+def test_last_blocks_that_reach_no_lora_target_is_refused():
+    with pytest.raises(ValueError, match="last_blocks = 0.*no LoRA target"):
+        LoRAXModel(build_backbone("vit_micro"), LoraSettings(r=4, alpha=8, last_blocks=0))
+    with pytest.raises(ValueError, match="has 4 blocks, got 9"):
+        LoRAXModel(build_backbone("vit_micro"), LoraSettings(r=4, alpha=8, last_blocks=9))
+    with pytest.raises(ValueError, match="last_blocks"):
+        tiny_config(lora={"r": 4, "alpha": 8, "last_blocks": -1})
 
 
 def test_training_a_new_task_leaves_old_adapters_bit_identical(synth_root):

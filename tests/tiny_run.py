@@ -17,6 +17,11 @@ TINY = dict(backbone="vit_micro", weights="default", crop=32, epochs=1, batch_si
             memory_size=6, seed=3, lora={"r": 4, "alpha": 8, "dropout": 0.0})
 
 
+# The served layout most tests roll out and fail over: a shared trunk (LoRA on the last block only) whose tails
+# run after it, with the classifier balanced on the memory after each task. TINY keeps the paper's layout.
+TINY_SHARED_TRUNK = {**TINY, "lora": {**TINY["lora"], "last_blocks": 1}, "balance_epochs": 2}
+
+
 def synthetic_root(base: Path) -> Path:
     """Three synthetic tasks of 36-px images (5 train + 4 val per class)."""
     root = base / "data"
@@ -31,8 +36,8 @@ def train_tasks(root: Path, run: Path, count: int, config: TrainConfig | None = 
 
 
 def two_version_repo(base: Path) -> dict:
-    """A repository holding versions 2 and 3 of one tiny run (4 and 6 classes), its held-out images, and the class
-    each version's in-process model predicts for each image (what a served answer must say)."""
+    """A repository holding versions 2 and 3 of one tiny shared-trunk run (4 and 6 classes), its held-out images,
+    and the class each version's in-process model predicts for each image (what a served answer must say)."""
     import torch
 
     from aigis import contract, preprocess
@@ -46,13 +51,13 @@ def two_version_repo(base: Path) -> dict:
     images = np.stack([preprocess.eval_view_from_file(p, 32) for p in paths])
     expected = {}
     for count in (2, 3):
-        train_tasks(root, run, count)
+        train_tasks(root, run, count, TrainConfig.from_dict(TINY_SHARED_TRUNK))
         export_run(run, repo, data_root=root, progress=False)
         with torch.no_grad():
             predicted = load_run(run)(torch.from_numpy(images)).argmax(1).numpy()
         names = contract.class_names(TASKS[:count])
         expected[str(count)] = [names[k] for k in predicted]
-    return {"repo": repo, "images": images, "expected": expected}
+    return {"repo": repo, "images": images, "expected": expected, "run": run}
 
 
 def two_version_copy(source: dict, base) -> dict:

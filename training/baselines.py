@@ -49,6 +49,10 @@ class FullModel(nn.Module):
         for parameter in self.parameters():
             parameter.requires_grad_(False)
 
+    def trunk_features(self, pixels: Tensor) -> Tensor:
+        """No shared trunk: every weight trains, so the whole backbone is the one extractor."""
+        return pixels
+
     def task_features(self, pixels: Tensor, task: int = 0) -> Tensor:
         """The one extractor's features of normalised `pixels` (`task` is ignored: there is one backbone)."""
         return self.backbone(pixels).float()

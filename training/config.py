@@ -28,12 +28,17 @@ class ConfigError(TrainingError, ValueError):
 
 @dataclass
 class LoraSettings:
-    """LoRA hyper-parameters; targets=None means the backbone's default_lora_targets."""
+    """LoRA hyper-parameters; targets=None means the backbone's default_lora_targets.
+
+    last_blocks = k puts the adapters on the backbone's last k blocks and its head only: the blocks before them
+    form a trunk that every task shares, computed (and exported) once, so each new task adds the cost of its
+    tail only. None adapts every block (the paper's setting)."""
 
     r: int = 64
     alpha: int = 16
     dropout: float = 0.1
     targets: list[str] | None = None
+    last_blocks: int | None = None
 
 
 @dataclass
@@ -51,6 +56,11 @@ class TrainConfig:
     weight_decay: float = 1e-6
     memory_size: int = 500
     diversity_weight: float = 0.1
+    # After each task from the second on, the unified classifier alone is fine-tuned for this many epochs on the
+    # exemplar memory (equal images per class) at balance_lr, against its drift toward the newest generator.
+    # 0 = off (the paper's setting).
+    balance_epochs: int = 0
+    balance_lr: float = 1e-3
     seed: int = 0
     device: str = "auto"                 # auto = cuda if available, else cpu
     amp: bool | None = None              # None = on exactly when the device is CUDA
@@ -79,10 +89,17 @@ class TrainConfig:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.cache_images not in (True, False, "auto"):
             raise ConfigError(f"cache_images: expected true, false or \"auto\", got {self.cache_images!r}")
+        if self.balance_epochs < 0 or not self.balance_lr > 0:
+            raise ConfigError(f"balance_epochs must not be negative and balance_lr must be positive, got "
+                              f"{self.balance_epochs} and {self.balance_lr}")
         if self.memory_size < 0 or self.num_workers < 0:
             raise ConfigError("memory_size and num_workers must not be negative")
         if self.lora.r < 1:
             raise ConfigError(f"lora.r: must be at least 1, got {self.lora.r}")
+        if self.lora.last_blocks is not None and (isinstance(self.lora.last_blocks, bool)
+                                                  or not isinstance(self.lora.last_blocks, int)
+                                                  or self.lora.last_blocks < 0):
+            raise ConfigError(f"lora.last_blocks: a number of blocks (0 or more) or unset, got {self.lora.last_blocks!r}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         if not self.full_network_lr_scale > 0:

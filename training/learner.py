@@ -166,7 +166,43 @@ def extract_features(model: nn.Module, batches, extractors: list[int], device: s
         for images, _ in batches.epoch(0):
             pixels = model.image_input(images.to(device, non_blocking=True))
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                trunk = model.trunk_features(pixels)
                 for slot, k in enumerate(extractors):
-                    outputs[slot].append(model.task_features(pixels, k).float().cpu())
+                    outputs[slot].append(model.task_features(trunk, k).float().cpu())
             bar.update(len(images))
     return [torch.cat(parts) for parts in outputs]
+
+
+def balance_classifier(classifier: nn.Module, features: list[torch.Tensor], labels: np.ndarray, epochs: int,
+                       lr: float, batch_size: int, seed: int) -> float:
+    """Fine-tune the unified classifier alone on features of the class-balanced exemplar memory (DER's
+    classifier-learning stage); returns the last epoch's mean loss.
+
+    The classifier trained with the newest task sees far more images of the new classes than of the old ones
+    (whose only trace is the memory), so its decisions drift toward the newest generator; a few epochs on equal
+    numbers of every class pull them back. The extractors stay frozen: only the classifier's weights move.
+    """
+    inputs = torch.cat(features, dim=1)
+    target = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    device = next(classifier.parameters()).device
+    params = list(classifier.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = torch.Generator().manual_seed(seed)
+    loss_sum = math.nan
+    with torch.enable_grad():
+        for _ in range(epochs):
+            loss_sum, count = 0.0, 0
+            for rows in torch.randperm(len(target), generator=order).split(batch_size):
+                logits = classifier.linear(inputs[rows].to(device))
+                loss = F.cross_entropy(logits, target[rows].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(rows)
+                count += len(rows)
+            loss_sum /= max(count, 1)
+    for p in params:
+        p.requires_grad_(False)
+    return loss_sum

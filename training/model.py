@@ -13,6 +13,7 @@ classifier taken out on its own: export builds one served model per extractor pl
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import Tensor, nn
@@ -27,17 +28,48 @@ def adapter_name(task_index: int) -> str:
     return f"{ADAPTER_PREFIX}{task_index}"
 
 
-def lora_config(settings: LoraSettings, default_targets: list[str]):
-    """peft LoraConfig from our settings; a one-element target list holding a regex is passed as a regex."""
-    from peft import LoraConfig
+def configured_targets(settings: LoraSettings, backbone: nn.Module) -> list[str]:
+    """lora.targets, else the backbone's defaults (for a tail, its tail defaults where it has them)."""
+    if settings.targets is not None:
+        return list(settings.targets)
+    tail_defaults = getattr(backbone, "tail_lora_targets", None) if settings.last_blocks is not None else None
+    return list(tail_defaults or getattr(backbone, "default_lora_targets", []))
 
-    targets = list(settings.targets if settings.targets is not None else default_targets)
+
+def lora_targets(settings: LoraSettings, backbone: nn.Module) -> str | list[str]:
+    """peft's target_modules: the configured targets (else the backbone's), within the tail when there is a trunk.
+
+    A one-element list holding a regex is passed to peft as that regex. With lora.last_blocks set, the targets
+    are resolved here to the module names inside the last blocks and the head, so the trunk carries no adapter.
+    """
+    shared = settings.last_blocks is not None
+    targets = configured_targets(settings, backbone)
     if not targets:
         raise ValueError("no LoRA target modules: set lora.targets or give the backbone default_lora_targets")
     regex_chars = set("*+?|()[]\\^$")
-    target_modules: str | list[str] = targets[0] if len(targets) == 1 and regex_chars & set(targets[0]) else targets
+    pattern = targets[0] if len(targets) == 1 and regex_chars & set(targets[0]) else None
+    if not shared:
+        return pattern if pattern is not None else targets
+
+    def matches(name: str) -> bool:   # peft's rule: a regex matches the whole name, a name matches its end
+        if pattern is not None:
+            return re.fullmatch(pattern, name) is not None
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    split = backbone.split_for(settings.last_blocks)
+    names = [name for name, _ in backbone.named_modules() if name and matches(name) and backbone.in_tail(name, split)]
+    if not names:
+        raise ValueError(f"lora.last_blocks = {settings.last_blocks}: no LoRA target of {targets} lies in the "
+                         f"last {settings.last_blocks} blocks or the head of {backbone.name}")
+    return names
+
+
+def lora_config(settings: LoraSettings, backbone: nn.Module):
+    """peft LoraConfig from our settings and the backbone's targets."""
+    from peft import LoraConfig
+
     return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=target_modules, bias="none")
+                      target_modules=lora_targets(settings, backbone), bias="none")
 
 
 class UnifiedClassifier(nn.Module):
@@ -86,6 +118,32 @@ class FeatureExtractor(nn.Module):
         return self.backbone(self.image_input(images)).float()
 
 
+class TrunkExtractor(nn.Module):
+    """uint8 NHWC images -> the frozen trunk's activations: the stem and the blocks before the split, which
+    carry no adapter and so are computed once per image for every task."""
+
+    def __init__(self, image_input: nn.Module, backbone: nn.Module, split: int) -> None:
+        super().__init__()
+        self.image_input = image_input
+        self.backbone = backbone
+        self.split = split
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone.forward_trunk(self.image_input(images), self.split).float()
+
+
+class TailExtractor(nn.Module):
+    """Trunk activations -> one task's float32 features: the blocks after the split (its adapter merged) and the head."""
+
+    def __init__(self, backbone: nn.Module, split: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.split = split
+
+    def forward(self, trunk: Tensor) -> Tensor:
+        return self.backbone.forward_tail(trunk, self.split).float()
+
+
 class LoRAXModel(nn.Module):
     """Frozen backbone + per-task LoRA adapters + unified classifier (+ diversity head while training)."""
 
@@ -97,7 +155,9 @@ class LoRAXModel(nn.Module):
         self.backbone_name: str = backbone.name
         self.feature_dim: int = backbone.feature_dim
         self.lora = lora
-        self._peft_config = lora_config(lora, list(getattr(backbone, "default_lora_targets", [])))
+        self._peft_config = lora_config(lora, backbone)
+        # Where the tail starts: with lora.last_blocks set, every block before it is a trunk shared by all tasks.
+        self.trunk_split: int = backbone.split_for(lora.last_blocks)
         for parameter in backbone.parameters():
             parameter.requires_grad_(False)
         self.extractors: nn.Module = backbone     # becomes a peft PeftModel with the first task
@@ -153,17 +213,32 @@ class LoRAXModel(nn.Module):
             return tensor.device
         return next(self.extractors.parameters()).device
 
-    def task_features(self, pixels: Tensor, task: int) -> Tensor:
-        """Features of already-normalised `pixels` from extractor `task` (adapter `task` active)."""
+    @property
+    def shared_trunk(self) -> bool:
+        """Whether the model is served as one trunk plus a tail per task (lora.last_blocks set)."""
+        return self.lora.last_blocks is not None
+
+    def backbone_module(self) -> nn.Module:
+        """The backbone with its LoRA layers in place (peft's wrapper taken off)."""
+        get_base_model = getattr(self.extractors, "get_base_model", None)
+        return get_base_model() if get_base_model is not None else self.extractors
+
+    def trunk_features(self, pixels: Tensor) -> Tensor:
+        """The trunk's activations of normalised `pixels`: computed once, whatever the number of tasks."""
+        with torch.no_grad():   # no adapter lies in the trunk
+            return self.backbone_module().forward_trunk(pixels, self.trunk_split)
+
+    def task_features(self, trunk: Tensor, task: int) -> Tensor:
+        """Features from extractor `task` (adapter `task` active) of the trunk's activations."""
         learning = task == self.trainable_task and torch.is_grad_enabled()
         self.extractors.set_adapter(adapter_name(task), inference_mode=not learning)
         with torch.set_grad_enabled(learning):
-            return self.extractors(pixels).float()
+            return self.backbone_module().forward_tail(trunk, self.trunk_split).float()
 
     def features(self, images: Tensor) -> list[Tensor]:
         """Every extractor's features of uint8 NHWC `images`, in task order."""
-        pixels = self.image_input(images)
-        return [self.task_features(pixels, k) for k in range(self.num_tasks)]
+        trunk = self.trunk_features(self.image_input(images))
+        return [self.task_features(trunk, k) for k in range(self.num_tasks)]
 
     def forward(self, images: Tensor) -> Tensor:
         """uint8 NHWC images -> logits over all classes seen (T unmerged passes, one per adapter)."""
@@ -189,16 +264,29 @@ class LoRAXModel(nn.Module):
         return self
 
     # ---- deployment views ------------------------------------------------------------------------
-    def merged_extractor(self, task: int) -> FeatureExtractor:
-        """A standalone uint8 NHWC -> float32 [N, D] module with adapter `task` merged into the weights."""
+    def merged_extractor(self, task: int) -> nn.Module:
+        """A standalone module with adapter `task` merged into the weights: uint8 NHWC -> float32 [N, D], or with a
+        shared trunk the tail, trunk activations -> float32 [N, D]."""
         self._check_task(task)
         extractors = copy.deepcopy(self.extractors)
         extractors.set_adapter(adapter_name(task), inference_mode=True)
         merged = extractors.merge_and_unload(adapter_names=[adapter_name(task)])
-        extractor = FeatureExtractor(copy.deepcopy(self.image_input), merged).eval()
+        extractor = (TailExtractor(merged, self.trunk_split) if self.shared_trunk
+                     else FeatureExtractor(copy.deepcopy(self.image_input), merged)).eval()
         for parameter in extractor.parameters():
             parameter.requires_grad_(False)
         return extractor
+
+    def trunk_module(self) -> TrunkExtractor:
+        """The standalone shared trunk (uint8 NHWC -> activations entering the tail), for a shared-trunk model."""
+        self._check_ready()
+        if not self.shared_trunk:
+            raise RuntimeError("this model adapts every block (lora.last_blocks is not set): it has no shared trunk")
+        backbone = copy.deepcopy(self.extractors).unload()   # the frozen backbone, adapters taken out
+        trunk = TrunkExtractor(copy.deepcopy(self.image_input), backbone, self.trunk_split).eval()
+        for parameter in trunk.parameters():
+            parameter.requires_grad_(False)
+        return trunk
 
     def classifier_module(self) -> UnifiedClassifier:
         """A standalone copy of the unified classifier: (features_0, ..., features_{T-1}) -> logits."""

@@ -31,7 +31,7 @@ from aigis.data.cddb import CDDB
 from aigis.contract import class_names
 from aigis.training import checkpoint as ckpt
 from aigis.training.config import TrainConfig, differences
-from aigis.training.learner import TaskTrainer, extract_features, seed_task, task_seed
+from aigis.training.learner import TaskTrainer, balance_classifier, extract_features, seed_task, task_seed
 from aigis.training.loading import Batches, TaskData, load_tasks, make_cache
 from aigis.training.memory import ExemplarMemory
 from aigis.training.metrics import (AccuracyMatrix, binary_correct, format_percent, multi_real_correct,
@@ -119,8 +119,11 @@ class ContinualRun:
         self.log(f"[{stage + 1}/{stages}] {config.method} {name}: {len(samples)} training images "
                  f"({len(replay)} exemplars), {trainable:,} trainable parameters")
         stats = self.trainer.fit(model, batches, stage, old_classes, description=f"{config.method} {name}")
+        balance_loss = None
         if config.method == "lorax":
             self._update_memory(model, memory, self.tasks[stage], classes_seen=2 * (stage + 1))
+            if stage > 0 and config.balance_epochs > 0 and len(memory):
+                balance_loss = self._balance_classifier(model, memory, seed)
         seen = range(len(self.tasks)) if joint else range(stage + 1)
         eval_start = time.perf_counter()
         for i in seen:
@@ -148,6 +151,7 @@ class ContinualRun:
             "train_images_per_second": round(stats.images_per_second, 2),
             "eval_seconds": round(eval_seconds, 3),
             "final_loss": stats.final_loss,
+            "balance_loss": balance_loss,
             "world_size": self.world_size,
         }
 
@@ -200,6 +204,17 @@ class ContinualRun:
                                     description=description)
         return [distributed.gather_rows(part, n) for part in computed]
 
+    def _balance_classifier(self, model, memory: ExemplarMemory, seed: int) -> float:
+        """The classifier alone, fine-tuned on every extractor's features of the (class-balanced) memory."""
+        config = self.config
+        batches = self._eval_batches(self.data.exemplar_samples(memory.exemplars()))
+        features = self._features(model, batches, list(range(model.num_tasks)), description="balancing features")
+        # The same features, seed and steps on every rank under torchrun: every rank ends with the same classifier.
+        loss = balance_classifier(model.classifier, features, batches.labels(), config.balance_epochs,
+                                  config.balance_lr, config.batch_size, seed)
+        self.log(f"    classifier balanced on {len(memory)} exemplars: {config.balance_epochs} epochs, loss {loss:.3f}")
+        return loss
+
     def _update_memory(self, model, memory: ExemplarMemory, task: TaskData, classes_seen: int) -> None:
         """Herd this task's exemplars on the concatenated features of every extractor (eval view)."""
         batches = self._eval_batches(task.train)
@@ -221,7 +236,9 @@ class ContinualRun:
             raise ckpt.RunError(f"{self.out_dir} already holds a run; pass --resume to continue it, or choose "
                                 f"another --out")
         lora = self.config.lora
-        targets = lora.targets if lora.targets is not None else list(backbone.default_lora_targets)
+        from aigis.training.model import configured_targets
+
+        targets = configured_targets(lora, backbone)
         fresh = {
             "format": ckpt.FORMAT,
             "format_version": ckpt.FORMAT_VERSION,
@@ -230,8 +247,8 @@ class ContinualRun:
             "backbone": {"name": backbone.name, "weights": _weights_identity(self.config.weights),
                          "sha256": self.backbone_sha256, "feature_dim": backbone.feature_dim,
                          "mean": list(backbone.mean), "std": list(backbone.std)},
-            "lora": ({"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": targets}
-                     if self.config.method == "lorax" else None),
+            "lora": ({"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "targets": targets,
+                      "last_blocks": lora.last_blocks} if self.config.method == "lorax" else None),
             "crop": self.config.crop,
             "tasks": [],
             "planned_tasks": list(self.data.tasks),
@@ -429,7 +446,7 @@ def load_run(run_dir: str | Path, num_tasks: int | None = None):
                             f"but the run was trained on {info['sha256'][:12]}...; give it the same weights")
     lora = manifest["lora"]
     model = LoRAXModel(backbone, LoraSettings(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                                              targets=list(lora["targets"])))
+                                              targets=list(lora["targets"]), last_blocks=lora.get("last_blocks")))
     restore_model(model, run_dir, entries, "cpu")
     restricted = dict(manifest)
     restricted["tasks"] = manifest["tasks"][:count]

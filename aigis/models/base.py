@@ -37,8 +37,42 @@ class Backbone(nn.Module):
     std: tuple[float, float, float]
     default_lora_targets: list[str]
 
+    # The repeated blocks, in order, are the ModuleList attribute named here. A shared trunk (LoRA on the last k
+    # blocks only) splits the network before one of them: forward_trunk runs the stem and blocks[:split], which
+    # no adapter touches, once per image; forward_tail runs blocks[split:] and the head once per task.
+    blocks_attribute: str
+    # Modules after the blocks (the head); with the blocks past the split they make up the tail.
+    tail_modules: tuple[str, ...] = ()
+
+    @property
+    def num_blocks(self) -> int:
+        return len(getattr(self, self.blocks_attribute))
+
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_tail(self.forward_trunk(x, 0), 0)
+
+    def forward_trunk(self, x: Tensor, split: int) -> Tensor:
+        """Normalised images -> the activations entering block `split` (the stem and the blocks before it)."""
         raise NotImplementedError
+
+    def forward_tail(self, h: Tensor, split: int) -> Tensor:
+        """forward_trunk's output -> pooled features [N, feature_dim] (block `split` on, then the head)."""
+        raise NotImplementedError
+
+    def split_for(self, last_blocks: int | None) -> int:
+        """The block where the tail starts when LoRA adapts the last `last_blocks` blocks (None: all of them)."""
+        if last_blocks is None:
+            return 0
+        if not 0 <= last_blocks <= self.num_blocks:
+            raise ValueError(f"lora.last_blocks: {self.name} has {self.num_blocks} blocks, got {last_blocks}")
+        return self.num_blocks - last_blocks
+
+    def in_tail(self, module_name: str, split: int) -> bool:
+        """Whether module `module_name` runs in the tail that starts at block `split`."""
+        parts = module_name.split(".")
+        if parts[0] == self.blocks_attribute:
+            return len(parts) > 1 and int(parts[1]) >= split
+        return parts[0] in self.tail_modules
 
     def forward_logits(self, x: Tensor) -> Tensor:
         """ImageNet logits from the pretrained classifier, kept only to check that weights loaded right."""

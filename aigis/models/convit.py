@@ -9,6 +9,8 @@ checkpoints load from a local file. LoRAX puts its adapters on the GPSA blocks' 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -102,6 +104,9 @@ class Block(nn.Module):
 class ConViT(Backbone):
     """GPSA blocks on patch tokens, then the class token joins for the plain blocks; features = norm(cls)."""
 
+    blocks_attribute = "blocks"
+    tail_modules = ("norm",)
+
     def __init__(
         self,
         name: str,
@@ -125,6 +130,8 @@ class ConViT(Backbone):
         self.local_up_to_layer = local_up_to_layer
         # Only GPSA blocks exist below local_up_to_layer, so this matches exactly their qk and v.
         self.default_lora_targets = [r"(.*\.)?blocks\.\d+\.attn\.(qk|v)"]   # (.*\.)? also matches when nested
+        # A tail of the last blocks may hold only plain blocks, whose attention has one fused qkv projection.
+        self.tail_lora_targets = [r"(.*\.)?blocks\.\d+\.attn\.(qk|v|qkv)"]
         self.grid = (img_size // patch_size, img_size // patch_size)
 
         self.patch_embed = PatchEmbed(patch_size, dim)
@@ -158,15 +165,31 @@ class ConViT(Backbone):
         self.grid = grid
 
     def forward(self, x: Tensor) -> Tensor:
+        """Any input size (the tail alone assumes a square patch grid: a trunk's output does not carry it)."""
+        return self.norm(self._embed_and_run(x, len(self.blocks))[:, 0])
+
+    def forward_trunk(self, x: Tensor, split: int) -> Tensor:
+        return self._embed_and_run(x, split)
+
+    def _embed_and_run(self, x: Tensor, stop: int) -> Tensor:
         x, grid = self.patch_embed(x)
         x = x + resize_pos_embed(self.pos_embed, self.grid, grid)
+        return self._run_blocks(x, grid, 0, stop)
+
+    def forward_tail(self, h: Tensor, split: int) -> Tensor:
+        # Square crops only: the patch grid follows from the number of patch tokens.
+        patches = h.shape[1] - (1 if split > self.local_up_to_layer else 0)
+        side = math.isqrt(patches)
+        return self.norm(self._run_blocks(h, (side, side), split, len(self.blocks))[:, 0])
+
+    def _run_blocks(self, x: Tensor, grid: tuple[int, int], start: int, stop: int) -> Tensor:
+        """Blocks start..stop-1; the class token joins in front of the patches at block local_up_to_layer."""
         rel_pos = relative_positions(grid, x.device, x.dtype)
-        cls = self.cls_token.expand(x.shape[0], -1, -1)
-        for index, block in enumerate(self.blocks):
+        for index in range(start, stop):
             if index == self.local_up_to_layer:
-                x = torch.cat([cls, x], dim=1)
-            x = block(x, rel_pos)
-        return self.norm(x[:, 0])
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = self.blocks[index](x, rel_pos)
+        return x
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self.head(self(x))

@@ -102,6 +102,9 @@ class MBConvBlock(nn.Module):
 class EfficientNetLite0(Backbone):
     """Stem, 16 MBConv blocks, 1x1 head conv to 1280 channels, global average pool -> 1280-d features."""
 
+    blocks_attribute = "_blocks"
+    tail_modules = ("_conv_head", "_bn1")
+
     def __init__(self, num_classes: int = 1000) -> None:
         super().__init__()
         self.name = "efficientnet_lite0"
@@ -149,12 +152,17 @@ class EfficientNetLite0(Backbone):
                 module.eval()
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_trunk(self, x: Tensor, split: int) -> Tensor:
         x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[:split]:
             x = block(x)
-        x = self.act(self._bn1(self._conv_head(x)))
-        return x.mean(dim=(2, 3))
+        return x
+
+    def forward_tail(self, h: Tensor, split: int) -> Tensor:
+        for block in self._blocks[split:]:
+            h = block(h)
+        h = self.act(self._bn1(self._conv_head(h)))
+        return h.mean(dim=(2, 3))
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self._fc(self(x))

@@ -101,6 +101,9 @@ class Block(nn.Module):
 class VisionTransformer(Backbone):
     """ViT (Dosovitskiy et al.) with a class token; features are the final-norm class token."""
 
+    blocks_attribute = "blocks"
+    tail_modules = ("norm",)
+
     def __init__(
         self,
         name: str,
@@ -150,15 +153,20 @@ class VisionTransformer(Backbone):
             self.pos_embed = nn.Parameter(torch.cat([self.pos_embed[:, :1], patches], dim=1), requires_grad=False)
         self.grid = grid
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_trunk(self, x: Tensor, split: int) -> Tensor:
         x, grid = self.patch_embed(x)
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         x = x + resize_pos_embed(patch_pos, self.grid, grid)
         cls = (self.cls_token + cls_pos).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
-        for block in self.blocks:
+        for block in self.blocks[:split]:
             x = block(x)
-        return self.norm(x[:, 0])
+        return x
+
+    def forward_tail(self, h: Tensor, split: int) -> Tensor:
+        for block in self.blocks[split:]:
+            h = block(h)
+        return self.norm(h[:, 0])
 
     def forward_logits(self, x: Tensor) -> Tensor:
         return self.head(self(x))
