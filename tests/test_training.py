@@ -126,6 +126,40 @@ def test_last_blocks_that_reach_no_lora_target_is_refused():
         tiny_config(lora={"r": 4, "alpha": 8, "last_blocks": -1})
 
 
+def test_balancing_pulls_a_classifier_biased_to_the_new_classes_back_to_every_class():
+    """The classifier after a task favours the newest classes; fine-tuning it alone on equal numbers of every
+    class (the memory) restores the old classes without touching the features."""
+    from aigis.training.learner import balance_classifier
+    from aigis.training.model import UnifiedClassifier
+
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(10)
+    features = [torch.nn.functional.one_hot(labels, 4).float() * 3 + 0.3 * torch.randn(40, 4, generator=generator)]
+    classifier = UnifiedClassifier(4, 1, 4)
+    with torch.no_grad():
+        classifier.linear.weight.copy_(torch.eye(4))
+        classifier.linear.bias.copy_(torch.tensor([0.0, 0.0, 6.0, 6.0]))    # every image looks like class 2 or 3
+    before = (classifier(*features).argmax(1) == labels).float().mean().item()
+    loss = balance_classifier(classifier, [f.clone() for f in features], labels.numpy(), epochs=40, lr=0.05,
+                              batch_size=8, seed=1)
+    after = (classifier(*features).argmax(1) == labels).float().mean().item()
+    assert before <= 0.5 and after >= 0.95 and loss < 0.5
+    assert not any(p.requires_grad for p in classifier.parameters())       # frozen again for the export
+
+
+def test_a_run_warns_when_its_crop_uses_a_small_part_of_the_images(synth_root, tmp_path, caplog):
+    import logging
+
+    data = CDDB(synth_root, TASKS[:1], progress=False)
+    for crop, warned in ((32, False), (16, True)):     # of 36-px images: 79 % and 20 %
+        run = ContinualRun(tiny_config(crop=crop), data, tmp_path / f"run{crop}", progress=False)
+        run.tasks = load_tasks(data)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            run._warn_about_crop()
+        assert ("crop 16 keeps 20% of a median tconv image (36x36)" in caplog.text) is warned, caplog.text
+
+
 def test_training_a_new_task_leaves_old_adapters_bit_identical(synth_root):
     config = tiny_config(epochs=2)
     data = CDDB(synth_root, TASKS[:2], progress=False)

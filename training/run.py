@@ -73,6 +73,7 @@ class ContinualRun:
         self.backbone_sha256 = state_dict_sha256(backbone)
         manifest = distributed.on_main(lambda: self._start(backbone))
         self.tasks = load_tasks(self.data)
+        self._warn_about_crop()
         self.cache = make_cache(config.cache_images, self.tasks)
         model = self._build_model(backbone)
         finished = len(manifest["task_entries"])
@@ -156,6 +157,16 @@ class ContinualRun:
         }
 
     # ---- pieces -------------------------------------------------------------------------------------
+    def _warn_about_crop(self) -> None:
+        """The warning `aigis data check` gives when the crop keeps under half of each image (headers of up to 200
+        images per task are read)."""
+        from aigis.data.sizes import task_sizes
+
+        for sizes in task_sizes(self.data, [t.name for t in self.tasks], limit=200):
+            warning = sizes.crop_warning(self.config.crop)
+            if warning:
+                log.warning(f"warning: {warning}")
+
     def _build_model(self, backbone):
         if self.config.method == "lorax":
             from aigis.training.model import LoRAXModel

@@ -93,32 +93,13 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
-# Below this share of the median image, a crop throws most of each image away (the centre crop does not resize).
-MIN_CROP_SHARE = 0.5
-
-
 def report_sizes(data, order: list[str], crop: int | None) -> None:
     """Image sizes per task (from the headers), and a warning when `crop` keeps under half of a median image."""
-    import statistics
-
-    from PIL import Image
+    from aigis.data.sizes import task_sizes
 
     print(f"  {'task':<20} {'median size':>12}  short side min-max")
-    for index, task in enumerate(order):
-        sizes = []
-        for sample in data.samples(index, "train") + data.samples(index, "val"):
-            try:
-                with Image.open(sample.path) as image:
-                    sizes.append(image.size)
-            except OSError:
-                continue   # listed with the unreadable files
-        if not sizes:
-            continue
-        width = int(statistics.median(w for w, _ in sizes))
-        height = int(statistics.median(h for _, h in sizes))
-        short = [min(size) for size in sizes]
-        print(f"  {task:<20} {f'{width}x{height}':>12}  {min(short)}-{max(short)}")
-        if crop is not None and crop * crop < MIN_CROP_SHARE * width * height:
-            print(f"  warning: crop {crop} keeps {100 * crop * crop / (width * height):.0f}% of a median {task} image "
-                  f"({width}x{height}): training and evaluation see a small part of each image; a crop near "
-                  f"{min(width, height)} uses it (--set crop=N)")
+    for sizes in task_sizes(data, order):
+        print(f"  {sizes.task:<20} {f'{sizes.width}x{sizes.height}':>12}  {sizes.short_min}-{sizes.short_max}")
+        warning = sizes.crop_warning(crop) if crop is not None else None
+        if warning:
+            print(f"  warning: {warning}")
