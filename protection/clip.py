@@ -5,8 +5,9 @@ load it (the fine-tune threat model), and the from-scratch threat model (MEM's m
 very same architecture with random weights. Attention is written out by hand (so nothing depends on
 nn.MultiheadAttention's internals) but its parameters are named like nn.MultiheadAttention's.
 
-Small presets ("rn_tiny", "rn_wide", "vit_tiny") train on a CPU in minutes at 32-64 px; "RN50" and "ViT-B/32"
-are OpenAI's sizes.
+Small presets ("rn_tiny", "rn_wide", "vit_tiny", "cnn_words") train on a CPU in minutes at 32-64 px; "RN50"
+and "ViT-B/32" are OpenAI's sizes. "cnn_words" is the one tower that is not OpenAI's: a plain CNN (PlainCNN),
+so that a protection can be tried against an image model built unlike the ones it was made with.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 # The largest value exp(logit_scale) may take, as in CLIP's training.
 MAX_LOGIT_SCALE = 100.0
 
+# CLIPConfig.vision_tower of the one image tower that is not OpenAI's (PlainCNN).
+PLAIN_CNN = "plain_cnn"
+
 
 @dataclass(frozen=True)
 class CLIPConfig:
@@ -37,6 +41,8 @@ class CLIPConfig:
     vision_layers: a 4-tuple of block counts builds a ModifiedResNet; an int builds a ViT with
     that many layers (then vision_patch_size is needed). Attention heads follow OpenAI's rule,
     which is also how they are recovered from a state dict: ViT width // 64, ResNet width * 32 // 64.
+    vision_tower "plain_cnn" builds a PlainCNN instead, of vision_layers conv blocks starting at
+    vision_width channels; None (the default) means OpenAI's towers, told apart by vision_layers.
     """
 
     embed_dim: int
@@ -49,13 +55,29 @@ class CLIPConfig:
     transformer_width: int
     transformer_heads: int
     transformer_layers: int
+    vision_tower: str | None = None
+
+    @property
+    def is_plain_cnn(self) -> bool:
+        return self.vision_tower == PLAIN_CNN
 
     @property
     def is_resnet(self) -> bool:
-        return isinstance(self.vision_layers, (tuple, list))
+        return not self.is_plain_cnn and isinstance(self.vision_layers, (tuple, list))
 
     def validate(self) -> None:
-        if self.is_resnet:
+        if self.vision_tower not in (None, PLAIN_CNN):
+            raise ValueError(f"unknown vision_tower {self.vision_tower!r}; known: None (OpenAI's towers), "
+                             f"{PLAIN_CNN!r}")
+        if self.is_plain_cnn:
+            if not isinstance(self.vision_layers, int) or self.vision_layers < 1:
+                raise ValueError(f"a plain CNN needs a positive number of conv blocks, got {self.vision_layers}")
+            halvings = 2 ** (self.vision_layers - 1)
+            if self.image_resolution % halvings:
+                raise ValueError(f"a plain CNN of {self.vision_layers} blocks halves the image "
+                                 f"{self.vision_layers - 1} times: it needs image_resolution divisible by "
+                                 f"{halvings}, got {self.image_resolution}")
+        elif self.is_resnet:
             if len(self.vision_layers) != 4 or min(self.vision_layers) < 1:
                 raise ValueError(f"a ModifiedResNet needs 4 positive block counts, got {self.vision_layers}")
             if self.image_resolution % 32:
@@ -98,6 +120,14 @@ PRESETS: dict[str, CLIPConfig] = {
         embed_dim=128, image_resolution=32, vision_layers=4, vision_width=128,
         vision_patch_size=4, context_length=40, vocab_size=OPENAI_VOCAB_SIZE,
         transformer_width=128, transformer_heads=2, transformer_layers=2,
+    ),
+    # A plain CNN image tower (5 conv-BN-ReLU blocks, 32 to 512 channels, global average pool, projection)
+    # beside the same 2-layer text transformer over the same caption-trained tokens: a hacker family with
+    # neither residual blocks nor attention nor patches.
+    "cnn_words": CLIPConfig(
+        embed_dim=128, image_resolution=32, vision_layers=5, vision_width=32,
+        vision_patch_size=None, context_length=40, vocab_size=OPENAI_VOCAB_SIZE,
+        transformer_width=128, transformer_heads=2, transformer_layers=2, vision_tower=PLAIN_CNN,
     ),
     # OpenAI's published sizes.
     "RN50": CLIPConfig(
@@ -305,6 +335,37 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj
 
 
+class PlainCNN(nn.Module):
+    """A plain convolutional image tower: `layers` conv-BN-ReLU blocks, each but the last followed by a 2x2 max
+    pool that halves the map, the channels doubling from `width` block by block; then global average pooling
+    and a linear projection. No residual connections, no attention."""
+
+    def __init__(self, input_resolution: int, layers: int, width: int, output_dim: int):
+        super().__init__()
+        self.input_resolution = input_resolution
+        blocks, channels = [], 3
+        for i in range(layers):
+            out = width * 2**i
+            block = OrderedDict([
+                ("conv", nn.Conv2d(channels, out, 3, padding=1, bias=False)),
+                ("bn", nn.BatchNorm2d(out)),
+                ("relu", nn.ReLU()),
+            ])
+            if i < layers - 1:
+                block["pool"] = nn.MaxPool2d(2)
+            blocks.append(nn.Sequential(block))
+            channels = out
+        self.blocks = nn.Sequential(*blocks)
+        self.proj = nn.Parameter(channels**-0.5 * torch.randn(channels, output_dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.input_resolution, self.input_resolution):
+            # Global pooling would accept any size; a wrong one is refused as the other towers refuse it.
+            raise ValueError(f"images of {x.shape[-2]}x{x.shape[-1]}: wrong input resolution "
+                             f"(expected {self.input_resolution})")
+        return self.blocks(x).mean(dim=(2, 3)) @ self.proj
+
+
 # ----------------------------------------------------------------------------------------------
 # The model
 
@@ -318,7 +379,12 @@ class CLIP(nn.Module):
         self.config = config
         self.context_length = config.context_length
         self.vocab_size = config.vocab_size
-        if config.is_resnet:
+        if config.is_plain_cnn:
+            self.visual = PlainCNN(
+                input_resolution=config.image_resolution, layers=config.vision_layers, width=config.vision_width,
+                output_dim=config.embed_dim,
+            )
+        elif config.is_resnet:
             self.visual = ModifiedResNet(
                 layers=tuple(config.vision_layers), output_dim=config.embed_dim,
                 heads=config.vision_width * 32 // 64, input_resolution=config.image_resolution,
@@ -346,7 +412,8 @@ class CLIP(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
+        """The image tower's dtype (fp16 for OpenAI's checkpoints as published), which images are cast to."""
+        return next(self.visual.parameters()).dtype
 
     def initialize_parameters(self) -> None:
         """CLIP's initialisation: small embeddings, depth-scaled residual projections."""

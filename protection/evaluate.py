@@ -9,6 +9,15 @@ each protected set as published, and each protected set after JPEG-75 or graysca
 cheap defences known to weaken unlearnable examples) -- and trained with the same seed, steps and
 initialisation, so the only difference between rows is the data.
 
+A hacker is a (family, seed): every condition is trained by every family given (CLIP presets such as
+rn_tiny, vit_tiny and the plain-CNN cnn_words), each with `hackers` seeds. Hackers train as anyone would,
+with a random resized crop and a horizontal flip drawn per image and step from the hacker's seed (the same
+draws on every condition); the test images are never augmented. Each hacker's retention -- its text->image
+R@1 on a condition over its own R@1 on the clean pairs -- is reported per hacker, and as the median and
+range over hackers per family and over all of them, so that a protection cannot look good on one lucky
+model. Retrieval ranks every test pair against the whole test split by default, within blocks of
+`gallery` pairs, or by COCO's 5x1K protocol (5 folds of 1000, averaged).
+
 Outputs in the output folder: report.json, report.md (the table), examples.png (original, noise
 amplified around grey, protected, with captions) and sets/ (the random and re-encoded sets). The sets are
 written by training_sets.py, the report by eval_report.py.
@@ -18,19 +27,25 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from .captions import Pair, PairsManifestError, load_images, read_pairs
-from .eval_report import example_sheet, json_default, markdown_table, summary
+from .eval_report import FINETUNE_FAMILY, example_sheet, json_default, markdown_table, retention, summary
 from .training_sets import (PROTECTED_MANIFEST, PROTECTION_META, ROBUSTNESS_TRANSFORMS, EvaluationError,  # noqa: F401
                             TrainingSet, compare_to_clean, epsilon_levels, psnr, read_protected_set, write_random_set,
                             write_transformed_set)
+
+if TYPE_CHECKING:
+    import torch
+
+    from .clip import CLIP
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +61,35 @@ _RESERVED = {"clean", "random"}
 HACKER_BATCH_SIZE = 50
 HACKER_LR = 1e-3
 HACKER_TOKENIZER_VOCAB = 1024
+DEFAULT_CLIP = "rn_tiny"  # one family keeps the default evaluation CPU-sized; several: "rn_tiny,vit_tiny,cnn_words"
+
+# The hackers' training augmentation: a crop keeping a fraction of the image's area in AUGMENT_SCALE at a
+# width / height ratio in AUGMENT_RATIO, resized back to the training size, then a left-right flip half the time.
+AUGMENT_SCALE = (0.5, 1.0)
+AUGMENT_RATIO = (3 / 4, 4 / 3)
+AUGMENTATION = "random resized crop (area 0.5-1, aspect 3/4-4/3) + horizontal flip"
+
+# How retrieval is ranked: "whole" ranks each query against the whole test split (or within `gallery` blocks);
+# "5x1k" is COCO's protocol, 5 folds of 1000 test pairs ranked on their own and averaged.
+PROTOCOLS = ("whole", "5x1k")
+FOLDS, FOLD_SIZE = 5, 1000
+
+
+def hacker_families(spec: str | Sequence[str]) -> list[str]:
+    """CLIP presets from "rn_tiny,vit_tiny" (or a list of names), in order; refuses an empty, repeated or
+    unknown name."""
+    from .clip import PRESETS
+
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
+    if not names or any(not n for n in names):
+        raise EvaluationError(f"hacker CLIP presets {spec!r}: give one or more names separated by commas")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EvaluationError(f"hacker CLIP presets {spec!r}: {', '.join(repeated)} given more than once")
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        raise EvaluationError(f"unknown CLIP preset {', '.join(map(repr, unknown))}; known: {', '.join(PRESETS)}")
+    return names
 
 
 def hacker_init_seed(seed: int) -> int:
@@ -71,6 +115,58 @@ def new_hacker(clip_preset: str, image_size: int, vocab_size: int, seed: int, co
     return build_clip(config, vocab_size=vocab_size)
 
 
+def augmentation_seed(seed: int) -> int:
+    """The seed of a hacker's crops and flips: drawn from its seed, apart from its weights' (hacker_init_seed)."""
+    return int(np.random.SeedSequence([seed, 0xA06E17]).generate_state(1)[0])
+
+
+def random_resized_crop_and_flip(images: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+    """Float images [N, C, H, W] -> the same shape, each image its own random resized crop (AUGMENT_SCALE of its
+    area at an AUGMENT_RATIO aspect; a side that would exceed the image is cut to it), resized back bilinearly,
+    and mirrored left-right with probability 1/2. The draws come from `generator` (on the CPU), so a seed
+    gives the same crops on any device."""
+    import torch
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    area = torch.empty(n).uniform_(*AUGMENT_SCALE, generator=generator)
+    aspect = torch.empty(n).uniform_(math.log(AUGMENT_RATIO[0]), math.log(AUGMENT_RATIO[1]), generator=generator).exp()
+    width = (area * aspect).sqrt().clamp(max=1.0)  # as fractions of the image's width and height
+    height = (area / aspect).sqrt().clamp(max=1.0)
+    left = torch.rand(n, generator=generator) * (1 - width)
+    top = torch.rand(n, generator=generator) * (1 - height)
+    flip = torch.rand(n, generator=generator) < 0.5
+    # affine_grid maps each output position in [-1, 1] to an input position: the crop's half-size times it,
+    # plus the crop's centre (2 * left + width - 1 in the same units); a negative x scale mirrors the crop.
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = torch.where(flip, -width, width)
+    theta[:, 0, 2] = 2 * left + width - 1
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = 2 * top + height - 1
+    grid = F.affine_grid(theta.to(images.device, images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_while_training(model: "CLIP", seed: int):
+    """Make `model` augment every batch its image tower sees while in training mode; returns the hook's handle
+    (handle.remove() ends it).
+
+    train_clip normalises each batch and hands it to the image tower, so a pre-hook there sees exactly the
+    training batches, one new draw per image and step. Retrieval runs the model in eval mode: test images are
+    never augmented. Cropping normalised images equals cropping then normalising (both are per-pixel affine)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(augmentation_seed(seed))
+
+    def augment(visual, inputs):
+        if not visual.training:
+            return None  # the inputs unchanged
+        (images, *rest) = inputs
+        return (random_resized_crop_and_flip(images, generator), *rest)
+
+    return model.visual.register_forward_pre_hook(augment)
+
+
 def _load_tokenizer(path: str | Path):
     from .tokenizer import Tokenizer
 
@@ -82,7 +178,7 @@ def _load_tokenizer(path: str | Path):
 
 @dataclass
 class Hacker:
-    """How the hackers of one kind train: from scratch (finetune None) or from a checkpoint."""
+    """How the hackers of one family train: from scratch as clip_preset (finetune None) or from a checkpoint."""
 
     clip_preset: str
     image_size: int
@@ -97,6 +193,12 @@ class Hacker:
     finetune: dict | None
     gallery: int | None
     progress: bool
+    augment: bool = True  # random resized crop + flip while training (augment_while_training)
+
+    @property
+    def family(self) -> str:
+        """What the report calls these hackers: the preset, or FINETUNE_FAMILY for the fine-tuned ones."""
+        return FINETUNE_FAMILY if self.finetune is not None else self.clip_preset
 
 
 def _train_and_measure(train_set: TrainingSet, test_images: dict[int, np.ndarray], test_captions: list[str],
@@ -122,9 +224,14 @@ def _train_and_measure(train_set: TrainingSet, test_images: dict[int, np.ndarray
     images = load_images(train_set.pairs, resolution, progress=False)
     if resolution not in test_images:
         raise EvaluationError(f"no test images at {resolution} px")  # prepared by the caller
+    augmenting = augment_while_training(model, seed) if hacker.augment else None
     start, cpu = time.monotonic(), time.process_time()
-    train_clip(model, images, captions, tok, epochs=hacker.epochs, batch_size=hacker.batch_size, lr=hacker.lr,
-               device=hacker.device, seed=seed, progress=hacker.progress)
+    try:
+        train_clip(model, images, captions, tok, epochs=hacker.epochs, batch_size=hacker.batch_size, lr=hacker.lr,
+                   device=hacker.device, seed=seed, progress=hacker.progress)
+    finally:
+        if augmenting is not None:
+            augmenting.remove()
     seconds, cpu_seconds = time.monotonic() - start, time.process_time() - cpu
     retrieval = evaluate_retrieval(model, test_images[resolution], test_captions, tok, device=hacker.device,
                                    gallery=hacker.gallery)
@@ -157,7 +264,7 @@ def evaluate_protection(
     out_dir: str | Path,
     conditions: Sequence[str] | None = None,
     robustness: Sequence[str] = ROBUSTNESS_TRANSFORMS,
-    clip_preset: str = "rn_tiny",
+    clip_preset: str | Sequence[str] = DEFAULT_CLIP,
     image_size: int = 32,
     epochs: int = 10,
     batch_size: int = HACKER_BATCH_SIZE,
@@ -175,33 +282,44 @@ def evaluate_protection(
     examples: int = 3,
     progress: bool = True,
     gallery: int | None = None,
+    augment: bool = True,
+    protocol: str = "whole",
 ) -> dict:
-    """Train a from-scratch hacker CLIP on each condition and report clean-test retrieval.
+    """Train from-scratch hacker CLIPs on each condition and report clean-test retrieval and retention.
 
     conditions: which of "clean", "random" and the protected names to train on (default: all);
     robustness: transforms applied to each selected protected set, each its own extra condition.
+    clip_preset: the hacker families, "rn_tiny,vit_tiny,cnn_words" or a list of preset names; every condition is
+    trained by each, one row per (condition, family), the rows named "<condition> (<family>)" when there
+    are several.
     With finetune_checkpoint (an OpenAI-format CLIP state dict) every condition is also fine-tuned
     from it, at finetune_lr for finetune_epochs (default: epochs), which needs `tokenizer` (the
     checkpoint's vocabulary: CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON file); the
     checkpoint's own retrieval, before any fine-tuning, is reported beside them (what the hacker starts
     from), and scratch=False trains the fine-tuned hackers only.
-    hackers > 1 trains that many hackers per condition (seeds seed, seed + 1, ...): one hacker's R@1 on
-    a small test split moves by a few hits, so the row reports the median run and lists every run's.
+    hackers > 1 trains that many hackers per condition and family (seeds seed, seed + 1, ...): one hacker's
+    R@1 on a small test split moves by a few hits, so the row reports the median run and lists every run's.
+    augment: train every hacker with a random resized crop and a horizontal flip (augment_while_training).
     gallery: rank within consecutive galleries of that many test pairs (retrieval.evaluate_retrieval), so that
     a test split of several galleries gives near-chance figures more hits to count; None: the whole split.
-    Returns the report (also written as out_dir/report.json, report.md and examples.png).
+    protocol "5x1k": COCO's 5 folds of 1000 pairs (the first 5000 of the test split), averaged; it sets the
+    galleries itself, so it refuses `gallery`, and refuses a test split of fewer than 5000 pairs.
+    Returns the report (also written as out_dir/report.json, report.md and examples.png); its "retention"
+    holds every hacker's text->image R@1 retention against clean and their median and range.
     """
     t_start = time.monotonic()
     clean_root, out_dir = Path(clean_root), Path(out_dir)
     protected = dict(protected or {})
-    selected = _check_arguments(clean_root, protected, conditions, robustness, clip_preset, image_size, epochs,
+    families = hacker_families(clip_preset)
+    selected = _check_arguments(clean_root, protected, conditions, robustness, families, image_size, epochs,
                                 batch_size, hackers, scratch, finetune_checkpoint, tokenizer)
 
     def say(message: str) -> None:
         if progress:
             log.info(message)
 
-    clean_pairs, test_pairs = _read_splits(clean_root, train_manifest, test_manifest, gallery)
+    clean_pairs, test_pairs, n_test_available, gallery = _read_splits(clean_root, train_manifest, test_manifest,
+                                                                       gallery, protocol)
     # Read and check every protected set before any training: a bad one fails in seconds.
     protected_sets = {name: read_protected_set(path, clean_pairs, name) for name, path in protected.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,40 +340,48 @@ def evaluate_protection(
                                                      gallery)
         say(f"the checkpoint as given (before fine-tuning): {checkpoint_retrieval['r1_x_chance']:.1f}x chance R@1")
 
-    scratch_hacker = Hacker(clip_preset, image_size, epochs, batch_size, lr, seed, hackers, device, tok,
-                            tokenizer_vocab, None, gallery, progress)
-    runs = [(s, scratch_hacker) for s in train_sets] if scratch else []
+    scratch_hackers = [
+        Hacker(clip_preset=family, image_size=image_size, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+               hackers=hackers, device=device, tokenizer=tok, tokenizer_vocab=tokenizer_vocab, finetune=None,
+               gallery=gallery, progress=progress, augment=augment)
+        for family in families
+    ]
+    runs = [(s, hacker) for hacker in scratch_hackers for s in train_sets] if scratch else []
     if finetune is not None:
-        tuned = replace(scratch_hacker, epochs=finetune_epochs or epochs, lr=finetune_lr, finetune=finetune)
+        tuned = replace(scratch_hackers[0], epochs=finetune_epochs or epochs, lr=finetune_lr, finetune=finetune)
         runs += [(s, tuned) for s in train_sets]
     rows = []
     for index, (train_set, hacker) in enumerate(runs, start=1):
-        rows.append(_condition_row(train_set, hacker, test_images, test_captions, image_stats, f"[{index}/{len(runs)}]",
-                                   say))
+        name = _row_name(train_set.name, hacker, several_families=scratch and len(families) > 1)
+        rows.append(_condition_row(train_set, hacker, name, test_images, test_captions, image_stats,
+                                   f"[{index}/{len(runs)}]", say))
 
     report = {
         "settings": {
-            "clip_preset": clip_preset, "image_size": image_size, "epochs": epochs, "batch_size": batch_size,
-            "lr": lr, "seed": seed, "hackers": hackers, "device": device or "auto", "epsilon_levels": levels,
+            "clip_preset": ",".join(families), "clip_presets": families, "image_size": image_size, "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "seed": seed, "hackers": hackers, "device": device or "auto",
+            "augment": augment, "augmentation": AUGMENTATION if augment else None, "epsilon_levels": levels,
             "tokenizer": str(tokenizer) if tokenizer else f"trained per condition on its captions (<= {tokenizer_vocab})",
             "finetune_checkpoint": str(finetune_checkpoint) if finetune_checkpoint else None,
             "finetune_lr": finetune_lr if finetune_checkpoint else None,
             "finetune_epochs": (finetune_epochs or epochs) if finetune_checkpoint else None,
             "scratch": scratch, "n_train": len(clean_pairs), "n_test": len(test_pairs),
-            "gallery": gallery or len(test_pairs), "robustness": list(robustness),
+            "n_test_available": n_test_available, "protocol": protocol, "gallery": gallery or len(test_pairs),
+            "robustness": list(robustness),
         },
         "data": {"root": str(clean_root), "train_manifest": train_manifest, "test_manifest": test_manifest},
         "chance": {f"r{k}": rows[0]["retrieval"][f"chance_r{k}"] for k in (1, 5, 10)} if rows else {},
         "conditions": rows,
         "finetune_checkpoint_retrieval": checkpoint_retrieval,
     }
-    report["summary"] = summary(rows)
+    report["retention"] = retention(rows)
+    report["summary"] = summary(rows, report["retention"])
     report["seconds_total"] = time.monotonic() - t_start
     return _write_report(report, out_dir, clean_pairs, train_sets, examples)
 
 
 def _check_arguments(clean_root: Path, protected: dict, conditions: Sequence[str] | None, robustness: Sequence[str],
-                     clip_preset: str, image_size: int, epochs: int, batch_size: int, hackers: int, scratch: bool,
+                     families: list[str], image_size: int, epochs: int, batch_size: int, hackers: int, scratch: bool,
                      finetune_checkpoint: str | Path | None, tokenizer: str | Path | None) -> list[str]:
     """Refuse arguments the evaluation cannot use before any work; returns the selected conditions."""
     if not clean_root.is_dir():
@@ -279,31 +405,45 @@ def _check_arguments(clean_root: Path, protected: dict, conditions: Sequence[str
         )
     from .clip import PRESETS
 
-    if clip_preset not in PRESETS:
-        raise EvaluationError(f"unknown CLIP preset {clip_preset!r}; known: {', '.join(PRESETS)}")
     if epochs < 1 or batch_size < 2 or hackers < 1:
         raise EvaluationError(f"need epochs >= 1, batch >= 2 and hackers >= 1, got {epochs}, {batch_size} and {hackers}")
-    try:
-        replace(PRESETS[clip_preset], image_resolution=image_size).validate()
-    except ValueError as exc:
-        raise EvaluationError(f"image size {image_size} with preset {clip_preset}: {exc}") from None
+    for family in families:
+        try:
+            replace(PRESETS[family], image_resolution=image_size).validate()
+        except ValueError as exc:
+            raise EvaluationError(f"image size {image_size} with preset {family}: {exc}") from None
     return selected
 
 
-def _read_splits(clean_root: Path, train_manifest: str, test_manifest: str,
-                 gallery: int | None) -> tuple[list[Pair], list[Pair]]:
+def _read_splits(clean_root: Path, train_manifest: str, test_manifest: str, gallery: int | None,
+                 protocol: str) -> tuple[list[Pair], list[Pair], int, int | None]:
+    """The training and test pairs, the test split's size as read, and the gallery to rank within: the test
+    pairs are the first 5000 and the gallery 1000 under protocol "5x1k"."""
     from .retrieval import gallery_size
 
+    if protocol not in PROTOCOLS:
+        raise EvaluationError(f"unknown retrieval protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
+    if protocol == "5x1k" and gallery is not None:
+        raise EvaluationError(f"protocol 5x1k ranks within galleries of {FOLD_SIZE} itself; leave the gallery "
+                              f"({gallery}) unset")
     try:
         clean_pairs = read_pairs(clean_root, train_manifest)
         test_pairs = read_pairs(clean_root, test_manifest)
     except PairsManifestError as exc:
         raise EvaluationError(str(exc)) from exc
+    n_test_available = len(test_pairs)
+    if protocol == "5x1k":
+        if n_test_available < FOLDS * FOLD_SIZE:
+            raise EvaluationError(
+                f"protocol 5x1k needs a test split of at least {FOLDS * FOLD_SIZE} pairs ({FOLDS} folds of "
+                f"{FOLD_SIZE}), but {test_manifest} has {n_test_available}; use the default protocol (whole) instead"
+            )
+        test_pairs, gallery = test_pairs[:FOLDS * FOLD_SIZE], FOLD_SIZE
     try:
         gallery_size(len(test_pairs), gallery)
     except ValueError as exc:
         raise EvaluationError(str(exc)) from None
-    return clean_pairs, test_pairs
+    return clean_pairs, test_pairs, n_test_available, gallery
 
 
 def _training_sets(clean_manifest: Path, clean_pairs: list[Pair], protected_sets: dict[str, TrainingSet],
@@ -357,23 +497,32 @@ def _checkpoint_retrieval(model, test_images: dict[int, np.ndarray], test_captio
     return retrieval
 
 
-def _condition_row(train_set: TrainingSet, hacker: "Hacker", test_images: dict[int, np.ndarray],
+def _row_name(set_name: str, hacker: Hacker, several_families: bool) -> str:
+    """A row's name: the condition, with "(fine-tune)" or, when several families train from scratch, the family."""
+    if hacker.finetune is not None:
+        return f"{set_name} (fine-tune)"
+    return f"{set_name} ({hacker.clip_preset})" if several_families else set_name
+
+
+def _condition_row(train_set: TrainingSet, hacker: Hacker, label: str, test_images: dict[int, np.ndarray],
                    test_captions: list[str], image_stats: dict, step: str, say: Callable[[str], None]) -> dict:
-    """Train hacker.hackers hackers on one condition and report the median run (and every run's R@1)."""
+    """Train hacker.hackers hackers of one family on one condition and report the median run, and every run's
+    seed and R@1 under "runs"."""
     mode = "fine-tune" if hacker.finetune is not None else "scratch"
-    label = train_set.name if hacker.finetune is None else f"{train_set.name} (fine-tune)"
-    say(f"{step} hacker CLIP ({mode}) on {label!r}: {len(train_set.pairs)} pairs, {hacker.epochs} epochs, batch "
-        f"{hacker.batch_size}" + (f", {hacker.hackers} seeds" if hacker.hackers > 1 else ""))
-    results = [_train_and_measure(train_set, test_images, test_captions, hacker, hacker.seed + h)
-               for h in range(hacker.hackers)]
+    say(f"{step} hacker CLIP {hacker.family} on {label!r}: {len(train_set.pairs)} pairs, {hacker.epochs} epochs, "
+        f"batch {hacker.batch_size}" + (f", {hacker.hackers} seeds" if hacker.hackers > 1 else ""))
+    seeds = [hacker.seed + h for h in range(hacker.hackers)]
+    results = [_train_and_measure(train_set, test_images, test_captions, hacker, seed) for seed in seeds]
     per_run = [_x_chance(res["retrieval"])["r1_x_chance"] for res in results]
     result = results[int(np.argsort(per_run, kind="stable")[(len(per_run) - 1) // 2])]  # the median run
     r = result["retrieval"]
+    runs = [{"seed": seed, **{k: res["retrieval"][k] for k in ("i2t_r1", "t2i_r1", "mean_r1")}, "r1_x_chance": x}
+            for seed, res, x in zip(seeds, results, per_run)]
     row = {
-        "name": label, "set": train_set.name, "kind": train_set.kind, "training": mode,
+        "name": label, "set": train_set.name, "kind": train_set.kind, "training": mode, "family": hacker.family,
         "source": train_set.source, "n_train": len(train_set.pairs), "meta": train_set.meta,
         **image_stats.get(train_set.name, {"psnr_db": None, "psnr_min_db": None, "linf_255": 0}),
-        **result, **_x_chance(r), "r1_x_chance_runs": per_run,
+        **result, **_x_chance(r), "r1_x_chance_runs": per_run, "runs": runs,
         "train_seconds": sum(res["train_seconds"] for res in results),
         "train_cpu_seconds": sum(res["train_cpu_seconds"] for res in results),
     }

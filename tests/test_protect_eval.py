@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,11 +92,13 @@ def shortcut(data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def efficacy(data, shortcut, tmp_path_factory):
-    """One evaluation shared by the efficacy tests: clean vs the shortcut set, same seed and steps."""
+    """One evaluation shared by the efficacy tests: clean vs the shortcut set, same seed and steps. The stand-in's
+    code is laid on a fixed 4x4 grid of the image, which random crops and flips misalign: these tests check that
+    the evaluation measures a collapse, not how a protection stands augmentation, so the hackers train without it."""
     out = tmp_path_factory.mktemp("eval")
     report = evaluate_protection(
         data, "train.jsonl", "test.jsonl", {"shortcut": shortcut}, out_dir=out,
-        conditions=["clean", "shortcut"], robustness=(), progress=False, **FAST,
+        conditions=["clean", "shortcut"], robustness=(), progress=False, augment=False, **FAST,
     )
     return report, out
 
@@ -220,10 +224,70 @@ def test_cli_refuses_bad_inputs_with_exit_2(data, shortcut, tmp_path, capsys):
     assert "NAME=DIR" in capsys.readouterr().err
     assert main([*base[:2], str(tmp_path / "nodata"), *base[3:]]) == 2
     assert "--data" in capsys.readouterr().err
+    assert main([*base, "--protocol", "5x1k"]) == 2
+    assert f"at least 5000 pairs (5 folds of 1000), but test.jsonl has {N_TEST}" in capsys.readouterr().err
+    assert main([*base, "--clip", "rn_tiny,rn_huge"]) == 2
+    assert "unknown CLIP preset 'rn_huge'" in capsys.readouterr().err
+    assert main([*base, "--clip", "rn_tiny,rn_tiny"]) == 2
+    assert "rn_tiny given more than once" in capsys.readouterr().err
     assert not (tmp_path / "out" / "report.json").exists()  # nothing trained on bad input
 
 
-def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, capsys):
+def _count_augmented_hackers(monkeypatch) -> list[int]:
+    """The seeds of the hackers that train with augmentation, in order (augment_while_training still runs)."""
+    from aigis.protection import evaluate
+
+    seeds: list[int] = []
+    real = evaluate.augment_while_training
+
+    def counting(model, seed):
+        seeds.append(seed)
+        return real(model, seed)
+
+    monkeypatch.setattr(evaluate, "augment_while_training", counting)
+    return seeds
+
+
+def _check_retention(report: dict) -> None:
+    """Every hacker's retention is its t2i R@1 over its own clean run's (same family and seed), None where that is
+    0; each family's and the overall median and range are those of the per-hacker values; the table shows them."""
+    rows = report["conditions"]
+    clean = {(r["family"], run["seed"]): run["t2i_r1"] for r in rows if r["set"] == "clean" for run in r["runs"]}
+    expected: dict[str, list[tuple[str, int, float | None]]] = {}
+    for r in rows:
+        if r["set"] != "clean":
+            for run in r["runs"]:
+                base = clean[(r["family"], run["seed"])]
+                expected.setdefault(r["set"], []).append(
+                    (r["family"], run["seed"], run["t2i_r1"] / base if base > 0 else None))
+    retention = report["retention"]["conditions"]
+    assert sorted(retention) == sorted(expected)
+
+    def check(stats: dict, values: list[float | None]) -> None:
+        defined = [v for v in values if v is not None]
+        assert stats["hackers"] == len(values) and stats["undefined"] == len(values) - len(defined)
+        if defined:
+            assert stats["median"] == pytest.approx(statistics.median(defined))
+            assert (stats["min"], stats["max"]) == pytest.approx((min(defined), max(defined)))
+        else:
+            assert stats["median"] is stats["min"] is stats["max"] is None
+
+    for name, hackers in expected.items():
+        entry = retention[name]
+        assert [(h["family"], h["seed"]) for h in entry["per_hacker"]] == [(f, seed) for f, seed, _ in hackers]
+        for got, (_, _, value) in zip(entry["per_hacker"], hackers):
+            assert got["retention"] == (None if value is None else pytest.approx(value))
+        check(entry["overall"], [v for _, _, v in hackers])
+        for family in {f for f, _, _ in hackers}:
+            check(entry["by_family"][family], [v for f, _, v in hackers if f == family])
+    table = Path(report["report_md"]).read_text()
+    assert "| retention |" in table and "Retention over all hackers" in table
+    for name, entry in retention.items():
+        assert f"| {name} | {entry['overall']['hackers']}" in table
+
+
+def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, capsys, monkeypatch):
+    augmented = _count_augmented_hackers(monkeypatch)
     out = tmp_path / "out"
     code = main([
         "protect-eval", "--data", str(data), "--train-manifest", "train.jsonl", "--test-manifest", "test.jsonl",
@@ -247,8 +311,17 @@ def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, caps
         assert len(runs) == 3 and r["r1_x_chance"] == sorted(runs)[1]
     assert len({tuple(r["r1_x_chance_runs"]) for r in report["conditions"]}) > 1
     assert any(len(set(r["r1_x_chance_runs"])) > 1 for r in report["conditions"]), "the seeds changed nothing"
+    # augmentation is on by default, for every hacker, seeded by its seed; the report says so
+    assert report["settings"]["augment"] is True and "crop" in report["settings"]["augmentation"]
+    assert augmented == [0, 1, 2] * len(names)
+    assert report["settings"]["protocol"] == "whole" and report["settings"]["gallery"] == N_TEST
+    assert {r["family"] for r in report["conditions"]} == {"rn_tiny"}
+    report["report_md"] = str(out / "report.md")
+    _check_retention(report)
+    assert set(report["retention"]["conditions"]) == set(names) - {"clean"}
     table = (out / "report.md").read_text()
     assert "3 hackers per condition" in table and "runs: R@1 x chance" in table
+    assert "trained with random resized crop" in table
     for name in names:
         assert f"| {name} |" in table
     png = (out / "examples.png").read_bytes()
@@ -440,3 +513,176 @@ def test_galleries_rank_each_block_on_its_own(data):
     with pytest.raises(EvaluationError, match="galleries of 30"):
         evaluate_protection(data, "train.jsonl", "test.jsonl", out_dir=data.parent / "never", gallery=30, **FAST)
     assert not (data.parent / "never").exists()  # refused before anything was written or trained
+
+
+def test_several_hacker_families_train_every_condition_and_each_hacker_has_a_retention(tmp_path, monkeypatch):
+    """--clip names several families: each trains every condition with every seed, one row per (condition,
+    family), and retention compares each hacker only with its own clean run. --no-augment trains no hacker
+    with augmentation and the report says so."""
+    augmented = _count_augmented_hackers(monkeypatch)
+    root = synth_captioned(tmp_path / "small", 24, 12, size=SIZE, seed=4)  # a small split: the checks are exact
+    shortcut = make_shortcut_set(root, tmp_path / "shortcut")
+    out = tmp_path / "out"
+    code = main([
+        "protect-eval", "--data", str(root), "--train-manifest", "train.jsonl", "--test-manifest", "test.jsonl",
+        "--protected", f"shortcut={shortcut}", "--no-robustness", "--no-random", "--epochs", "1", "--device", "cpu",
+        "--clip", "rn_tiny, cnn_words", "--hackers", "2", "--no-augment", "--out", str(out), "--quiet",
+    ])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    report["report_md"] = str(out / "report.md")
+    families = ["rn_tiny", "cnn_words"]
+    assert report["settings"]["clip_presets"] == families and report["settings"]["clip_preset"] == ",".join(families)
+    assert [(r["name"], r["family"]) for r in report["conditions"]] == [
+        (f"{condition} ({family})", family) for family in families for condition in ("clean", "shortcut")]
+    for r in report["conditions"]:
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+        assert [run["r1_x_chance"] for run in r["runs"]] == r["r1_x_chance_runs"]
+    # each family's rows are compared with that family's clean row
+    assert report["summary"]["shortcut (cnn_words)"]["relative_to"] == "clean (cnn_words)"
+    assert report["summary"]["shortcut (cnn_words)"]["t2i_r1_retention"] == \
+        report["retention"]["conditions"]["shortcut"]["by_family"]["cnn_words"]
+    assert list(report["retention"]["conditions"]["shortcut"]["by_family"]) == families
+    assert report["retention"]["conditions"]["shortcut"]["overall"]["hackers"] == 4
+    _check_retention(report)
+    assert augmented == [] and report["settings"]["augment"] is False and report["settings"]["augmentation"] is None
+    table = (out / "report.md").read_text()
+    assert table.startswith("Hacker CLIPs rn_tiny and cnn_words at 32 px") and "without augmentation" in table
+    for family in families:
+        assert f"| shortcut ({family}) |" in table
+
+
+def test_retention_is_undefined_where_a_hackers_clean_recall_is_zero():
+    from aigis.protection.eval_report import markdown_table, retention
+
+    def row(set_name: str, family: str, t2i: list[float]) -> dict:
+        return {"set": set_name, "family": family, "runs": [{"seed": s, "t2i_r1": v} for s, v in enumerate(t2i)]}
+
+    rows = [row("clean", "a", [0.4, 0.0, 0.2]), row("mem", "a", [0.1, 0.05, 0.1]),
+            row("clean", "b", [0.5, 0.25, 0.1]), row("mem", "b", [0.05, 0.05, 0.1])]
+    mem = retention(rows)["conditions"]["mem"]
+    assert [h["retention"] for h in mem["per_hacker"]] == pytest.approx([0.25, None, 0.5, 0.1, 0.2, 1.0])
+    assert mem["per_hacker"][1]["retention"] is None  # clean R@1 of 0: undefined, not a division by zero
+    assert mem["by_family"]["a"] == {"median": pytest.approx(0.375), "min": 0.25, "max": 0.5, "hackers": 3,
+                                     "undefined": 1}
+    assert mem["by_family"]["b"] == {"median": pytest.approx(0.2), "min": pytest.approx(0.1), "max": 1.0,
+                                     "hackers": 3, "undefined": 0}
+    assert mem["overall"] == {"median": pytest.approx(0.25), "min": pytest.approx(0.1), "max": 1.0, "hackers": 6,
+                              "undefined": 1}
+    nothing = retention([row("clean", "a", [0.0]), row("mem", "a", [0.1])])["conditions"]["mem"]
+    assert nothing["overall"] == {"median": None, "min": None, "max": None, "hackers": 1, "undefined": 1}
+    # in the table: median (min-max) beside x chance, the undefined counted
+    report = {"settings": {"clip_preset": "a", "image_size": 32, "epochs": 1, "batch_size": 2, "lr": 1e-3, "seed": 0,
+                           "hackers": 3, "n_train": 4, "n_test": 4, "augment": False},
+              "chance": {}, "retention": retention(rows),
+              "conditions": [{**r, "name": r["set"], "r1_x_chance": 1.0, "r1_x_chance_runs": [1.0] * 3, "psnr_db": None,
+                              "train_seconds": 1.0, "retrieval": {k: 0.1 for k in ("i2t_r1", "i2t_r5", "i2t_r10",
+                                                                                   "t2i_r1", "t2i_r5", "t2i_r10")}}
+                             for r in rows[:2]]}
+    table = markdown_table(report)
+    assert "| 1.0 | 0.38 (0.25-0.50), 1 undefined |" in table
+    assert "| mem | 6 (1 undefined) | 0.25 | 0.10 | 1.00 |" in table
+
+
+def test_augmentation_is_drawn_from_the_hackers_seed_and_only_while_training():
+    """The image tower sees a new crop and flip of each image at every training step, the same sequence for the same
+    seed; in eval mode (retrieval), and once the hook is removed, it sees the images as given."""
+    import torch
+
+    from aigis.protection.clip import build_clip, normalize_images
+    from aigis.protection.evaluate import augment_while_training, augmentation_seed, hacker_init_seed
+
+    rng = np.random.default_rng(0)
+    images = normalize_images(rng.integers(0, 256, size=(6, SIZE, SIZE, 3), dtype=np.uint8))
+
+    class Model(torch.nn.Module):  # all augment_while_training needs: an image tower, here one showing what it sees
+        def __init__(self):
+            super().__init__()
+            self.visual = torch.nn.Identity()
+
+    def tower_inputs(seed: int, steps: int = 2, train: bool = True, remove: bool = False) -> list[torch.Tensor]:
+        model = Model().train(train)
+        handle = augment_while_training(model, seed)
+        if remove:
+            handle.remove()
+        return [model.visual(images) for _ in range(steps)]
+
+    first, again, other = tower_inputs(0), tower_inputs(0), tower_inputs(1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # deterministic given the seed
+    assert not torch.equal(first[0], other[0])  # another seed, other crops
+    assert not torch.equal(first[0], first[1])  # a new draw every step
+    assert first[0].shape == images.shape
+    for i in range(len(images)):  # every image changed, each by its own draw
+        assert not torch.allclose(first[0][i], images[i], atol=1e-3)
+    assert all(torch.equal(x, images) for x in tower_inputs(0, train=False))  # test images never augmented
+    assert all(torch.equal(x, images) for x in tower_inputs(0, remove=True))
+    assert augmentation_seed(0) != hacker_init_seed(0) and augmentation_seed(0) != augmentation_seed(1)
+
+    # A hacker CLIP's image tower gets the augmented batch through encode_image, as train_clip calls it.
+    model = build_clip("cnn_words", vocab_size=600).train()
+    augment_while_training(model, 0)
+    seen: list[torch.Tensor] = []
+    model.visual.register_forward_pre_hook(lambda tower, inputs: seen.append(inputs[0]))
+    with torch.no_grad():
+        model.encode_image(images)
+    assert torch.equal(seen[0], first[0])
+
+
+def test_a_full_crop_keeps_the_image_or_mirrors_it(monkeypatch):
+    """The crop geometry: a crop of the whole area at aspect 1 gives back each image exactly, or its exact
+    left-right mirror, about half of them mirrored."""
+    import torch
+
+    from aigis.protection import evaluate
+
+    monkeypatch.setattr(evaluate, "AUGMENT_SCALE", (1.0, 1.0))
+    monkeypatch.setattr(evaluate, "AUGMENT_RATIO", (1.0, 1.0))
+    images = torch.rand(16, 3, 8, 8)
+    out = evaluate.random_resized_crop_and_flip(images, torch.Generator().manual_seed(0))
+    mirrored = []
+    for image, result in zip(images, out):
+        mirrored.append(not torch.allclose(result, image, atol=1e-5))
+        torch.testing.assert_close(result, image.flip(-1) if mirrored[-1] else image, atol=1e-5, rtol=0)
+    assert 0 < sum(mirrored) < len(images)
+
+
+def test_protocol_5x1k_ranks_five_folds_of_1000_and_refuses_a_small_test_split(data):
+    from aigis.protection import evaluate_cli
+    from aigis.protection.evaluate import DEFAULT_CLIP, PROTOCOLS, _read_splits
+
+    assert (evaluate_cli.DEFAULT_CLIP, evaluate_cli.PROTOCOLS) == (DEFAULT_CLIP, PROTOCOLS)
+    lines = (data / "test.jsonl").read_text().splitlines(keepends=True)
+    (data / "big_test.jsonl").write_text("".join(lines * (5200 // len(lines) + 1)))
+    try:
+        n_big = len((data / "big_test.jsonl").read_text().splitlines())
+        assert n_big >= 5200
+        train, test, available, gallery = _read_splits(data, "train.jsonl", "big_test.jsonl", None, "5x1k")
+        assert (len(train), len(test), available, gallery) == (N_TRAIN, 5000, n_big, 1000)
+        assert _read_splits(data, "train.jsonl", "test.jsonl", None, "whole")[1:] == (read_pairs(data, "test.jsonl"),
+                                                                                     N_TEST, None)
+        with pytest.raises(EvaluationError, match=f"at least 5000 pairs .*test.jsonl has {N_TEST}"):
+            _read_splits(data, "train.jsonl", "test.jsonl", None, "5x1k")
+        with pytest.raises(EvaluationError, match="leave the gallery"):
+            _read_splits(data, "train.jsonl", "big_test.jsonl", 500, "5x1k")
+        with pytest.raises(EvaluationError, match="unknown retrieval protocol"):
+            _read_splits(data, "train.jsonl", "test.jsonl", None, "10x500")
+    finally:
+        (data / "big_test.jsonl").unlink()  # the module's data folder is shared
+
+
+def test_cnn_words_is_a_plain_cnn_beside_the_same_text_tower():
+    import torch
+    from dataclasses import replace
+
+    from aigis.protection.clip import PRESETS, PlainCNN, build_clip
+
+    model = build_clip("cnn_words", vocab_size=600).eval()
+    assert isinstance(model.visual, PlainCNN) and len(model.visual.blocks) == 5
+    layers = [type(m).__name__ for m in model.visual.blocks.modules() if not isinstance(m, torch.nn.Sequential)]
+    assert layers == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 4 + ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert model.transformer.layers == 2 and model.transformer.width == PRESETS["rn_tiny"].transformer_width
+    assert model.encode_image(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, PRESETS["cnn_words"].embed_dim)
+    with pytest.raises(ValueError, match="resolution"):
+        model.encode_image(torch.zeros(1, 3, 2 * SIZE, 2 * SIZE))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        replace(PRESETS["cnn_words"], image_resolution=40).validate()
