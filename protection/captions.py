@@ -5,6 +5,8 @@ three objects, each with a shape, colour, size and grid position, on a coloured 
 "photo", a textured crop of a bundled photo), described by compositional captions with varied wording.
 The captions are near-unique per image and the attributes are visible at 32 px, so a small CLIP trained
 from scratch on a CPU for a minute or two retrieves far above chance -- which is what MEM protection must then destroy.
+Styles "fashion" and "boutique" draw Fashion-MNIST clothing items instead (fashion.py samples and renders
+them); their captions are worded here.
 
 Manifests are JSON lines {"image": "<path relative to the root>", "caption": "..."}; the same reader
 serves the user's own data.
@@ -45,7 +47,10 @@ PHOTO_BACKGROUNDS = {
     "brick": "brick", "grass": "grass", "gravel": "gravel", "starry": "hubble_deep_field", "cell": "immunohistochemistry",
 }
 # style "fashion": Fashion-MNIST clothing items on a 2x2 grid, named by kind (fashion.py) -- shape, not colour.
-STYLES = ("flat", "photo", "fashion")
+# style "boutique": the same items in named colours on a 3x3 grid over a painted, textured backdrop, in other
+# words and sentence shapes -- a look the protection presets were not tuned on.
+STYLES = ("flat", "photo", "fashion", "boutique")
+ITEM_STYLES = ("fashion", "boutique")  # the styles that need Fashion-MNIST's files
 SHAPES = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses", "ring": "rings", "star": "stars"}
 SIZES = {"small": 0.24, "large": 0.44}  # radius as a fraction of a grid cell
 # grid cell (row, col) -> ways to say where it is
@@ -61,6 +66,25 @@ POSITIONS = {
     (2, 2): ("in the bottom right corner", "at the bottom right"),
 }
 COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
+# Style "boutique". Fashion-MNIST label -> the names a caption may use for it.
+BOUTIQUE_NOUNS: dict[int, tuple[str, ...]] = {
+    0: ("tee", "t-shirt"), 1: ("trousers", "pants"), 2: ("jumper", "sweater"), 3: ("dress", "frock"),
+    4: ("coat", "jacket"), 5: ("sandal",), 6: ("shirt", "blouse"), 7: ("trainer", "sneaker"),
+    8: ("handbag", "bag"), 9: ("ankle boot", "boot"),
+}
+PLURAL_NOUNS = frozenset({"trousers", "pants"})  # said without "a", and they "sit", not "sits"
+# 3x3 grid cell (row, col) -> ways to say where it is; no phrase contains another, so each names one cell.
+BOUTIQUE_PLACES = {
+    (0, 0): ("in the top left corner", "high on the left"),
+    (0, 1): ("at the top centre", "along the top edge"),
+    (0, 2): ("in the top right corner", "high on the right"),
+    (1, 0): ("at the left edge", "halfway up the left"),
+    (1, 1): ("in the centre", "dead centre"),
+    (1, 2): ("at the right edge", "halfway up the right"),
+    (2, 0): ("in the bottom left corner", "low on the left"),
+    (2, 1): ("at the bottom centre", "along the bottom edge"),
+    (2, 2): ("in the bottom right corner", "low on the right"),
+}
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
 
 
@@ -91,8 +115,8 @@ def sample_scene(rng: np.random.Generator, style: str = "flat") -> tuple[str, li
     look a quarter of the time, so counts ("two red stars") occur."""
     if style not in STYLES:
         raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
-    if style == "fashion":
-        raise ValueError("fashion scenes come from fashion.sample_fashion_scene (they need the item catalogue)")
+    if style in ITEM_STYLES:
+        raise ValueError(f"{style} scenes come from fashion.py (they need the item catalogue)")
     background = str(rng.choice(list(BACKGROUNDS if style == "flat" else PHOTO_BACKGROUNDS)))
     count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
     cells = [list(POSITIONS)[i] for i in rng.choice(len(POSITIONS), size=count, replace=False)]
@@ -220,6 +244,34 @@ def describe_fashion_scene(placed: list[fashion.PlacedItem], rng: np.random.Gene
     return f"clothes laid out: {things}"
 
 
+def describe_boutique_scene(backdrop: fashion.Backdrop, items: list[fashion.ColouredItem],
+                            rng: np.random.Generator) -> str:
+    """One sentence naming every item with its colour and cell, and the backdrop's paint and texture; the
+    item names, place phrases, item order and sentence shape are drawn anew per call, so an image's captions
+    differ in wording. Short enough for the small presets' 40-token context: at most 36 tokens with a
+    vocabulary trained on these captions, as long as the longest "fashion" caption."""
+    phrases, nouns = [], []
+    for item in items:
+        noun = str(rng.choice(BOUTIQUE_NOUNS[item.label]))
+        where = BOUTIQUE_PLACES[item.cell][int(rng.integers(2))]
+        article = "" if noun in PLURAL_NOUNS else ("an " if item.colour[0] in "aeiou" else "a ")
+        phrases.append(f"{article}{item.colour} {noun} {where}")
+        nouns.append(noun)
+    things = _join([phrases[i] for i in rng.permutation(len(phrases))])
+    plural = len(items) > 1 or nouns[0] in PLURAL_NOUNS
+    surface = f"{backdrop.paint} {backdrop.texture}"
+    sentences = (
+        f"{things} on a {surface} backdrop",
+        f"on {backdrop.texture} tinted {backdrop.paint}: {things}",
+        f"a {surface} backdrop with {things}",
+        f"{things} {'sit' if plural else 'sits'} against {surface}",
+        f"{surface} behind {things}",
+        f"shop display on {surface}: {things}",
+    )
+    sentence = sentences[int(rng.integers(len(sentences)))]
+    return sentence[0].upper() + sentence[1:] + "."
+
+
 def synth_captioned(
     out_dir: str | Path, n_train: int, n_test: int, size: int = 64, seed: int = 0, style: str = "flat",
     captions_per_image: int = 1, fashion_root: str | Path | None = None,
@@ -228,11 +280,13 @@ def synth_captioned(
 
     style "flat": flat-coloured backgrounds; "photo": crops of bundled photos (brick, grass, gravel,
     a starry sky, stained cells) behind the same objects; "fashion": Fashion-MNIST items on a 2x2 grid
-    (fashion.py; fashion_root: where its files are). captions_per_image > 1 gives every TRAINING
-    image that many differently worded captions, one manifest line each, as Flickr and COCO do (5);
-    the test split keeps one per image, so retrieval has one right answer.
+    (fashion.py; fashion_root: where its files are); "boutique": the same items in named colours on a
+    3x3 grid over a painted texture, worded otherwise -- a look no preset was tuned on.
+    captions_per_image > 1 gives every TRAINING image that many differently worded captions, one
+    manifest line each, as Flickr and COCO do (5); the test split keeps one per image, so retrieval has
+    one right answer.
 
-    Deterministic in (n_train, n_test, size, seed, style) -- and for "fashion" the Fashion-MNIST files:
+    Deterministic in (n_train, n_test, size, seed, style) -- and for the item styles the Fashion-MNIST files:
     scene i draws from its own generator seeded by (seed, i), so the bytes written do not depend on
     anything else.
     """
@@ -244,9 +298,10 @@ def synth_captioned(
         raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
     if captions_per_image < 1:
         raise ValueError(f"captions_per_image must be >= 1, got {captions_per_image}")
-    if style == "fashion":
-        if size < fashion.MIN_SIZE:
-            raise ValueError(f"fashion scenes need at least {fashion.MIN_SIZE} px, got {size}")
+    if style in ITEM_STYLES:
+        least = fashion.MIN_SIZE if style == "fashion" else fashion.BOUTIQUE_MIN_SIZE
+        if size < least:
+            raise ValueError(f"{style} scenes need at least {least} px, got {size}")
         catalogues = {split: fashion.load_catalogue(split, fashion_root) for split in ("train", "test")}
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
@@ -260,6 +315,11 @@ def synth_captioned(
             backdrop, placed = fashion.sample_fashion_scene(rng, catalogue)
             image = fashion.render_fashion_scene(backdrop, placed, catalogue, size, rng)
             describe = lambda: describe_fashion_scene(placed, rng)  # noqa: E731
+        elif style == "boutique":
+            catalogue = catalogues["train" if i < n_train else "test"]
+            painted, items = fashion.sample_boutique_scene(rng, catalogue)
+            image = fashion.render_boutique_scene(painted, items, catalogue, size, rng)
+            describe = lambda: describe_boutique_scene(painted, items, rng)  # noqa: E731
         else:
             background, objects = sample_scene(rng, style)
             image = render_scene(background, objects, size, rng)
