@@ -103,7 +103,8 @@ class OpenVinoModel:
 
 
 class InProcessPipeline:
-    """(b): the merged extractors and the classifier in one process, extractors in parallel."""
+    """(b): the exported models in one process as the ensemble runs them: a shared trunk (when the repository
+    has one) once, then the merged extractors in parallel, then the classifier."""
 
     def __init__(self, repo: Path, tasks: list[str], version: int, threads: int = 0, runtime: str = "onnxruntime") -> None:
         """threads: intra-op threads per model (0 = the runtime's default, one per core)."""
@@ -111,13 +112,18 @@ class InProcessPipeline:
 
         model = {"onnxruntime": OrtModel, "openvino": OpenVinoModel}[runtime]
         self.contract = contract
+        trunk = repo / contract.TRUNK_MODEL / "1" / "model.onnx"
+        self.trunk = model(trunk, threads) if trunk.is_file() else None
         self.extractors = [model(repo / contract.extractor_model(t) / "1" / "model.onnx", threads) for t in tasks]
         self.classifier = model(repo / contract.classifier_model(version) / "1" / "model.onnx", threads)
         self.pool = ThreadPoolExecutor(max_workers=len(tasks))
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         c = self.contract
-        features = list(self.pool.map(lambda m: m.run([c.FEATURES], {c.IMAGES: images})[0], self.extractors))
+        feed = {c.IMAGES: images}
+        if self.trunk is not None:
+            feed = {c.TRUNK: self.trunk.run([c.TRUNK], feed)[0]}
+        features = list(self.pool.map(lambda m: m.run([c.FEATURES], feed)[0], self.extractors))
         return self.classifier.run([c.PROBS], {c.features_input(k): f for k, f in enumerate(features)})[0]
 
 
