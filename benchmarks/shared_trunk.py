@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 report["untrained"].append(untrained_costs(args, name, int(crop or 224), last_blocks, counts_wanted))
                 report_path.write_text(json.dumps(report, indent=2))
     (results / "shared_trunk.md").write_text(markdown(report))
-    plot(report, results / "shared_trunk.png")
+    if any(row["ms_per_image"] for row in report["results"]):     # nothing to plot after --no-costs
+        plot(report, results / "shared_trunk.png")
     print(markdown(report))
     return 0
 
