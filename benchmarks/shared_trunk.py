@@ -92,8 +92,9 @@ def train(args: argparse.Namespace, root: Path, order: list[str], last_blocks: i
             "binary_accuracy": summary["binary_accuracy"], "accuracy_matrix": summary["accuracy_matrix"]}
 
 
-def fused_graph(model, crop: int, path: Path, classifier=None) -> Path:
-    """One ONNX graph for the whole version: (trunk +) every merged extractor of `model` + its classifier."""
+def fused_graph(model, crop: int, path: Path, classifier=None, tasks: int | None = None) -> Path:
+    """One ONNX graph for the whole version: (trunk +) the first `tasks` (default: every) merged extractors of
+    `model` + `classifier` (default: the model's own)."""
     import torch
     from torch import nn
 
@@ -104,7 +105,7 @@ def fused_graph(model, crop: int, path: Path, classifier=None) -> Path:
         def __init__(self) -> None:
             super().__init__()
             self.trunk = model.trunk_module() if model.shared_trunk else None
-            self.extractors = nn.ModuleList(model.merged_extractor(k) for k in range(model.num_tasks))
+            self.extractors = nn.ModuleList(model.merged_extractor(k) for k in range(tasks or model.num_tasks))
             self.classifier = classifier if classifier is not None else model.classifier_module()
 
         def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -222,12 +223,8 @@ def untrained_costs(args: argparse.Namespace, backbone_name: str, crop: int, las
         write(contract.classifier_model(count), onnx_export.classifier_onnx(classifier, count, model.feature_dim))
     pipelines = {count: InProcessPipeline(repo, tasks[:count], count, threads=1, runtime="openvino")
                  for count in counts}
-    fused = {}
-    for count in counts:
-        view = LoRAXModel.__new__(LoRAXModel)          # the first `count` tasks of the same model
-        view.__dict__.update(model.__dict__)
-        view.num_tasks = count
-        fused[count] = OpenVinoModel(fused_graph(view, crop, repo / f"fused{count}.onnx", classifiers[count]), 0)
+    fused = {count: OpenVinoModel(fused_graph(model, crop, repo / f"fused{count}.onnx", classifiers[count], count), 0)
+             for count in counts}
     samples = in_process_costs(args, pipelines, fused, images.numpy(), counts)
     return {"backbone": backbone_name, "crop": crop, "last_blocks": last_blocks,
             "label": label(last_blocks, 0), "ms_per_image": {k: statistics.median(v) for k, v in samples.items()},
