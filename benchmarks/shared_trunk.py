@@ -233,7 +233,7 @@ def untrained_costs(args: argparse.Namespace, backbone_name: str, crop: int, las
 
 def markdown(report: dict) -> str:
     counts = report["task_counts"]
-    lines = [f"# Shared trunk vs LoRA everywhere", "",
+    lines = ["# Shared trunk vs LoRA everywhere", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['usable_cpus']} usable cores. "
              f"Command: `{report['command']}`"
              + (f"; timings: `{report['timing_command']}`" if report.get("timing_command") else "")
