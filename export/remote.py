@@ -31,7 +31,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -41,6 +40,7 @@ from typing import Any, Iterator
 
 from aigis import contract
 from aigis.objectstore import CONFIG_FILE, LocalRepository, ObjectStoreError, S3Url, is_hidden, is_s3_url
+from aigis.scratch import owned_tempdir
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class S3Mirror:
         if write:
             self._acquire(lock_timeout_s)
             self.writing = True
-        root = Path(tempfile.mkdtemp(prefix="aigis-s3-mirror-")).resolve()
+        root = owned_tempdir("aigis-s3-mirror-").resolve()
         self.root = root
         try:
             keys = self._list()

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from aigis.errors import ServingError
+from aigis.scratch import owned_tempdir
 
 from .processes import (STUB_NAME, descendants, is_alive, is_triton_process, parent_death_prefix,  # noqa: F401
                         process_group_members)
@@ -323,7 +323,7 @@ class TritonServer:
             return self
         self._check_repository()
         dist = find_triton()
-        self._work_dir = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
+        self._work_dir = owned_tempdir("aigis-triton-")
         try:
             backend_dir = prepare_backend_dir(self._work_dir / "backends", dist)
             fixed = all(port for k, port in enumerate(self._requested_ports) if k != 1 or self.http)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import tritonclient.grpc as grpcclient
 from onnx import TensorProto, helper, numpy_helper
 from tritonclient.utils import InferenceServerException
 
+from aigis.scratch import OWNER_FILE
 from aigis.serving.control import ModelControl, ModelControlError, wait_ready
 from aigis.serving.server import LaunchError, TritonServer, descendants, is_alive, process_group_members
 from polling import poll
@@ -349,6 +351,18 @@ def test_repository_control_needs_the_key_and_inference_does_not(repo, tmp_path)
             control.unload("tiny_b")
         time.sleep(0.5)
     assert not marker.exists()
+
+
+def test_a_start_removes_the_work_folder_a_killed_server_left_and_a_stop_removes_its_own(repo):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left_behind = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
+    (left_behind / "backends").mkdir()
+    (left_behind / OWNER_FILE).write_text(f"{dead.stdout.strip()} 1\n")
+    with TritonServer(repo, models=["tiny"]) as server:
+        work = Path(server.log_path).parent
+        assert (work / OWNER_FILE).read_text().split()[0] == str(os.getpid())
+        assert not left_behind.exists()
+    assert not work.exists()
 
 
 def test_by_default_there_is_no_http_endpoint_and_a_random_key(repo):
