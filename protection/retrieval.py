@@ -1,9 +1,10 @@
 """Train a CLIP on image-caption pairs and measure image<->text retrieval.
 
 This is the "hacker" of MEM's threat model: contrastive training from scratch (or fine-tuning) on
-whatever pairs were scraped -- clean or protected -- then Recall@K on a clean test split. Training
-reads exactly the uint8 images it is given and does no augmentation by default, so protected images
-read back from PNG are trained on as published.
+whatever pairs were scraped -- clean or protected -- then Recall@K on a clean test split. train_clip
+reads exactly the uint8 images it is given, so protected images read back from PNG are trained on as
+published; the augmentation a real trainer adds (random resized crops and flips) is the caller's to
+add, as `aigis protect-eval` does by default through a hook on the image tower.
 """
 
 from __future__ import annotations
