@@ -11,7 +11,8 @@ then exported as `aigis export` writes it and timed at batch 32, side by side:
   in-process   the exported ONNX models in OpenVINO's CPU runtime (one thread per model, tails in parallel,
                as the server runs them), and one fused graph per version (trunk + every tail + classifier,
                all cores);
-  Triton       the real tritonserver over gRPC through aigis.client.AttributionClient (4 requests in flight).
+  Triton       the real tritonserver over gRPC through aigis.client.AttributionClient (4 requests in flight):
+               the exported ensemble, and the fused graph served as one model in its place.
 
 cost(T)/cost(1) = time per image with T tasks / time per image with 1 task. Writes
 benchmarks/results/shared_trunk.{json,md} and shared_trunk.png (cost against the number of tasks).
@@ -20,6 +21,7 @@ benchmarks/results/shared_trunk.{json,md} and shared_trunk.png (cost against the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -61,6 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-training", action="store_true", help="only the --untrained timings")
     parser.add_argument("--retime", action="store_true",
                         help="no training: time the runs of the last report again, every setting side by side")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the rows of the last report and add (or replace) the settings trained now; "
+                             "each row records the command that trained it")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -78,7 +83,7 @@ def train(args: argparse.Namespace, root: Path, order: list[str], last_blocks: i
     from aigis.training.run import ContinualRun
 
     overrides = {**parse_overrides(args.set), "crop": args.crop, "balance_epochs": balance,
-                 "lora.last_blocks": last_blocks}
+                 "lora.last_blocks": "all" if last_blocks is None else last_blocks}
     config = TrainConfig.from_toml(args.config, overrides)
     out = Path(args.work) / f"run_{last_blocks or 'all'}_b{balance}"
     for old in (out, repository_of(out)):
@@ -108,9 +113,10 @@ def fused_graph(model, crop: int, path: Path, classifier=None, tasks: int | None
             self.extractors = nn.ModuleList(model.merged_extractor(k) for k in range(tasks or model.num_tasks))
             self.classifier = classifier if classifier is not None else model.classifier_module()
 
-        def forward(self, images: torch.Tensor) -> torch.Tensor:
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             source = self.trunk(images) if self.trunk is not None else images
-            return torch.softmax(self.classifier(*[e(source) for e in self.extractors]), dim=1)
+            logits = self.classifier(*[e(source) for e in self.extractors])
+            return torch.softmax(logits, dim=1), logits
 
     fused = Fused()
     for module in [fused.trunk] + list(fused.extractors):
@@ -118,7 +124,7 @@ def fused_graph(model, crop: int, path: Path, classifier=None, tasks: int | None
         if hasattr(backbone, "fix_input_size"):
             backbone.fix_input_size(crop)
     path.write_bytes(onnx_export._to_onnx_bytes(fused, (torch.zeros(2, crop, crop, 3, dtype=torch.uint8),),
-                                                [contract.IMAGES], [contract.PROBS]))
+                                                [contract.IMAGES], [contract.PROBS, contract.LOGITS]))
     return path
 
 
@@ -126,9 +132,47 @@ def repository_of(run_dir: Path) -> Path:
     return run_dir.parent / (run_dir.name + "_repo")
 
 
-def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], counts: list[int]) -> None:
-    """Export versions `counts` of the run and time them in process (pipeline and fused) and through Triton."""
+def fused_repository(repo: Path, version: int, fused_onnx: Path) -> Path:
+    """Version `version` of `repo` served as one model: its fused graph under the ensemble's name, inputs, outputs
+    and manifest, so that AttributionClient calls it as it calls the ensemble. One instance using every core,
+    as the fused graph runs in process."""
+    import os
+
+    from aigis import contract
+    from aigis.export import configs
+    from aigis.export.repository import version_config
+
+    ensemble = version_config(repo, contract.ENSEMBLE_MODEL, version)
+    out = repo.parent / f"{repo.name}_fused{version}"
+    if out.exists():
+        shutil.rmtree(out)
+    options = configs.TargetOptions(max_batch_size=ensemble["max_batch_size"], cpu_threads=len(os.sched_getaffinity(0)))
+    config = configs._onnx_model(contract.ENSEMBLE_MODEL, version, ensemble["input"], ensemble["output"], options)
+    config["parameters"][contract.MANIFEST_PARAMETER] = ensemble["parameters"][contract.MANIFEST_PARAMETER]
+    model_dir = out / contract.ENSEMBLE_MODEL
+    (model_dir / str(version)).mkdir(parents=True)
+    shutil.copyfile(fused_onnx, model_dir / str(version) / "model.onnx")
+    (model_dir / "config.pbtxt").write_text(configs.to_pbtxt(config))
+    return out
+
+
+def triton_costs(args: argparse.Namespace, batch: np.ndarray, serve_version, way: str, counts: list[int],
+                 samples: dict[str, list[float]]) -> None:
+    """ms per image through Triton over gRPC for each count, `serve_version(count)` returning the server to call."""
     from aigis.client import AttributionClient
+
+    for count in counts:
+        with serve_version(count) as url, AttributionClient(url, max_batch_size=32, max_in_flight=4,
+                                                           timeout_s=60) as client:
+            for _ in range(args.repeats):
+                value = 1000.0 / throughput(client.attribute, batch, 4, args.seconds)
+                samples.setdefault(f"{way}@{count}", []).append(value)
+                print(f"  {way:13s} T={count}: {value:.2f} ms/image", flush=True)
+
+
+def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], counts: list[int]) -> None:
+    """Export versions `counts` of the run and time them in process (pipeline and fused) and through Triton (the
+    exported ensemble, and the fused graph served as one model)."""
     from aigis.data.cddb import CDDB
     from aigis.export import export_run, load_version
     from aigis.serving.server import TritonServer
@@ -147,15 +191,24 @@ def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], 
                                               repo.parent / f"{run_dir.name}_fused{count}.onnx"), 0) for count in counts}
     samples = in_process_costs(args, pipelines, fused, batch, counts)
     if not args.no_triton:
-        with TritonServer(repo, models=[], log_path=repo.parent / "tritonserver.log") as server:
-            for count in counts:
+        log = repo.parent / "tritonserver.log"
+        with TritonServer(repo, models=[], log_path=log) as server:
+
+            @contextlib.contextmanager
+            def ensemble(count: int):
                 with server.control() as control:
                     load_version(control, repo, count, bytes_ensemble=False, prune=True)
-                with AttributionClient(server.grpc_url, max_batch_size=32, max_in_flight=4, timeout_s=60) as client:
-                    for _ in range(args.repeats):
-                        value = 1000.0 / throughput(client.attribute, batch, 4, args.seconds)
-                        samples.setdefault(f"triton@{count}", []).append(value)
-                        print(f"  triton   T={count}: {value:.2f} ms/image", flush=True)
+                yield server.grpc_url
+
+            triton_costs(args, batch, ensemble, "triton", counts, samples)
+
+        @contextlib.contextmanager
+        def fused_model(count: int):
+            fused_repo = fused_repository(repo, count, repo.parent / f"{run_dir.name}_fused{count}.onnx")
+            with TritonServer(fused_repo, log_path=log) as fused_server:
+                yield fused_server.grpc_url
+
+        triton_costs(args, batch, fused_model, "triton-fused", counts, samples)
     result["ms_per_image"] = {key: statistics.median(values) for key, values in samples.items()}
     result["samples_ms_per_image"] = samples
 
@@ -233,9 +286,10 @@ def untrained_costs(args: argparse.Namespace, backbone_name: str, crop: int, las
 
 def markdown(report: dict) -> str:
     counts = report["task_counts"]
+    commands = list(dict.fromkeys(row.get("command", report["command"]) for row in report["results"]))
     lines = ["# Shared trunk vs LoRA everywhere", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['usable_cpus']} usable cores. "
-             f"Command: `{report['command']}`"
+             f"Training: " + ", then ".join(f"`{c}`" for c in commands)
              + (f"; timings: `{report['timing_command']}`" if report.get("timing_command") else "")
              + f". Data: synthetic benchmark, {report['tasks']} tasks, {report['size']}-px images, crop {report['crop']}; "
              f"configs/demo.toml otherwise. Median of {report['repeats']} timings of {report['seconds']:.0f} s each, "
@@ -337,7 +391,7 @@ def retime(args: argparse.Namespace, report: dict, command: str) -> None:
     order = resolve_tasks(None, None, root=root)[:report["tasks"]]
     args.crop = report["crop"]
     report.update(repeats=args.repeats, seconds=args.seconds, timing_command=command,
-                  ways=["pipeline", "fused"] + ([] if args.no_triton else ["triton"]))
+                  ways=["pipeline", "fused"] + ([] if args.no_triton else ["triton", "triton-fused"]))
     timed: dict = {}
     for row in report["results"]:
         if row["last_blocks"] not in timed:
@@ -360,11 +414,21 @@ def trained_rows(args: argparse.Namespace, command: str, counts_wanted: list[int
     balances = [int(b) for b in args.balance.split(",")]
     report = {"machine": machine(), "command": command, "tasks": len(order), "size": args.size, "crop": args.crop,
               "task_counts": counts, "repeats": args.repeats, "seconds": args.seconds,
-              "ways": ["pipeline", "fused"] + ([] if args.no_triton else ["triton"]), "results": []}
+              "ways": ["pipeline", "fused"] + ([] if args.no_triton else ["triton", "triton-fused"]), "results": []}
+    if args.add and report_path.is_file():
+        earlier = json.loads(report_path.read_text())
+        if (earlier["tasks"], earlier["size"], earlier["crop"]) != (report["tasks"], report["size"], report["crop"]):
+            raise SystemExit(f"--add: {report_path} holds {earlier['tasks']} tasks at {earlier['size']} px, crop "
+                             f"{earlier['crop']}; this run trains {report['tasks']} at {args.size} px, crop {args.crop}")
+        for row in earlier["results"]:
+            row.setdefault("command", earlier["command"])
+        report = {**earlier, "results": [r for r in earlier["results"]
+                                         if (r["last_blocks"], r["balance_epochs"]) not in
+                                         {(k, b) for k in settings for b in balances}]}
     for balance in balances:
         for last_blocks in settings:
             row = {"last_blocks": last_blocks, "balance_epochs": balance, "label": label(last_blocks, balance),
-                   **train(args, root, order, last_blocks, balance)}
+                   "command": command, **train(args, root, order, last_blocks, balance)}
             print(f"   {row['label']}: accuracy {100 * row['average_accuracy']:.2f} %, forgetting "
                   f"{100 * row['forgetting']:.2f} pts, {row['train_seconds']:.0f} s", flush=True)
             if args.no_costs:
@@ -372,8 +436,8 @@ def trained_rows(args: argparse.Namespace, command: str, counts_wanted: list[int
             elif balance == balances[0]:    # the cost does not depend on how the classifier was trained
                 costs(args, row, root, order, counts)
             else:
-                row["ms_per_image"] = next(r["ms_per_image"] for r in report["results"]
-                                           if r["last_blocks"] == last_blocks)
+                row["ms_per_image"] = next((r["ms_per_image"] for r in report["results"]
+                                            if r["last_blocks"] == last_blocks), None)
             report["results"].append(row)
             report_path.write_text(json.dumps(report, indent=2))
     return report

@@ -124,6 +124,10 @@ def test_last_blocks_that_reach_no_lora_target_is_refused():
         LoRAXModel(build_backbone("vit_micro"), LoraSettings(r=4, alpha=8, last_blocks=9))
     with pytest.raises(ValueError, match="last_blocks"):
         tiny_config(lora={"r": 4, "alpha": 8, "last_blocks": -1})
+    with pytest.raises(ValueError, match="last_blocks.*'every'"):
+        tiny_config(lora={"r": 4, "alpha": 8, "last_blocks": "every"})
+    # "all" undoes a config's shared trunk (--set lora.last_blocks=all): every block, as when unset
+    assert tiny_config(lora={"r": 4, "alpha": 8, "last_blocks": "all"}).lora.last_blocks is None
 
 
 def test_balancing_pulls_a_classifier_biased_to_the_new_classes_back_to_every_class():

@@ -32,13 +32,18 @@ class LoraSettings:
 
     last_blocks = k puts the adapters on the backbone's last k blocks and its head only: the blocks before them
     form a trunk that every task shares, computed (and exported) once, so each new task adds the cost of its
-    tail only. None adapts every block (the paper's setting)."""
+    tail only. None (or "all", which a config can write where a default of k is to be undone) adapts every
+    block (the paper's setting)."""
 
     r: int = 64
     alpha: int = 16
     dropout: float = 0.1
     targets: list[str] | None = None
     last_blocks: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.last_blocks == "all":
+            self.last_blocks = None
 
 
 @dataclass
@@ -99,7 +104,8 @@ class TrainConfig:
         if self.lora.last_blocks is not None and (isinstance(self.lora.last_blocks, bool)
                                                   or not isinstance(self.lora.last_blocks, int)
                                                   or self.lora.last_blocks < 0):
-            raise ConfigError(f"lora.last_blocks: a number of blocks (0 or more) or unset, got {self.lora.last_blocks!r}")
+            raise ConfigError(f"lora.last_blocks: a number of blocks (0 or more), \"all\" or unset, got "
+                              f"{self.lora.last_blocks!r}")
         if not 0.0 <= self.lora.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.lora.dropout}")
         if not self.full_network_lr_scale > 0:
