@@ -6,7 +6,8 @@
 The one-process run is the plain command (no torchrun); N processes are
 `python -m torch.distributed.run --nproc-per-node N $(which aigis) ...`. On the CPU the machine's threads are
 shared out: OMP_NUM_THREADS = threads // N per process. The jobs: LoRAX on the first 2 tasks of the synthetic
-benchmark (100 + 50 images per class, configs/demo.toml: EfficientNet-Lite0, 3 epochs, batch 32) and per-image
+benchmark (100 + 50 images per class, configs/demo.toml with LoRA on every block: EfficientNet-Lite0, 3 epochs,
+batch 32) and per-image
 MEM (rn_tiny at 32 px, 256 procedural scenes, 4 outer iterations of 20 surrogate steps, 4 PGD steps, batch 32).
 Writes benchmarks/results/torchrun_jobs.json and .md (also printed).
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+PAPER_SETTING = ["--set", "lora.last_blocks=all", "--set", "balance_epochs=0"]   # LoRA on every block
 PROTECT = ["--clip", "rn_tiny", "--size", "32", "--outer", "4", "--surrogate-steps", "20", "--pgd-steps", "4",
            "--batch", "32", "--trigger-iterations", "2", "--candidates", "8", "--quiet"]
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(protect_out, ignore_errors=True)
         train_s = timed(command(n, ["train", "--data", str(synth), "--out", str(train_out), "--config",
                                     str(REPO / "configs" / "demo.toml"), "--set", f'device="{args.device}"',
-                                    "--quiet"]), threads)
+                                    *PAPER_SETTING, "--quiet"]), threads)
         manifest = json.loads((train_out / "manifest.json").read_text())
         protect_s = timed(command(n, ["protect", "--data", str(scenes), "--out", str(protect_out), "--device",
                                       args.device, *PROTECT]), threads)
