@@ -353,19 +353,12 @@ def test_repository_control_needs_the_key_and_inference_does_not(repo, tmp_path)
     assert not marker.exists()
 
 
-def test_a_start_removes_the_work_folder_a_killed_server_left_and_a_stop_removes_its_own(repo):
+def test_by_default_there_is_no_http_endpoint_and_a_random_key(repo):
+    # Also: the start removes the work folder a killed server left behind, and the stop removes its own.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left_behind = Path(tempfile.mkdtemp(prefix="aigis-triton-"))
     (left_behind / "backends").mkdir()
     (left_behind / OWNER_FILE).write_text(f"{dead.stdout.strip()} 1\n")
-    with TritonServer(repo, models=["tiny"]) as server:
-        work = Path(server.log_path).parent
-        assert (work / OWNER_FILE).read_text().split()[0] == str(os.getpid())
-        assert not left_behind.exists()
-    assert not work.exists()
-
-
-def test_by_default_there_is_no_http_endpoint_and_a_random_key(repo):
     with TritonServer(repo, models=["tiny"]) as server:
         listening = _listening_addresses(server.pid)
         assert {port for _, port in listening} == {server.grpc_port, server.metrics_port}
@@ -375,6 +368,10 @@ def test_by_default_there_is_no_http_endpoint_and_a_random_key(repo):
                 anyone.get_model_repository_index()
         with server.control() as control:
             assert "tiny" in control.loaded()
+        work = Path(server.log_path).parent
+        assert (work / OWNER_FILE).read_text().split()[0] == str(os.getpid())
+        assert not left_behind.exists()
+    assert not work.exists()
 
 
 # ---- endpoints and binding ------------------------------------------------------------------------
