@@ -17,7 +17,7 @@ from pathlib import Path
 OWNER_FILE = ".aigis-owner"
 
 
-def _start_time(pid: int) -> str | None:
+def process_start_time(pid: int) -> str | None:
     """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22): a pid and its start
     time name one process, a pid alone may be reused. None where /proc cannot say."""
     try:
@@ -43,7 +43,7 @@ def _owner_alive(folder: Path) -> bool:
         return False
     except PermissionError:
         return True          # another user's live process
-    now = _start_time(pid)
+    now = process_start_time(pid)
     return now is None or started == "0" or now == started
 
 
@@ -65,5 +65,5 @@ def owned_tempdir(prefix: str, root: str | Path | None = None) -> Path:
     owner, after removing the folders of the same prefix whose owners have died."""
     remove_abandoned(prefix, root)
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    (folder / OWNER_FILE).write_text(f"{os.getpid()} {_start_time(os.getpid()) or 0}\n")
+    (folder / OWNER_FILE).write_text(f"{os.getpid()} {process_start_time(os.getpid()) or 0}\n")
     return folder

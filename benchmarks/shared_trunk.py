@@ -187,8 +187,9 @@ def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], 
                  for count in counts}
     from aigis.training.run import load_run
 
-    fused = {count: OpenVinoModel(fused_graph(load_run(run_dir, count), args.crop,
-                                              repo.parent / f"{run_dir.name}_fused{count}.onnx"), 0) for count in counts}
+    fused_onnx = {count: repo.parent / f"{run_dir.name}_fused{count}.onnx" for count in counts}
+    fused = {count: OpenVinoModel(fused_graph(load_run(run_dir, count), args.crop, fused_onnx[count]), 0)
+             for count in counts}
     samples = in_process_costs(args, pipelines, fused, batch, counts)
     if not args.no_triton:
         log = repo.parent / "tritonserver.log"
@@ -204,7 +205,7 @@ def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], 
 
         @contextlib.contextmanager
         def fused_model(count: int):
-            fused_repo = fused_repository(repo, count, repo.parent / f"{run_dir.name}_fused{count}.onnx")
+            fused_repo = fused_repository(repo, count, fused_onnx[count])
             with TritonServer(fused_repo, log_path=log) as fused_server:
                 yield fused_server.grpc_url
 

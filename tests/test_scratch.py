@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from aigis.scratch import OWNER_FILE, owned_tempdir, remove_abandoned
+from aigis.scratch import OWNER_FILE, owned_tempdir, process_start_time, remove_abandoned
 
 MAKE_AND_DIE = ("import os, sys; from aigis.scratch import owned_tempdir; "
                 "print(owned_tempdir('aigis-t-', sys.argv[1]), flush=True); os.kill(os.getpid(), 9)")
@@ -26,7 +26,7 @@ def test_the_folders_of_killed_owners_go_and_the_others_stay(tmp_path):
     try:
         live = tmp_path / "aigis-t-live"
         live.mkdir()
-        (live / OWNER_FILE).write_text(f"{sleeper.pid} {(open(f'/proc/{sleeper.pid}/stat').read().rsplit(')', 1)[1].split()[19])}\n")
+        (live / OWNER_FILE).write_text(f"{sleeper.pid} {process_start_time(sleeper.pid)}\n")
         reused = tmp_path / "aigis-t-reused"        # the same pid, another process start: its owner is gone
         reused.mkdir()
         (reused / OWNER_FILE).write_text(f"{sleeper.pid} 1\n")
