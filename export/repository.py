@@ -145,6 +145,12 @@ def publish_version(repo: Path, model: str, version: int, config: dict, write: C
             target = staging / str(version) if first else staging
             target.mkdir(exist_ok=True)
             write(target)
+            if config.get("backend") == "python":
+                # The stub imports model.py from this folder, and Python would write __pycache__ into it; Triton
+                # would then see the version changed and load it again with the next ensemble that uses it. A
+                # plain file of that name makes the write fail, which Python ignores, in any Triton and whatever
+                # the stub's environment (the wheel's stub ignores PYTHONDONTWRITEBYTECODE).
+                (target / "__pycache__").write_bytes(b"")
             (target / CONFIG_FILE).write_text(text)
             if first:
                 (staging / CONFIG_FILE).write_text(text)

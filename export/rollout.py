@@ -87,11 +87,10 @@ def retire_steps(control: Any, repo: str | Path, prune: bool = False) -> list[st
     prefixes = (contract.classifier_model(""), contract.decode_model(""))
     if prune:
         prefixes += (contract.extractor_model(""), contract.TRUNK_MODEL)
-    retired = []
-    for model in sorted(loaded):
-        if model.startswith(prefixes) and model not in needed:
-            control.unload(model)
-            retired.append(model)
+    retired = [model for model in sorted(loaded) if model.startswith(prefixes) and model not in needed]
+    for model in retired:
+        control.unload(model, wait=False)
+    control.wait_unloaded(retired)
     return retired
 
 

@@ -188,12 +188,18 @@ class ModelControl:
             )
         except InferenceServerException as error:
             raise self._refused(error, f"unloading model {name!r}") from None
-        if not wait:
-            return
+        if wait:
+            self.wait_unloaded([name])
+
+    def wait_unloaded(self, names: Iterable[str]) -> None:
+        """Return once no version of any of `names` is READY or UNLOADING (unloads asked for with wait=False
+        run side by side: a Python-backend instance takes a second to stop)."""
+        names = set(names)
         deadline = time.monotonic() + self.timeout
-        while any(row.name == name and row.state in ("READY", "UNLOADING") for row in self.index()):
+        while still := sorted({row.name for row in self.index()
+                               if row.name in names and row.state in ("READY", "UNLOADING")}):
             if time.monotonic() >= deadline:
-                raise ModelControlError(f"model {name!r} still loaded {self.timeout:.0f} s after unload")
+                raise ModelControlError(f"model(s) {', '.join(still)} still loaded {self.timeout:.0f} s after unload")
             time.sleep(0.05)
 
     def index(self, ready_only: bool = False) -> list[ModelStatus]:

@@ -249,6 +249,10 @@ def test_end_to_end_serve_add_a_task_roll_forward_and_back(workspace, capsys, mo
         assert contract.classifier_model(3) not in control.loaded() and contract.decode_model(3) not in control.loaded()
         assert {contract.classifier_model(2), contract.decode_model(2)} <= set(control.loaded())
         assert pointed_version(repo, contract.extractor_model("bilinear")) == 1
+        # Serving wrote nothing into the version folders (a __pycache__ there would make Triton load a Python
+        # step a second time with the ensemble that uses it): version 3's decode step was loaded once.
+        assert not [path for path in repo.rglob("__pycache__") if path.is_dir()]
+        assert server.log_tail(100_000).count(f"successfully loaded '{contract.decode_model(3)}'") == 1
         assert validate(repo) == []           # the pointers agree with the served ensemble's steps
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "9"]) == 2
         assert "no ensemble version 9" in capsys.readouterr().err

@@ -50,8 +50,7 @@ def _bucket(client, prefix: str) -> dict[str, bytes]:
 
 def _folder(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") or part == "__pycache__"
-                                       for part in p.relative_to(root).parts)}
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
 @pytest.fixture(scope="module")
