@@ -39,6 +39,10 @@ def class_names(task_names: list[str]) -> list[str]:
 ENSEMBLE_MODEL = "lorax"                 # uint8 images in, class probabilities out
 BYTES_ENSEMBLE_MODEL = "lorax_bytes"     # encoded JPEG/PNG bytes in (decode step first)
 PROTECT_MODEL = "mem_protect"            # MEM protect-on-upload
+# Optional (`aigis export --fused`): version v is ensemble version v as one graph (trunk, every extractor or tail,
+# classifier), same input, outputs and manifest as `lorax`. One model instead of a pipeline of steps: faster
+# with a shared trunk (BENCHMARKS.md, "Shared trunk"), but each version holds every task's weights again.
+FUSED_MODEL = "lorax_fused"
 
 
 def extractor_model(task_name: str) -> str:

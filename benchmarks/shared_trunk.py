@@ -6,13 +6,13 @@
 Each setting trains configs/demo.toml on the synthetic benchmark (`aigis data synth --size 144`) at crop 128 with
 `lora.last_blocks` = k ("all" = LoRA on every block, the paper's setting) and `balance_epochs` = b, through the
 same ContinualRun, and reports its final average accuracy and forgetting. Its model after T = 1, 3, 5, 7 tasks is
-then exported as `aigis export` writes it and timed at batch 32, side by side:
+then exported as `aigis export --fused` writes it and timed at batch 32, side by side:
 
   in-process   the exported ONNX models in OpenVINO's CPU runtime (one thread per model, tails in parallel,
-               as the server runs them), and one fused graph per version (trunk + every tail + classifier,
+               as the server runs them), and the version's fused graph (trunk + every tail + classifier,
                all cores);
   Triton       the real tritonserver over gRPC through aigis.client.AttributionClient (4 requests in flight):
-               the exported ensemble, and the fused graph served as one model in its place.
+               the ensemble (lorax) and the fused graph (lorax_fused) of the version rolled out.
 
 cost(T)/cost(1) = time per image with T tasks / time per image with 1 task. Writes
 benchmarks/results/shared_trunk.{json,md} and shared_trunk.png (cost against the number of tasks).
@@ -98,33 +98,14 @@ def train(args: argparse.Namespace, root: Path, order: list[str], last_blocks: i
 
 
 def fused_graph(model, crop: int, path: Path, classifier=None, tasks: int | None = None) -> Path:
-    """One ONNX graph for the whole version: (trunk +) the first `tasks` (default: every) merged extractors of
-    `model` + `classifier` (default: the model's own)."""
-    import torch
-    from torch import nn
-
-    from aigis import contract
+    """The version as `aigis export --fused` writes it, from the first `tasks` (default: every) merged extractors of
+    `model` and `classifier` (default: the model's own)."""
     from aigis.export import onnx_export
 
-    class Fused(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.trunk = model.trunk_module() if model.shared_trunk else None
-            self.extractors = nn.ModuleList(model.merged_extractor(k) for k in range(tasks or model.num_tasks))
-            self.classifier = classifier if classifier is not None else model.classifier_module()
-
-        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            source = self.trunk(images) if self.trunk is not None else images
-            logits = self.classifier(*[e(source) for e in self.extractors])
-            return torch.softmax(logits, dim=1), logits
-
-    fused = Fused()
-    for module in [fused.trunk] + list(fused.extractors):
-        backbone = getattr(module, "backbone", None)
-        if hasattr(backbone, "fix_input_size"):
-            backbone.fix_input_size(crop)
-    path.write_bytes(onnx_export._to_onnx_bytes(fused, (torch.zeros(2, crop, crop, 3, dtype=torch.uint8),),
-                                                [contract.IMAGES], [contract.PROBS, contract.LOGITS]))
+    fused = onnx_export.FusedVersion(model.trunk_module() if model.shared_trunk else None,
+                                     [model.merged_extractor(k) for k in range(tasks or model.num_tasks)],
+                                     classifier if classifier is not None else model.classifier_module())
+    path.write_bytes(onnx_export.fused_onnx(fused, crop))
     return path
 
 
@@ -132,37 +113,14 @@ def repository_of(run_dir: Path) -> Path:
     return run_dir.parent / (run_dir.name + "_repo")
 
 
-def fused_repository(repo: Path, version: int, fused_onnx: Path) -> Path:
-    """Version `version` of `repo` served as one model: its fused graph under the ensemble's name, inputs, outputs
-    and manifest, so that AttributionClient calls it as it calls the ensemble. One instance using every core,
-    as the fused graph runs in process."""
-    import os
-
-    from aigis import contract
-    from aigis.export import configs
-    from aigis.export.repository import version_config
-
-    ensemble = version_config(repo, contract.ENSEMBLE_MODEL, version)
-    out = repo.parent / f"{repo.name}_fused{version}"
-    if out.exists():
-        shutil.rmtree(out)
-    options = configs.TargetOptions(max_batch_size=ensemble["max_batch_size"], cpu_threads=len(os.sched_getaffinity(0)))
-    config = configs._onnx_model(contract.ENSEMBLE_MODEL, version, ensemble["input"], ensemble["output"], options)
-    config["parameters"][contract.MANIFEST_PARAMETER] = ensemble["parameters"][contract.MANIFEST_PARAMETER]
-    model_dir = out / contract.ENSEMBLE_MODEL
-    (model_dir / str(version)).mkdir(parents=True)
-    shutil.copyfile(fused_onnx, model_dir / str(version) / "model.onnx")
-    (model_dir / "config.pbtxt").write_text(configs.to_pbtxt(config))
-    return out
-
-
 def triton_costs(args: argparse.Namespace, batch: np.ndarray, serve_version, way: str, counts: list[int],
-                 samples: dict[str, list[float]]) -> None:
-    """ms per image through Triton over gRPC for each count, `serve_version(count)` returning the server to call."""
+                 samples: dict[str, list[float]], model: str) -> None:
+    """ms per image of `model` through Triton over gRPC for each count, `serve_version(count)` returning the
+    server to call."""
     from aigis.client import AttributionClient
 
     for count in counts:
-        with serve_version(count) as url, AttributionClient(url, max_batch_size=32, max_in_flight=4,
+        with serve_version(count) as url, AttributionClient(url, model=model, max_batch_size=32, max_in_flight=4,
                                                            timeout_s=60) as client:
             for _ in range(args.repeats):
                 value = 1000.0 / throughput(client.attribute, batch, 4, args.seconds)
@@ -171,8 +129,9 @@ def triton_costs(args: argparse.Namespace, batch: np.ndarray, serve_version, way
 
 
 def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], counts: list[int]) -> None:
-    """Export versions `counts` of the run and time them in process (pipeline and fused) and through Triton (the
-    exported ensemble, and the fused graph served as one model)."""
+    """Export versions `counts` of the run (with `--fused`) and time them in process (pipeline and fused graph)
+    and through Triton (lorax, the ensemble, and lorax_fused, the same version as one model)."""
+    from aigis import contract
     from aigis.data.cddb import CDDB
     from aigis.export import export_run, load_version
     from aigis.serving.server import TritonServer
@@ -180,36 +139,25 @@ def costs(args: argparse.Namespace, result: dict, root: Path, order: list[str], 
     run_dir = Path(result["run_dir"])
     repo = repository_of(run_dir)
     for count in counts:      # a version already exported from this run is kept as it is
-        export_run(run_dir, repo, num_tasks=count, data_root=root, progress=False)
+        export_run(run_dir, repo, num_tasks=count, data_root=root, progress=False, fused=True)
     images, _ = CDDB(root, order, progress=False).eval_images(args.crop, per_task=-(-32 // len(order)))
     batch = images[:32]
     pipelines = {count: InProcessPipeline(repo, order[:count], count, threads=1, runtime="openvino")
                  for count in counts}
-    from aigis.training.run import load_run
-
-    fused_onnx = {count: repo.parent / f"{run_dir.name}_fused{count}.onnx" for count in counts}
-    fused = {count: OpenVinoModel(fused_graph(load_run(run_dir, count), args.crop, fused_onnx[count]), 0)
-             for count in counts}
+    fused = {count: OpenVinoModel(repo / contract.FUSED_MODEL / str(count) / "model.onnx", 0) for count in counts}
     samples = in_process_costs(args, pipelines, fused, batch, counts)
     if not args.no_triton:
         log = repo.parent / "tritonserver.log"
         with TritonServer(repo, models=[], log_path=log) as server:
 
             @contextlib.contextmanager
-            def ensemble(count: int):
+            def version(count: int):   # the ensemble and the fused graph of `count`, as a rollout serves them
                 with server.control() as control:
                     load_version(control, repo, count, bytes_ensemble=False, prune=True)
                 yield server.grpc_url
 
-            triton_costs(args, batch, ensemble, "triton", counts, samples)
-
-        @contextlib.contextmanager
-        def fused_model(count: int):
-            fused_repo = fused_repository(repo, count, fused_onnx[count])
-            with TritonServer(fused_repo, log_path=log) as fused_server:
-                yield fused_server.grpc_url
-
-        triton_costs(args, batch, fused_model, "triton-fused", counts, samples)
+            triton_costs(args, batch, version, "triton", counts, samples, contract.ENSEMBLE_MODEL)
+            triton_costs(args, batch, version, "triton-fused", counts, samples, contract.FUSED_MODEL)
     result["ms_per_image"] = {key: statistics.median(values) for key, values in samples.items()}
     result["samples_ms_per_image"] = samples
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 from aigis import contract
 
 from .configs import (CONFIG_FILE, LABELS_FILE, TargetOptions, classifier_config, decode_config, ensemble_config,
-                      extractor_config, manifest_of, read_config, trunk_config)
+                      extractor_config, fused_config, manifest_of, read_config, trunk_config)
 from .repository import (MANIFEST_FORMAT, SOURCE_FILE, RepositoryError, _sha256_files, publish_version, version_models,
                          versions)
 
@@ -105,8 +105,9 @@ def _version_state(repo: Path, model: str, version: int, source: str, tasks: lis
 
 def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = None, *,
                data_root: str | Path | None = None, options: TargetOptions | None = None,
-               progress: bool = True, rtol: float | None = None) -> ExportReport:
-    """Publish the run's model after `num_tasks` tasks (default: all finished) as ensemble version num_tasks.
+               progress: bool = True, rtol: float | None = None, fused: bool = False) -> ExportReport:
+    """Publish the run's model after `num_tasks` tasks (default: all finished) as ensemble version num_tasks,
+    and with `fused` the same version as one graph (contract.FUSED_MODEL) beside it.
 
     Every ONNX model is compared with PyTorch on random and (when the data is at hand) real images and is
     not published beyond `rtol` (default onnx_export.RTOL) of its output scale. Exporting a version that
@@ -130,24 +131,29 @@ def export_run(run_dir: str | Path, repo: str | Path, num_tasks: int | None = No
     version = len(tasks)
     source = run_source_hash(run_dir, manifest["task_entries"])
     report = ExportReport(version=version, tasks=tasks)
-    states = _version_states(repo, version, source, tasks)
+    states = _version_states(repo, version, source, tasks, fused)
     if all(state == "same" for state in states.values()):
         report.already_published = True
         return report
-    if any(state == "same" for state in states.values()):
-        say(f"  version {version} is incomplete (an export was interrupted): finishing it")
-    image_sets = _check_images(run_dir, manifest, data_root, say)
-    need_classifier = states[contract.classifier_model(version)] == "missing"
-    check = _Check(image_sets, rtol, options.runtimes, report)
-    pending, features = _extractors(model, run_dir, repo, check, need_classifier, options, say)
-    classifier_graph = _classifier(model, version, features, check) if need_classifier else b""
+    check = _Check(_check_images(run_dir, manifest, data_root, say), rtol, options.runtimes, report)
+    ensemble_states = {name: state for name, state in states.items() if name != contract.FUSED_MODEL}
+    if all(state == "same" for state in ensemble_states.values()):
+        report.reused += list(ensemble_states)
+    else:
+        if any(state == "same" for state in ensemble_states.values()):
+            say(f"  version {version} is incomplete (an export was interrupted): finishing it")
+        need_classifier = states[contract.classifier_model(version)] == "missing"
+        pending, features = _extractors(model, run_dir, repo, check, need_classifier, options, say)
+        classifier_graph = _classifier(model, version, features, check) if need_classifier else b""
 
-    # Everything is checked: publish, extractors first and the ensembles last.
-    for name, v, onnx_bytes, config, source_info in pending:
-        publish_version(repo, name, v, config, _writer({"model.onnx": onnx_bytes,
-                                                        SOURCE_FILE: json.dumps(source_info, indent=2).encode()}))
-        report.written.append(name)
-    _publish_version_models(repo, model, version, source, run_dir, states, classifier_graph, options, report)
+        # Everything is checked: publish, extractors first and the ensembles last.
+        for name, v, onnx_bytes, config, source_info in pending:
+            publish_version(repo, name, v, config, _writer({"model.onnx": onnx_bytes,
+                                                            SOURCE_FILE: json.dumps(source_info, indent=2).encode()}))
+            report.written.append(name)
+        _publish_version_models(repo, model, version, source, run_dir, states, classifier_graph, options, report)
+    if states.get(contract.FUSED_MODEL) == "missing":
+        _publish_fused(repo, model, version, source, run_dir, check, options, say)
     return report
 
 
@@ -161,10 +167,11 @@ class _Check:
     report: ExportReport
 
 
-def _version_states(repo: Path, version: int, source: str, tasks: list[str]) -> dict[str, str]:
-    """Each model of the version: "missing", "same" (published from this run) or refused if another's."""
-    states = {name: _version_state(repo, name, model_version, source, tasks)
-              for name, model_version in version_models(version)}
+def _version_states(repo: Path, version: int, source: str, tasks: list[str], fused: bool) -> dict[str, str]:
+    """Each model of the version (with `fused`, the fused graph too): "missing", "same" (published from this run)
+    or refused if another's."""
+    wanted = version_models(version) + ([(contract.FUSED_MODEL, version)] if fused else [])
+    states = {name: _version_state(repo, name, model_version, source, tasks) for name, model_version in wanted}
     foreign = [name for name, state in states.items() if state == "other"]
     if foreign:
         old = _recorded_source(repo, foreign[0], version)
@@ -330,6 +337,38 @@ def _publish_version_models(repo: Path, model: Any, version: int, source: str, r
         publish_version(repo, name, model_version, config, _writer({**files, **source_file}),
                         model_files=labels if name == contract.classifier_model(version) else None)
         report.written.append(name)
+
+
+def _publish_fused(repo: Path, model: Any, version: int, source: str, run_dir: Path, check: _Check,
+                   options: TargetOptions, say: Callable[..., None]) -> None:
+    """The version as one graph, checked against the PyTorch modules it fuses (written after the ensembles: it
+    is optional, and a version is served through its ensembles whether or not it has one)."""
+    from . import onnx_export
+
+    manifest = model.manifest
+    crop = int(manifest["crop"])
+
+    def fused_modules() -> onnx_export.FusedVersion:   # fresh copies: the export may adapt them to the crop
+        trunk = model.trunk_module() if model.shared_trunk else None
+        return onnx_export.FusedVersion(trunk, [model.merged_extractor(k) for k in range(model.num_tasks)],
+                                        model.classifier_module())
+
+    say(f"  exporting {contract.FUSED_MODEL} version {version} (the whole version as one graph) ...")
+    reference = fused_modules().eval()
+    graph = onnx_export.fused_onnx(fused_modules(), crop)
+    checks = [onnx_export.check_fused(f"{contract.FUSED_MODEL}/{version}", graph, reference, images, set_name,
+                                      check.rtol, runtime)
+              for set_name, images in check.image_sets for runtime in check.runtimes]
+    onnx_export.require(checks)
+    check.report.checks += checks
+    served = served_manifest(manifest, version, source)
+    files = {"model.onnx": graph,
+             LABELS_FILE: "".join(f"{name}\n" for name in manifest["class_names"]).encode(),
+             SOURCE_FILE: json.dumps({"source_sha256": source, "tasks": list(manifest["tasks"]),
+                                      "run": str(run_dir.resolve())}, indent=2).encode()}
+    publish_version(repo, contract.FUSED_MODEL, version, fused_config(version, len(manifest["tasks"]), crop, served,
+                                                                       options), _writer(files))
+    check.report.written.append(contract.FUSED_MODEL)
 
 
 def decode_files() -> dict[str, bytes]:

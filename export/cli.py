@@ -28,6 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--cpu-accelerator", choices=["openvino", "none"], default="openvino",
                         help="CPU instances: run the ONNX models in OpenVINO's CPU runtime (default; FP32, about "
                              "twice onnxruntime's speed) or plain onnxruntime (none)")
+    export.add_argument("--fused", action="store_true",
+                        help=f"also publish the version as one graph, {contract.FUSED_MODEL} (trunk, every tail or "
+                             f"extractor, classifier; the same answers as {contract.ENSEMBLE_MODEL}). Faster with a "
+                             f"shared trunk, but every version holds every task's weights again; rollouts move it "
+                             f"with the ensembles")
     export.add_argument("--rtol", type=float, default=None,
                         help="refuse to publish a model whose ONNX output differs from PyTorch by more than "
                              "RTOL * (0.1 + max|output|) (default 1e-3)")
@@ -81,7 +86,7 @@ def run_export(args: argparse.Namespace) -> int:
                                 cpu_threads=args.cpu_threads, cpu_accelerator=args.cpu_accelerator)
         with repository_at(args.repo, write=True) as repo:
             report = export_run(args.run, repo, args.tasks, data_root=args.data, options=options,
-                                progress=not args.quiet, rtol=args.rtol)
+                                progress=not args.quiet, rtol=args.rtol, fused=args.fused)
             if args.tensorrt_plan:
                 from aigis.export.tensorrt_plan import build_plans
 

@@ -9,7 +9,7 @@ ensembles' model-level config.pbtxt names the served version, and the steps that
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,22 @@ def decode_config(version: int, crop: int, options: TargetOptions) -> dict:
                        "max_pixels": {"string_value": str(preprocess.MAX_PIXELS)},
                        "max_side": {"string_value": str(preprocess.MAX_SIDE)}},
     }
+
+
+def fused_config(version: int, num_tasks: int, crop: int, manifest: dict, options: TargetOptions) -> dict:
+    """lorax_fused version `version`: ensemble version `version` as one ONNX graph, with the ensemble's input,
+    outputs and manifest (a client calls either the same way). Its CPU instance runs with the runtime's default
+    threads (every core): it is the whole pipeline, not one of several steps sharing the cores. PROBS names its
+    classes from the version's own label file (classes change from version to version)."""
+    classes = 2 * num_tasks
+    inputs = [tensor(contract.IMAGES, "TYPE_UINT8", [crop, crop, 3])]
+    probs = {**tensor(contract.PROBS, "TYPE_FP32", [classes]), "label_filename": f"{version}/{LABELS_FILE}"}
+    config = _onnx_model(contract.FUSED_MODEL, version, inputs,
+                         [tensor(contract.LOGITS, "TYPE_FP32", [classes]), probs], replace(options, cpu_threads=0))
+    config["model_warmup"] = warmup(inputs)
+    config["parameters"] = {**config.get("parameters", {}),
+                            contract.MANIFEST_PARAMETER: {"string_value": json.dumps(manifest, sort_keys=True)}}
+    return config
 
 
 def _step(model: str, version: int, inputs: dict[str, str], outputs: dict[str, str]) -> dict:

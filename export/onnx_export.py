@@ -3,7 +3,7 @@
 An extractor is the backbone with one adapter merged in, preceded by the uint8 -> normalised-float
 input step, so the graph takes the client's uint8 NHWC images directly. With a shared trunk, the trunk
 takes the images and each task's extractor is only its tail, taking the trunk's activations. The classifier takes the T
-feature tensors and returns logits and their softmax.
+feature tensors and returns logits and their softmax. A fused version is all of these in one graph.
 """
 
 from __future__ import annotations
@@ -69,6 +69,22 @@ class _ClassifierGraph(nn.Module):
         return logits, torch.softmax(logits, dim=1)
 
 
+class FusedVersion(nn.Module):
+    """A whole ensemble version as one module: uint8 IMAGES -> (trunk ->) every task's extractor -> classifier ->
+    (LOGITS, PROBS), what the ensemble computes step by step."""
+
+    def __init__(self, trunk: nn.Module | None, extractors: list[nn.Module], classifier: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.extractors = nn.ModuleList(extractors)
+        self.classifier = classifier
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        source = self.trunk(images) if self.trunk is not None else images
+        logits = self.classifier(*[extractor(source) for extractor in self.extractors])
+        return logits, torch.softmax(logits, dim=1)
+
+
 def _to_onnx_bytes(module: nn.Module, example: tuple[Tensor, ...], input_names: list[str],
                    output_names: list[str]) -> bytes:
     buffer = io.BytesIO()
@@ -101,6 +117,16 @@ def _image_model_onnx(module: nn.Module, crop: int, output: str) -> bytes:
         backbone.fix_input_size(crop)      # position embeddings for this crop, computed once, as constants
     example = torch.randint(0, 256, (2, crop, crop, 3), dtype=torch.uint8)
     return _to_onnx_bytes(module, (example,), [contract.IMAGES], [output])
+
+
+def fused_onnx(fused: FusedVersion, crop: int) -> bytes:
+    """uint8 IMAGES [N, crop, crop, 3] -> LOGITS, PROBS (`fused` holds copies; its backbones may be adapted)."""
+    for module in [fused.trunk, *fused.extractors]:
+        backbone = getattr(module, "backbone", None)
+        if hasattr(backbone, "fix_input_size"):
+            backbone.fix_input_size(crop)
+    example = torch.randint(0, 256, (2, crop, crop, 3), dtype=torch.uint8)
+    return _to_onnx_bytes(fused, (example,), [contract.IMAGES], [contract.LOGITS, contract.PROBS])
 
 
 def classifier_onnx(classifier: nn.Module, num_tasks: int, feature_dim: int) -> bytes:
@@ -157,12 +183,26 @@ def check_classifier(name: str, onnx_model: bytes, classifier: nn.Module, featur
     """Compare LOGITS and PROBS (each against its own scale) of the ONNX classifier and the PyTorch one."""
     with torch.no_grad():
         logits = classifier(*[torch.from_numpy(f) for f in features])
-        expected = {contract.LOGITS: logits.numpy(), contract.PROBS: torch.softmax(logits, 1).numpy()}
     feeds = {contract.features_input(t): f for t, f in enumerate(features)}
+    return _check_logits_and_probs(name, onnx_model, logits, feeds, inputs, rtol, runtime)
+
+
+def check_fused(name: str, onnx_model: bytes, fused: FusedVersion, images: np.ndarray, inputs: str,
+                rtol: float = RTOL, runtime: str = "onnxruntime") -> Check:
+    """Compare LOGITS and PROBS of a fused version's graph and of the PyTorch modules on uint8 NHWC `images`."""
+    images = np.ascontiguousarray(images)
+    with torch.no_grad():
+        logits, _ = fused(torch.from_numpy(images))
+    return _check_logits_and_probs(name, onnx_model, logits, {contract.IMAGES: images}, inputs, rtol, runtime)
+
+
+def _check_logits_and_probs(name: str, onnx_model: bytes, logits: Tensor, feeds: dict[str, np.ndarray], inputs: str,
+                            rtol: float, runtime: str) -> Check:
+    expected = {contract.LOGITS: logits.numpy(), contract.PROBS: torch.softmax(logits, 1).numpy()}
     got = dict(zip(expected, run_onnx(onnx_model, list(expected), feeds, runtime)))
     # Report the output that is relatively furthest off.
     worst = max(expected, key=lambda k: np.abs(got[k] - expected[k]).max() / (FLOOR + np.abs(expected[k]).max()))
-    return Check(f"{name} ({worst})", inputs, len(features[0]), float(np.abs(got[worst] - expected[worst]).max()),
+    return Check(f"{name} ({worst})", inputs, len(logits), float(np.abs(got[worst] - expected[worst]).max()),
                  float(np.abs(expected[worst]).max()), rtol, runtime)
 
 

@@ -299,6 +299,12 @@ def validate(repo: str | Path) -> list[str]:
     for (name, v), config in configs.items():
         if config.get("platform") == "ensemble":
             problems += _check_ensemble(f"{name}/{v}", config, configs)
+        if name == contract.FUSED_MODEL:
+            ensemble = configs.get((contract.ENSEMBLE_MODEL, v))
+            if ensemble is None:
+                problems.append(f"{name}/{v}: there is no {contract.ENSEMBLE_MODEL} version {v} for it to stand for")
+            elif manifest_of(ensemble) != manifest_of(config):
+                problems.append(f"{name}/{v}: its manifest is not that of {contract.ENSEMBLE_MODEL} version {v}")
     problems += _check_pointers(repo, configs)
     return problems
 

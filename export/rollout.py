@@ -47,7 +47,9 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
         for step in ensemble_dependencies(version_config(repo, ensemble, version)):
             if step not in order:
                 order.append(step)
-    order += [(ensemble, version) for ensemble in ensembles]
+    # The version as one graph (export --fused), when it has one, moves with the ensembles.
+    switched = ensembles + ([contract.FUSED_MODEL] if version in versions(repo, contract.FUSED_MODEL) else [])
+    order += [(model, version) for model in switched]
     done = Rollout()
     with rollout_lock(repo):
         for model, model_version in order:
@@ -56,7 +58,13 @@ def load_version(control: Any, repo: str | Path, version: int, bytes_ensemble: b
                 if moved or not control.is_ready(model, str(model_version)):
                     control.load(model)
                     done.loaded.append(model)
-        done.lingering = _wait_drained(control, {ensemble: version for ensemble in ensembles}, drain_timeout_s)
+        if contract.FUSED_MODEL not in switched and contract.FUSED_MODEL in control.loaded():
+            # Another version's fused graph would answer for a version it is not: the version has none, so none.
+            log.warning(f"version {version} has no {contract.FUSED_MODEL} (exported without --fused): unloading the "
+                        f"one served, {contract.FUSED_MODEL} answers no more until a version with one is rolled out")
+            control.unload(contract.FUSED_MODEL)
+            done.unloaded.append(contract.FUSED_MODEL)
+        done.lingering = _wait_drained(control, {model: version for model in switched}, drain_timeout_s)
         if done.lingering:  # the switch is done; only the old steps' retirement waits for a later rollout
             log.warning(f"old ensemble versions {', '.join(done.lingering)} still loaded {drain_timeout_s:.0f} s after "
                         f"the switch (long requests in flight?); their steps stay loaded")
@@ -99,6 +107,8 @@ def load_model_version(control: Any, repo: str | Path, model: str, version: int)
     returns whether it was (re)loaded. Ensemble versions go through load_version, which moves their steps."""
     if model in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
         raise RepositoryError(f"{model} is an ensemble: roll it out with load_version (it moves its steps too)")
+    if model == contract.FUSED_MODEL:
+        raise RepositoryError(f"{model} moves with the ensemble's version: roll out the ensemble instead")
     for ensemble in (contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL):
         for pinned in versions(Path(repo), ensemble):
             if any(step == model for step, _ in ensemble_dependencies(version_config(repo, ensemble, pinned))):

@@ -7,6 +7,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from aigis import contract
 from aigis.serving.server import GRPC_PORT, HTTP_PORT, METRICS_PORT   # standard library only: `aigis --help` stays fast
 
 if TYPE_CHECKING:
@@ -92,7 +93,23 @@ def default_models(repo: str | Path | RepositoryReader) -> list[str]:
             parts = name.split("/")
             if len(parts) == 3 and parts[0] == model and parts[1].isdigit() and parts[2] == CONFIG_FILE:
                 steps.update(ensemble_steps(reader.read_text(name))[1])
-    return [name for name in models if name not in steps]
+    served = [name for name in models if name not in steps]
+    if contract.FUSED_MODEL in served:
+        fused, ensemble = (pointed_version(reader.read_text(f"{name}/{CONFIG_FILE}")) if name in models else None
+                           for name in (contract.FUSED_MODEL, contract.ENSEMBLE_MODEL))
+        if fused != ensemble:   # the ensemble went on to a version exported without --fused: no stale answers
+            served.remove(contract.FUSED_MODEL)
+    return served
+
+
+def pointed_version(config_text: str) -> int | None:
+    """The one version a model-level config.pbtxt serves (None when it names no single version)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_text, model_config_pb2.ModelConfig())
+    found = list(config.version_policy.specific.versions)
+    return int(found[0]) if len(found) == 1 else None
 
 
 def ensemble_steps(config_text: str) -> tuple[bool, list[str]]:

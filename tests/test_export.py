@@ -134,6 +134,75 @@ def test_a_shared_trunk_is_exported_once_and_its_ensemble_computes_the_model(two
         export_run(two_version_source["run"], other, num_tasks=1, progress=False)
 
 
+def test_a_fused_version_of_every_block_computes_the_model(workspace, tmp_path):
+    """export --fused on a model that adapts every block: one graph, images -> every extractor -> classifier."""
+    import onnxruntime as ort
+
+    repo = tmp_path / "repo"
+    shutil.copytree(workspace["repo"], repo)
+    report = export_run(workspace["run"], repo, fused=True, progress=False)
+    assert report.written == [contract.FUSED_MODEL] and contract.ENSEMBLE_MODEL in report.reused
+    assert {c.runtime for c in report.checks if c.model.startswith(f"{contract.FUSED_MODEL}/2")} == {
+        "onnxruntime", "openvino"}
+    assert all(c.ok for c in report.checks) and validate(repo) == []
+    images, _ = val_images(workspace["root"], TASKS[:2], 32)
+    session = ort.InferenceSession(str(repo / contract.FUSED_MODEL / "2" / "model.onnx"))
+    logits, probs = session.run([contract.LOGITS, contract.PROBS], {contract.IMAGES: images})
+    with torch.no_grad():
+        expected = load_run(workspace["run"])(torch.from_numpy(images)).numpy()
+    assert np.abs(logits - expected).max() <= 1e-4 * (1 + np.abs(expected).max())
+    assert (probs.argmax(1) == expected.argmax(1)).all()
+    assert export_run(workspace["run"], repo, fused=True, progress=False).already_published
+
+
+@pytest.mark.slow
+def test_a_fused_version_answers_as_its_ensemble_and_moves_with_it(two_version_source, tmp_path, monkeypatch):
+    """A shared-trunk version published again as one graph (export --fused) answers over gRPC what its ensemble
+    answers, class names included; a rollout moves it with the ensemble, and one to a version exported without
+    it unloads it (it would answer for another version); a server starting on such a repository leaves it out."""
+    import tritonclient.grpc as grpcclient
+
+    from aigis.client import AttributionClient
+    from aigis.export.repository import point_to
+    from aigis.serving.cli import default_models
+    from aigis.serving.server import TritonServer
+
+    run, images, expected = two_version_source["run"], two_version_source["images"], two_version_source["expected"]
+    repo = tmp_path / "repo"
+    shutil.copytree(two_version_source["repo"], repo, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    report = export_run(run, repo, num_tasks=2, fused=True, progress=False)   # version 2 only
+    assert report.written == [contract.FUSED_MODEL] and all(c.ok for c in report.checks)
+    assert versions(repo, contract.FUSED_MODEL) == [2] and validate(repo) == []
+    assert aigis_main(["models", "validate", "--repo", str(repo)]) == 0
+
+    with TritonServer(repo, models=[]) as server, server.control() as control:
+        monkeypatch.setenv("AIGIS_CONTROL_KEY", server.control_key)
+        load_version(control, repo, 2)
+        assert control.is_ready(contract.FUSED_MODEL, "2")
+        with AttributionClient(server.grpc_url) as ensemble, \
+                AttributionClient(server.grpc_url, model=contract.FUSED_MODEL) as fused:
+            by_steps, at_once = ensemble.attribute(images), fused.attribute(images)
+            assert fused.manifest.tasks == tuple(TASKS[:2])
+        assert [a.label for a in at_once] == [a.label for a in by_steps] == expected["2"]
+        assert {a.model_version for a in at_once} == {"2"}
+        assert np.allclose([a.fake_score for a in at_once], [a.fake_score for a in by_steps], atol=1e-4)
+        with grpcclient.InferenceServerClient(server.grpc_url) as plain:   # the classification extension
+            tensor = grpcclient.InferInput(contract.IMAGES, [3, 32, 32, 3], "UINT8")
+            tensor.set_data_from_numpy(images[:3])
+            top = plain.infer(contract.FUSED_MODEL, [tensor], outputs=[
+                grpcclient.InferRequestedOutput(contract.PROBS, class_count=1)]).as_numpy(contract.PROBS)
+        assert [row[0].decode().split(":")[2] for row in top] == expected["2"][:3]
+
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "3"]) == 0
+        assert contract.FUSED_MODEL not in control.loaded()          # version 3 has none
+        assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "2"]) == 0
+        assert control.is_ready(contract.FUSED_MODEL, "2") and served_version(control) == 2
+
+    assert contract.FUSED_MODEL in default_models(repo)
+    point_to(repo, contract.ENSEMBLE_MODEL, 3)
+    assert contract.FUSED_MODEL not in default_models(repo)
+
+
 def test_versions_are_never_rewritten(workspace, tmp_path):
     repo = workspace["repo"]
     before = {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
