@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--styles", default="fashion:5,boutique:5",
                         help="comma-separated STYLE:CAPTIONS_PER_IMAGE (styles: fashion, boutique, flat, photo)")
-    parser.add_argument("--presets", default="word-code,word-code-gray,paper")
+    parser.add_argument("--presets", default="word-code,word-code-gray,paper",
+                        help="comma-separated presets, each optionally with settings on top: "
+                             "PRESET:FIELD=VALUE:FIELD=VALUE (e.g. word-code:word_textures=48)")
     parser.add_argument("--paper-outer", type=int, default=8,
                         help="outer iterations of the paper preset (its own default: 20 of 200 surrogate steps)")
     parser.add_argument("--train", type=int, default=400, help="training images per style")
@@ -68,14 +70,30 @@ def protect(data: Path, out: Path, preset: str, args: argparse.Namespace) -> dic
     from aigis.protection.job import protect_dataset
     from aigis.protection.settings import preset_settings
 
-    overrides = {"outer_iterations": args.paper_outer} if preset == "paper" else {}
+    name, overrides = preset_spec(preset)
+    if name == "paper":
+        overrides.setdefault("outer_iterations", args.paper_outer)
     started = time.monotonic()
-    job = protect_dataset(data, "train.jsonl", out, preset_settings(preset, **overrides), clip_preset="rn_tiny",
+    job = protect_dataset(data, "train.jsonl", out, preset_settings(name, **overrides), clip_preset="rn_tiny",
                           image_size=args.size)
     summary = {k: v for k, v in job.items() if not isinstance(v, (dict, list))}
     summary["wall_seconds"] = round(time.monotonic() - started, 1)
     summary["overrides"] = overrides
     return summary
+
+
+def folder_name(spec: str) -> str:
+    return spec.replace(":", "+").replace("=", "")
+
+
+def preset_spec(spec: str) -> tuple[str, dict]:
+    """'word-code:word_textures=48:texture_tile=4' -> ('word-code', {'word_textures': 48, 'texture_tile': 4})."""
+    name, *fields = spec.split(":")
+    overrides = {}
+    for item in fields:
+        key, _, text = item.partition("=")
+        overrides[key] = json.loads(text)
+    return name, overrides
 
 
 def judge_style(style: str, captions: int, args: argparse.Namespace) -> dict:
@@ -91,10 +109,10 @@ def judge_style(style: str, captions: int, args: argparse.Namespace) -> dict:
     jobs = {}
     for preset in presets:
         print(f"== {style}, {captions} caption(s): {preset} job", flush=True)
-        jobs[preset] = protect(data, work / f"protected_{preset}", preset, args)
+        jobs[preset] = protect(data, work / f"protected_{folder_name(preset)}", preset, args)
     print(f"== {style}, {captions} caption(s): hackers {args.clip} x {args.hackers}", flush=True)
     report = evaluate_protection(
-        data, "train.jsonl", "test.jsonl", {p: work / f"protected_{p}" for p in presets},
+        data, "train.jsonl", "test.jsonl", {p: work / f"protected_{folder_name(p)}" for p in presets},
         out_dir=work / "evaluation", conditions=["clean", *presets],
         robustness=[r for r in args.robustness.split(",") if r], clip_preset=args.clip.split(","),
         image_size=args.hacker_size, epochs=args.epochs, hackers=args.hackers, augment=True)

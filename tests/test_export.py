@@ -164,6 +164,7 @@ def test_a_fused_version_answers_as_its_ensemble_and_moves_with_it(two_version_s
 
     from aigis.client import AttributionClient
     from aigis.export.repository import point_to
+    from aigis.export.rollout import load_model_version
     from aigis.serving.cli import default_models
     from aigis.serving.server import TritonServer
 
@@ -197,6 +198,8 @@ def test_a_fused_version_answers_as_its_ensemble_and_moves_with_it(two_version_s
         assert contract.FUSED_MODEL not in control.loaded()          # version 3 has none
         assert aigis_main(["models", "rollout", "--repo", str(repo), "--url", server.grpc_url, "--version", "2"]) == 0
         assert control.is_ready(contract.FUSED_MODEL, "2") and served_version(control) == 2
+        with pytest.raises(RepositoryError, match="moves with the ensemble's version"):
+            load_model_version(control, repo, contract.FUSED_MODEL, 2)
 
     assert contract.FUSED_MODEL in default_models(repo)
     point_to(repo, contract.ENSEMBLE_MODEL, 3)
