@@ -328,7 +328,7 @@ def _publish_version_models(repo: Path, model: Any, version: int, source: str, r
         contract.BYTES_ENSEMBLE_MODEL: (ensemble_config(version, tasks, crop, served, options, from_bytes=True,
                                                         shared_trunk=model.shared_trunk), {}),
     }
-    labels = {LABELS_FILE: "".join(f"{name}\n" for name in manifest["class_names"]).encode()}
+    labels = {LABELS_FILE: _labels(manifest)}
     for name, model_version in version_models(version):
         if states[name] == "same":
             report.reused.append(name)
@@ -363,12 +363,17 @@ def _publish_fused(repo: Path, model: Any, version: int, source: str, run_dir: P
     check.report.checks += checks
     served = served_manifest(manifest, version, source)
     files = {"model.onnx": graph,
-             LABELS_FILE: "".join(f"{name}\n" for name in manifest["class_names"]).encode(),
+             LABELS_FILE: _labels(manifest),
              SOURCE_FILE: json.dumps({"source_sha256": source, "tasks": list(manifest["tasks"]),
                                       "run": str(run_dir.resolve())}, indent=2).encode()}
     publish_version(repo, contract.FUSED_MODEL, version, fused_config(version, len(manifest["tasks"]), crop, served,
                                                                        options), _writer(files))
     check.report.written.append(contract.FUSED_MODEL)
+
+
+def _labels(manifest: dict) -> bytes:
+    """A label file: one class name per line, in PROBS' order (Triton's classification extension reads it)."""
+    return "".join(f"{name}\n" for name in manifest["class_names"]).encode()
 
 
 def decode_files() -> dict[str, bytes]:
