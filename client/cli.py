@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "by commas (batches go round robin over the healthy ones and fail over when one dies); "
                              "a name with several addresses (a headless Service's) is spread over all of them")
     parser.add_argument("--model", default=None, help=f"served model (default {contract.ENSEMBLE_MODEL}, "
-                        f"or {contract.BYTES_ENSEMBLE_MODEL} with --bytes)")
+                        f"or {contract.BYTES_ENSEMBLE_MODEL} with --bytes; {contract.FUSED_MODEL} where the "
+                        f"version was exported with --fused)")
     parser.add_argument("--version", default=None, help="model version (default: the latest)")
     parser.add_argument("--out", default="-", help="JSON lines file (default: standard output)")
     parser.add_argument("--bytes", action="store_true", help="send encoded files; the server decodes (thin client)")
