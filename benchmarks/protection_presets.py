@@ -82,8 +82,9 @@ def protect(data: Path, out: Path, preset: str, args: argparse.Namespace) -> dic
     return summary
 
 
-def folder_name(spec: str) -> str:
-    return spec.replace(":", "+").replace("=", "")
+def set_name(spec: str) -> str:
+    """A preset spec as a protected set's name (its folder, its row): 'word-code.word_textures-48'."""
+    return spec.replace(":", ".").replace("=", "-")
 
 
 def preset_spec(spec: str) -> tuple[str, dict]:
@@ -109,11 +110,11 @@ def judge_style(style: str, captions: int, args: argparse.Namespace) -> dict:
     jobs = {}
     for preset in presets:
         print(f"== {style}, {captions} caption(s): {preset} job", flush=True)
-        jobs[preset] = protect(data, work / f"protected_{folder_name(preset)}", preset, args)
+        jobs[set_name(preset)] = protect(data, work / f"protected_{set_name(preset)}", preset, args)
     print(f"== {style}, {captions} caption(s): hackers {args.clip} x {args.hackers}", flush=True)
     report = evaluate_protection(
-        data, "train.jsonl", "test.jsonl", {p: work / f"protected_{folder_name(p)}" for p in presets},
-        out_dir=work / "evaluation", conditions=["clean", *presets],
+        data, "train.jsonl", "test.jsonl", {name: work / f"protected_{name}" for name in jobs},
+        out_dir=work / "evaluation", conditions=["clean", *jobs],
         robustness=[r for r in args.robustness.split(",") if r], clip_preset=args.clip.split(","),
         image_size=args.hacker_size, epochs=args.epochs, hackers=args.hackers, augment=True)
     return {"style": style, "captions_per_image": captions, "work": str(work), "jobs": jobs,
