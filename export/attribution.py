@@ -317,8 +317,7 @@ def _publish_version_models(repo: Path, model: Any, version: int, source: str, r
     manifest = model.manifest
     tasks, crop = list(manifest["tasks"]), int(manifest["crop"])
     served = served_manifest(manifest, version, source)
-    version_source = {"source_sha256": source, "tasks": tasks, "run": str(run_dir.resolve())}
-    source_file = {SOURCE_FILE: json.dumps(version_source, indent=2).encode()}
+    source_file = {SOURCE_FILE: _version_source(source, tasks, run_dir)}
     contents = {
         contract.classifier_model(version): (classifier_config(version, len(tasks), model.feature_dim, options),
                                              {"model.onnx": classifier_graph}),
@@ -364,11 +363,15 @@ def _publish_fused(repo: Path, model: Any, version: int, source: str, run_dir: P
     served = served_manifest(manifest, version, source)
     files = {"model.onnx": graph,
              LABELS_FILE: _labels(manifest),
-             SOURCE_FILE: json.dumps({"source_sha256": source, "tasks": list(manifest["tasks"]),
-                                      "run": str(run_dir.resolve())}, indent=2).encode()}
+             SOURCE_FILE: _version_source(source, list(manifest["tasks"]), run_dir)}
     publish_version(repo, contract.FUSED_MODEL, version, fused_config(version, len(manifest["tasks"]), crop, served,
                                                                        options), _writer(files))
     check.report.written.append(contract.FUSED_MODEL)
+
+
+def _version_source(source: str, tasks: list[str], run_dir: Path) -> bytes:
+    """source.json of a version's own models: the checkpoint, its tasks and run (what a re-export compares)."""
+    return json.dumps({"source_sha256": source, "tasks": tasks, "run": str(run_dir.resolve())}, indent=2).encode()
 
 
 def _labels(manifest: dict) -> bytes:

@@ -111,20 +111,23 @@ def tail_onnx(tail: nn.Module, trunk_example: Tensor) -> bytes:
     return _to_onnx_bytes(tail, (trunk_example[:2].contiguous(),), [contract.TRUNK], [contract.FEATURES])
 
 
+def _fix_input_size(modules: list[nn.Module | None], crop: int) -> None:
+    """Position embeddings for this crop, computed once, as constants (backbones that have them)."""
+    for module in modules:
+        backbone = getattr(module, "backbone", None)
+        if hasattr(backbone, "fix_input_size"):
+            backbone.fix_input_size(crop)
+
+
 def _image_model_onnx(module: nn.Module, crop: int, output: str) -> bytes:
-    backbone = getattr(module, "backbone", None)
-    if hasattr(backbone, "fix_input_size"):
-        backbone.fix_input_size(crop)      # position embeddings for this crop, computed once, as constants
+    _fix_input_size([module], crop)
     example = torch.randint(0, 256, (2, crop, crop, 3), dtype=torch.uint8)
     return _to_onnx_bytes(module, (example,), [contract.IMAGES], [output])
 
 
 def fused_onnx(fused: FusedVersion, crop: int) -> bytes:
     """uint8 IMAGES [N, crop, crop, 3] -> LOGITS, PROBS (`fused` holds copies; its backbones may be adapted)."""
-    for module in [fused.trunk, *fused.extractors]:
-        backbone = getattr(module, "backbone", None)
-        if hasattr(backbone, "fix_input_size"):
-            backbone.fix_input_size(crop)
+    _fix_input_size([fused.trunk, *fused.extractors], crop)
     example = torch.randint(0, 256, (2, crop, crop, 3), dtype=torch.uint8)
     return _to_onnx_bytes(fused, (example,), [contract.IMAGES], [contract.LOGITS, contract.PROBS])
 

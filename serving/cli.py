@@ -95,15 +95,15 @@ def default_models(repo: str | Path | RepositoryReader) -> list[str]:
                 steps.update(ensemble_steps(reader.read_text(name))[1])
     served = [name for name in models if name not in steps]
     if contract.FUSED_MODEL in served:
-        fused, ensemble = (pointed_version(reader.read_text(f"{name}/{CONFIG_FILE}")) if name in models else None
+        fused, ensemble = (served_version_in(reader.read_text(f"{name}/{CONFIG_FILE}")) if name in models else None
                            for name in (contract.FUSED_MODEL, contract.ENSEMBLE_MODEL))
         if fused != ensemble:   # the ensemble went on to a version exported without --fused: no stale answers
             served.remove(contract.FUSED_MODEL)
     return served
 
 
-def pointed_version(config_text: str) -> int | None:
-    """The one version a model-level config.pbtxt serves (None when it names no single version)."""
+def served_version_in(config_text: str) -> int | None:
+    """The one version a model-level config.pbtxt (its text) serves (None when it names no single version)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
