@@ -76,7 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="make image-caption pairs unlearnable for CLIP training (noise + caption trigger)",
         description="Protect ROOT/MANIFEST (JSON lines {\"image\": relpath, \"caption\": ...}) with the --preset's "
         "method and write protected PNGs, a triggered manifest, protection.json and the fitted artefact (for "
-        "protect-on-upload) to --out. Resumes from the last checkpoint unless --no-resume.",
+        "protect-on-upload) to --out. The noise is fitted at --size and laid over each source at its own size: "
+        "every protected file has its source's width and height, as a PNG (JPEG sources too, since re-encoding "
+        "as JPEG would blur the noise). Resumes from the last checkpoint unless --no-resume.",
     )
     p.add_argument("--data", required=True, help="data root folder (images are resolved inside it)")
     p.add_argument("--manifest", default="train.jsonl", help="manifest file relative to --data (default train.jsonl)")
@@ -103,7 +105,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="a fixed vocabulary instead of one trained on the captions: CLIP's bpe_simple_vocab_16e6.txt.gz "
                         "or an aigis-bpe JSON file; triggers use its whole words")
-    p.add_argument("--size", type=int, default=None, help="image size in px (default: the CLIP preset's)")
+    p.add_argument("--size", type=int, default=None, help="the size in px the noise is fitted at, on each image's centre "
+                   "square (default: the CLIP preset's); outputs keep their sources' sizes")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--no-resume", action="store_true", help="discard checkpoints in --out and start over")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

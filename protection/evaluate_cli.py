@@ -9,7 +9,7 @@ from pathlib import Path
 
 # evaluate.py's DEFAULT_CLIP and PROTOCOLS, repeated so that `aigis --help` imports neither numpy nor torch
 # (tests/test_protect_eval.py checks that they match).
-DEFAULT_CLIP = "rn_tiny"
+DEFAULT_CLIP = "rn_tiny,vit_tiny,cnn_words"
 PROTOCOLS = ("whole", "5x1k")
 
 
@@ -43,10 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, metavar="FILE",
                    help="CLIP's bpe_simple_vocab_16e6.txt.gz or an aigis-bpe JSON (default: trained per condition)")
     p.add_argument("--clip", default=DEFAULT_CLIP, metavar="PRESETS",
-                   help="hacker families, comma-separated, each training every condition: rn_tiny (default), "
-                        "rn_wide, vit_tiny, cnn_words (a plain CNN image tower), RN50, ViT-B/32. Several families "
-                        "(e.g. rn_tiny,vit_tiny,cnn_words) show that a result does not rest on one architecture; "
-                        "each costs its own training time")
+                   help="hacker families, comma-separated, each training every condition: rn_tiny, rn_wide, "
+                        "vit_tiny, cnn_words (a plain CNN image tower with a word transformer), RN50, ViT-B/32 "
+                        "(default rn_tiny,vit_tiny,cnn_words: three families, so that a result does not rest on one "
+                        "architecture; each costs its own training time)")
     p.add_argument("--size", type=int, default=32, help="training resolution in px (default 32)")
     p.add_argument("--epochs", type=int, default=10, help="epochs per hacker (default 10)")
     p.add_argument("--batch", type=int, default=50, help="batch size (default 50)")

@@ -1206,22 +1206,32 @@ def test_the_fitted_noise_is_laid_over_each_source_at_its_own_size(tiny):
 
 
 def test_a_job_publishes_each_image_at_its_sources_size(tmp_path):
-    """Sources larger than the job's size, square and not, come back at their own sizes, within epsilon of them."""
+    """Sources larger than the job's size, square and not, PNG and JPEG, come back at their own sizes as PNGs,
+    within epsilon of their decoded pixels."""
     from PIL import Image
 
     from aigis.preprocess import load_image
 
     root = synth_captioned(tmp_path / "big", N_IMAGES, 0, size=2 * SIZE, seed=4)
     pairs = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
-    for pair in pairs[::2]:  # every other source cropped to a landscape 64 x 48
-        path = root / pair["image"]
-        Image.open(path).crop((0, 8, 2 * SIZE, 2 * SIZE - 8)).save(path)
+    names = sorted({pair["image"] for pair in pairs})
+    for name in names[::2]:  # every other source cropped to a landscape 64 x 48
+        Image.open(root / name).crop((0, 8, 2 * SIZE, 2 * SIZE - 8)).save(root / name)
+    as_jpeg = {name: str(Path(name).with_suffix(".jpg")) for name in names[1::2][:2] + names[::2][:1]}
+    for name, jpeg in as_jpeg.items():  # two square sources and one landscape one as JPEG files
+        Image.open(root / name).convert("RGB").save(root / jpeg, quality=90)
+        (root / name).unlink()
+    (root / "train.jsonl").write_text("".join(
+        json.dumps({**pair, "image": as_jpeg.get(pair["image"], pair["image"])}) + "\n" for pair in pairs))
     result = _protect(root, tmp_path / "out")
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "out" / "protection.json").read_text())
     assert report["image_size"] == SIZE
+    assert sum(entry["source"].endswith(".jpg") for entry in report["images"]) == len(as_jpeg)
     for entry in report["images"]:
         original = load_image(root / entry["source"])
+        with Image.open(tmp_path / "out" / entry["image"]) as written:
+            assert written.format == "PNG" and entry["image"].endswith(".png"), entry
         published = load_image(tmp_path / "out" / entry["image"])
         assert published.shape == original.shape and entry["size"] == [original.shape[1], original.shape[0]]
         change = np.abs(published.astype(int) - original)

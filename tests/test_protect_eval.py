@@ -302,7 +302,7 @@ def test_cli_end_to_end_writes_json_table_and_png(data, shortcut, tmp_path, caps
     code = main([
         "protect-eval", "--data", str(data), "--train-manifest", "train.jsonl", "--test-manifest", "test.jsonl",
         "--protected", f"shortcut={shortcut}", "--epochs", "1", "--batch", "50", "--device", "cpu",
-        "--hackers", "3", "--out", str(out), "--quiet",
+        "--clip", "rn_tiny", "--hackers", "3", "--out", str(out), "--quiet",
     ])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -661,6 +661,11 @@ def test_protocol_5x1k_ranks_five_folds_of_1000_and_refuses_a_small_test_split(d
     from aigis.protection.evaluate import DEFAULT_CLIP, PROTOCOLS, _read_splits
 
     assert (evaluate_cli.DEFAULT_CLIP, evaluate_cli.PROTOCOLS) == (DEFAULT_CLIP, PROTOCOLS)
+    # by default a ResNet, a ViT and a CNN + word transformer: a median and a spread over three hackers
+    from aigis.cli import build_parser
+    args = build_parser().parse_args(["protect-eval", "--data", "d", "--train-manifest", "a", "--test-manifest", "b",
+                                      "--out", "o"])
+    assert args.clip.split(",") == ["rn_tiny", "vit_tiny", "cnn_words"] and args.hackers == 1
     lines = (data / "test.jsonl").read_text().splitlines(keepends=True)
     (data / "big_test.jsonl").write_text("".join(lines * (5200 // len(lines) + 1)))
     try:
