@@ -25,7 +25,7 @@ from aigis.export.configs import read_config, to_pbtxt
 from aigis.export.repository import RepositoryError, notes, pointed_version
 from aigis.training.config import TrainConfig
 from aigis.training.run import ContinualRun, load_run
-from tiny_run import TASKS, TINY, synthetic_root
+from tiny_run import TASKS, TINY, file_digests, synthetic_root
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +107,14 @@ def test_a_shared_trunk_is_exported_once_and_its_ensemble_computes_the_model(two
         steps = read_config(repo / "lorax" / str(version) / "config.pbtxt")["ensemble_scheduling"]["step"]
         assert [s["model_name"] for s in steps] == [contract.TRUNK_MODEL] + [
             contract.extractor_model(t) for t in TASKS[:version]] + [contract.classifier_model(version)]
-    # Version 3 added one tail and its own steps; the trunk and the old tails are the files version 2 wrote.
-    written = {name: (repo / name / "1" / "model.onnx").stat().st_mtime_ns
-               for name in [contract.TRUNK_MODEL, contract.classifier_model(2), contract.extractor_model("bilinear")]}
-    assert written[contract.TRUNK_MODEL] <= written[contract.classifier_model(2)] < \
-        written[contract.extractor_model("bilinear")]
+    # Version 3 added one tail and its own steps and rewrote nothing: every file version 2 left (the trunk, the
+    # old tails, version 2's classifier and steps) has the same bytes and was not even touched.
+    before = two_version_source["before_version_3"]
+    now = file_digests(repo)
+    assert {path: now.get(path) for path in before} == before
+    added = {path.split("/")[0] for path in set(now) - set(before)}
+    assert added == {contract.ENSEMBLE_MODEL, contract.BYTES_ENSEMBLE_MODEL, contract.classifier_model(3),
+                     contract.decode_model(3), contract.extractor_model("bilinear")}
     assert validate(repo) == []
 
     def run(name: str, feeds: dict) -> list:

@@ -151,6 +151,27 @@ def test_balancing_pulls_a_classifier_biased_to_the_new_classes_back_to_every_cl
     assert not any(p.requires_grad for p in classifier.parameters())       # frozen again for the export
 
 
+def test_a_run_balances_its_classifier_after_each_later_task_and_nothing_else(synth_root, tmp_path):
+    """balance_epochs wired into a run: the same two tasks with and without it train the same adapters (same
+    seed), the balanced run records its balancing loss from the second task on, and only its classifier differs."""
+    data = CDDB(synth_root, TASKS[:2], progress=False)
+    models, entries = {}, {}
+    for epochs in (0, 2):
+        config = tiny_config(lora={"r": 4, "alpha": 8, "dropout": 0.1, "last_blocks": 1}, epochs=1,
+                             balance_epochs=epochs)
+        ContinualRun(config, data, tmp_path / f"run{epochs}", progress=False).run()
+        entries[epochs] = json.loads((tmp_path / f"run{epochs}" / "manifest.json").read_text())["task_entries"]
+        models[epochs] = load_run(tmp_path / f"run{epochs}")
+    assert [e["balance_loss"] for e in entries[0]] == [None, None]
+    assert entries[2][0]["balance_loss"] is None and entries[2][1]["balance_loss"] > 0
+    for task in range(2):
+        plain, balanced = models[0].adapter_parameters(task), models[2].adapter_parameters(task)
+        assert plain.keys() == balanced.keys() and plain
+        assert all(torch.equal(plain[k], balanced[k]) for k in plain), f"task {task}'s adapter changed"
+    weights = [m.classifier.linear.weight for m in (models[0], models[2])]
+    assert (weights[0] - weights[1]).abs().max().item() > 1e-3 * weights[0].abs().max().item()
+
+
 def test_a_run_warns_when_its_crop_uses_a_small_part_of_the_images(synth_root, tmp_path, caplog):
     import logging
 

@@ -49,15 +49,25 @@ def two_version_repo(base: Path) -> dict:
     data = CDDB(root, TASKS, progress=False)
     paths = [s.path for t in range(len(TASKS)) for s in data.samples(t, "val")]
     images = np.stack([preprocess.eval_view_from_file(p, 32) for p in paths])
-    expected = {}
+    expected, before_version_3 = {}, {}
     for count in (2, 3):
         train_tasks(root, run, count, TrainConfig.from_dict(TINY_SHARED_TRUNK))
+        if count == 3:
+            before_version_3 = file_digests(repo)
         export_run(run, repo, data_root=root, progress=False)
         with torch.no_grad():
             predicted = load_run(run)(torch.from_numpy(images)).argmax(1).numpy()
         names = contract.class_names(TASKS[:count])
         expected[str(count)] = [names[k] for k in predicted]
-    return {"repo": repo, "images": images, "expected": expected, "run": run}
+    return {"repo": repo, "images": images, "expected": expected, "run": run, "before_version_3": before_version_3}
+
+
+def file_digests(repo: Path) -> dict[str, tuple[str, int]]:
+    """Every file under `repo`: its sha256 and modification time, by path relative to `repo`."""
+    import hashlib
+
+    return {str(p.relative_to(repo)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(repo.rglob("*")) if p.is_file()}
 
 
 def two_version_copy(source: dict, base) -> dict:
