@@ -19,13 +19,14 @@ S3 has no rename and no flock, so the guarantees come from the order of writes a
 - The steps' versions go up before the ensembles that pin them, and a pointer a rollout moves is written through
   to the bucket at once (point_to), since the servers read it there.
 
+What a mirror downloads is kept by ETag in a local cache for the next one (export/mirror_cache.py).
+
 Needs boto3 (the serve extra) and the standard AWS configuration (credentials, AWS_ENDPOINT_URL for a store
 other than AWS).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from aigis import contract
+from aigis.export.mirror_cache import MirrorCache, file_md5
 from aigis.objectstore import CONFIG_FILE, LocalRepository, ObjectStoreError, S3Url, is_hidden, is_s3_url
 from aigis.scratch import owned_tempdir
 
@@ -78,14 +80,6 @@ def pointer_moved(repo: str | Path, model: str) -> None:
         mirror.put_pointer(model)
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5()  # noqa: S324 - S3's ETag of a single-part upload, compared, not trusted for security
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _version_of(key: str) -> tuple[str, int] | None:
     """("model", v) for a key inside a version folder <model>/<v>/..., else None."""
     parts = key.split("/")
@@ -113,6 +107,7 @@ class S3Mirror:
         self._lock_lost = threading.Event()
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
+        self.cache: MirrorCache | None = None
 
     # -- S3 calls ----------------------------------------------------------------------------------------
 
@@ -274,11 +269,7 @@ class S3Mirror:
             self.notes = [f"{key}: left by an interrupted writer; the next export or publish removes it"
                           for key in leftovers]
             self._remote = {k: e for k, e in keys.items() if not is_hidden(k) and k not in leftovers}
-            for key in self._remote:
-                target = root / key
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self._call(f"reading {key}", "download_file", Bucket=self.url.bucket, Key=self.url.key(key),
-                           Filename=str(target))
+            self._mirror(root)
             _MIRRORS[root] = self
             yield root
             if write:
@@ -289,6 +280,31 @@ class S3Mirror:
             if write:
                 self._release()
 
+    def _mirror(self, root: Path) -> None:
+        """Every complete object into `root`: from the local cache where an earlier mirror fetched it."""
+        self.cache = MirrorCache.for_repository(f"{self._client.meta.endpoint_url}/{self.url.bucket}/{self.url.prefix}")
+        for key, etag in self._remote.items():
+            target = root / key
+            target.parent.mkdir(parents=True, exist_ok=True)
+
+            def download(path: Path, key: str = key) -> None:
+                self._call(f"reading {key}", "download_file", Bucket=self.url.bucket, Key=self.url.key(key),
+                           Filename=str(path))
+
+            if self.cache is None:
+                download(target)
+            else:
+                self.cache.fetch(etag, target, download)
+        if self.cache is not None:
+            self.cache.keep_only(set(self._remote.values()))
+            log.info(f"{self.url}: mirrored {len(self._remote)} objects, {self.cache.hits} of them from the local "
+                     f"cache {self.cache.root}")
+
+    def _keep(self, key: str) -> None:
+        """An object just written, kept in the local cache for the next mirror."""
+        if self.cache is not None and self.root is not None:
+            self.cache.store(self._remote[key], self.root / key)
+
     def put_pointer(self, model: str) -> None:
         """Write `<model>/config.pbtxt` through (a pointer moved in the mirror)."""
         if not self.writing:
@@ -297,13 +313,14 @@ class S3Mirror:
         relative = f"{model}/{CONFIG_FILE}"
         assert self.root is not None
         self._remote[relative] = self._put(relative, (self.root / relative).read_bytes(), new=False)
+        self._keep(relative)
 
     def push(self) -> list[str]:
         """Upload what the mirror gained, in the order that keeps every reader's view whole; returns the keys."""
         assert self.root is not None
         local = LocalRepository(self.root).files()  # hidden entries (the local lock) and bytecode caches stay behind
         new = [f for f in local if f not in self._remote]
-        changed = [f for f in local if f in self._remote and _md5(self.root / f) != self._remote[f]]
+        changed = [f for f in local if f in self._remote and file_md5(self.root / f) != self._remote[f]]
         rewritten = [f for f in changed if not (f.count("/") == 1 and f.endswith(f"/{CONFIG_FILE}"))]
         if rewritten:
             raise ObjectStoreError(f"{self.url}: {rewritten[0]} changed in the mirror; published objects are never "
@@ -334,6 +351,7 @@ class S3Mirror:
         for key in order + model_files:
             self._require_lock()
             self._remote[key] = self._put(key, (self.root / key).read_bytes(), new=True)
+            self._keep(key)
             wrote(key)
         for key in pointers:
             self.put_pointer(key.split("/")[0])

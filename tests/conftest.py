@@ -55,6 +55,7 @@ def s3_endpoint(tmp_path_factory):
         env.setenv("AWS_SECRET_ACCESS_KEY", "test-secret")
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AIGIS_S3_CACHE", str(log.parent / "mirror-cache"))  # not this machine's ~/.cache
         try:
             deadline = time.monotonic() + 60
             while True:

@@ -123,6 +123,53 @@ def test_an_export_killed_during_its_upload_leaves_a_whole_repository_that_the_n
     assert _bucket(client, prefix) == runs["reference"]
 
 
+def test_a_mirror_fetches_only_what_the_last_one_did_not(runs, whole, tmp_path, monkeypatch):
+    """Objects are kept by ETag between mirrors: a second mirror downloads nothing, a cache entry whose bytes no
+    longer match is fetched again, a pointer a rollout moved is kept as written, and the cache holds only what the
+    repository names."""
+    from aigis.export.repository import point_to
+
+    client, url = runs["client"], f"s3://{BUCKET}/cached"
+    for key in _bucket(client, "whole"):
+        client.copy_object(Bucket=BUCKET, Key=f"cached/{key}", CopySource={"Bucket": BUCKET, "Key": f"whole/{key}"})
+    monkeypatch.setenv("AIGIS_S3_CACHE", str(tmp_path / "cache"))
+
+    def mirror(write: bool = False, move_to: int | None = None) -> tuple[dict[str, bytes], int, int, Path]:
+        with remote.repository_at(url, write=write) as local:
+            files = _folder(local)
+            cache = remote._MIRRORS[local.resolve()].cache
+            if move_to is not None:
+                point_to(local, contract.ENSEMBLE_MODEL, move_to)
+        return files, cache.hits, cache.downloads, cache.root
+
+    def etags() -> set[str]:
+        return {item["ETag"].strip('"') for item in client.list_objects_v2(Bucket=BUCKET, Prefix="cached/")["Contents"]
+                if not item["Key"].endswith(remote.LOCK_OBJECT)}
+
+    first, hits, downloads, cache_root = mirror()
+    distinct = len(etags())  # files of equal bytes (configs, decode steps) are fetched once
+    assert first == runs["reference"] and (hits, downloads) == (len(first) - distinct, distinct) and distinct > 10
+    again, hits, downloads, _ = mirror()
+    assert again == first and (hits, downloads) == (len(first), 0)
+
+    model = next(k for k in first if k.endswith("model.onnx"))
+    entry = cache_root / client.head_object(Bucket=BUCKET, Key=f"cached/{model}")["ETag"].strip('"')
+    entry.write_bytes(b"not the model")  # a damaged entry is never served
+    repaired, hits, downloads, _ = mirror()
+    assert repaired == first and (hits, downloads) == (len(first) - 1, 1)
+
+    mirror(write=True, move_to=3)  # a rollout: the pointer it wrote through is kept for the next mirror
+    after, hits, downloads, _ = mirror()
+    pointer = f"{contract.ENSEMBLE_MODEL}/config.pbtxt"
+    assert after[pointer] == first[f"{contract.ENSEMBLE_MODEL}/3/config.pbtxt"] != first[pointer]
+    assert (hits, downloads) == (len(first), 0)
+    assert {p.name for p in cache_root.iterdir()} == etags()  # what the repository names, nothing more
+
+    monkeypatch.setenv("AIGIS_S3_CACHE", "off")
+    with remote.repository_at(url) as local:
+        assert _folder(local) == after and remote._MIRRORS[local.resolve()].cache is None
+
+
 def test_one_writer_at_a_time(runs, monkeypatch):
     client, url = runs["client"], f"s3://{BUCKET}/locked"
     client.put_object(Bucket=BUCKET, Key=f"locked/{remote.LOCK_OBJECT}", Body=b'{"holder": "elsewhere:1"}')

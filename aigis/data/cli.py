@@ -103,3 +103,5 @@ def report_sizes(data, order: list[str], crop: int | None) -> None:
         warning = sizes.crop_warning(crop) if crop is not None else None
         if warning:
             print(f"  warning: {warning}")
+    if crop is None:
+        print("  (--config or --crop: also check that a training crop uses these images)")
