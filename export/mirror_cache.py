@@ -67,7 +67,14 @@ class MirrorCache:
             base = Path(setting).expanduser()
         else:
             base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aigis" / "s3"
-        return cls(base / hashlib.sha256(where.encode()).hexdigest()[:24])
+        root = base / hashlib.sha256(where.encode()).hexdigest()[:24]
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            log.warning(f"no local cache for {where} ({error}); every object is downloaded (set {CACHE_ENV}=DIR "
+                        f"to put the cache elsewhere)")
+            return None
+        return cls(root)
 
     def fetch(self, etag: str, target: Path, download: Callable[[Path], None]) -> None:
         """Put the object `etag` names at `target`: from the cache, else through `download(path)` into the cache
@@ -107,6 +114,8 @@ class MirrorCache:
             shutil.copyfile(source, partial)
             if _matches(partial, etag):
                 os.replace(partial, entry)
+        except OSError as error:  # a full disk costs the next mirror a download, not this write
+            log.warning(f"{source.name} not kept in the local cache: {error}")
         finally:
             partial.unlink(missing_ok=True)
 
@@ -125,5 +134,4 @@ class MirrorCache:
                 pass  # removed by another process meanwhile
 
     def _partial(self, etag: str) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         return self.root / f".{etag}.{os.getpid()}.part"

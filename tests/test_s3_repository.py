@@ -165,9 +165,11 @@ def test_a_mirror_fetches_only_what_the_last_one_did_not(runs, whole, tmp_path, 
     assert (hits, downloads) == (len(first), 0)
     assert {p.name for p in cache_root.iterdir()} == etags()  # what the repository names, nothing more
 
-    monkeypatch.setenv("AIGIS_S3_CACHE", "off")
-    with remote.repository_at(url) as local:
-        assert _folder(local) == after and remote._MIRRORS[local.resolve()].cache is None
+    (tmp_path / "a-file").write_text("")
+    for setting in ("off", str(tmp_path / "a-file" / "cache")):  # off, or a place no cache can be made: no cache
+        monkeypatch.setenv("AIGIS_S3_CACHE", setting)
+        with remote.repository_at(url) as local:
+            assert _folder(local) == after and remote._MIRRORS[local.resolve()].cache is None
 
 
 def test_one_writer_at_a_time(runs, monkeypatch):
