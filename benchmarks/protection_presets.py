@@ -183,6 +183,10 @@ def plot(results: list[dict], families: list[str], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import logging
+
+    # the evaluation's per-hacker lines (what it trains, then its R@1 and pairs/s): progress for a long run
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.threads:
         import torch
 
