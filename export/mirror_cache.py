@@ -9,8 +9,9 @@ else, so it stays the size of one mirror.
     AIGIS_S3_CACHE=/var/cache/aigis-s3   where (default: $XDG_CACHE_HOME/aigis/s3, else ~/.cache/aigis/s3)
     AIGIS_S3_CACHE=off                   no cache: every mirror downloads everything
 
-Entries are written whole (a temporary file renamed into place); an entry whose bytes no longer match a single-
-part ETag (an MD5) is dropped and fetched again. Several processes may share one cache.
+Entries are written whole (a temporary file renamed into place) and only where the ETag is the MD5 of the bytes
+(a single-part upload without KMS encryption) or a multipart one; an entry whose bytes no longer match its MD5
+ETag is dropped and fetched again. Several processes may share one cache.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import shutil
 import time
 from pathlib import Path
 from typing import Callable
-
-from aigis.objectstore import ObjectStoreError
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +95,14 @@ class MirrorCache:
         partial = self._partial(etag)
         try:
             download(partial)
-            if not _matches(partial, etag):
-                raise ObjectStoreError(f"{target.name}: the bytes downloaded do not match the object's ETag {etag}")
-            os.replace(partial, entry)
+            if _matches(partial, etag):
+                os.replace(partial, entry)
+                shutil.copyfile(entry, target)
+            else:  # e.g. SSE-KMS: an ETag that is not the bytes' MD5 cannot vouch for a cached copy
+                log.warning(f"{target.name}: its ETag {etag} is not the MD5 of its bytes; not cached")
+                os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
-        shutil.copyfile(entry, target)
         self.downloads += 1
 
     def store(self, etag: str, source: Path) -> None:
